@@ -1,0 +1,159 @@
+"""Capture of FD's cross-attention maps for SAME (paper §3.2 and §4.1).
+
+A :class:`CrossAttentionCapture` processor wraps whatever processor a cross-attention layer
+already has (SDPA's ``AttnProcessor2_0``, an IP-Adapter processor, …): the wrapped
+processor still computes the layer's output, and the wrapper additionally computes
+softmax(QKᵀ/√d) for the one batch row that holds FD's conditional branch, keeps only the
+attribute tokens' columns, averages over heads and adds the result to an
+:class:`AttentionStore`. Layers that are not captured keep their processor untouched.
+
+The denoising loop tells the store which step and which batch row it is running
+(:meth:`AttentionStore.set_context`) before each UNet call; nothing is inferred by counting
+calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+@dataclass
+class AttentionStore:
+    """Running sums of captured cross-attention maps, keyed by layer name.
+
+    Args:
+        token_indices: columns of the text sequence to keep (the attribute tokens).
+        latent_size: (h, w) of the latent grid; maps of every layer are reshaped to their own
+            grid of the same aspect ratio and resized to this size when aggregated.
+    """
+
+    token_indices: tuple[int, ...]
+    latent_size: tuple[int, int]
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    steps_seen: set[int] = field(default_factory=set)
+    step: int | None = None
+    row: int | None = None
+
+    def set_context(self, step: int, row: int | None) -> None:
+        """Declare the step being run and the batch row to capture (None: capture nothing)."""
+        self.step, self.row = step, row
+        if row is not None:
+            self.steps_seen.add(step)
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        """Add one layer's head-averaged attention, shape (query_tokens, len(token_indices))."""
+        probs = probs.detach().float()
+        if layer in self.sums:
+            self.sums[layer] += probs
+            self.counts[layer] += 1
+        else:
+            self.sums[layer] = probs.clone()
+            self.counts[layer] = 1
+
+    def layer_map(self, layer: str) -> torch.Tensor:
+        """Mean over steps of one layer: (h, w, tokens) on that layer's own grid."""
+        mean = self.sums[layer] / self.counts[layer]
+        h, w = _grid_for(mean.shape[0], self.latent_size)
+        return mean.reshape(h, w, -1)
+
+    def aggregate(self) -> torch.Tensor:
+        """Mean over heads, steps and layers at latent resolution: (tokens, h, w)."""
+        if not self.sums:
+            raise RuntimeError(
+                "no cross-attention was captured: no capture layer ran with a capture row set"
+            )
+        maps = []
+        for layer in self.sums:
+            grid = self.layer_map(layer).permute(2, 0, 1)[None]  # (1, tokens, h, w)
+            maps.append(F.interpolate(grid, size=self.latent_size, mode="bilinear", align_corners=False)[0])
+        return torch.stack(maps).mean(dim=0)
+
+    def token_map(self, columns: Sequence[int]) -> torch.Tensor:
+        """H_i: the aggregated map averaged over the given prompt columns, shape (h, w)."""
+        positions = [self.token_indices.index(column) for column in columns]
+        return self.aggregate()[positions].mean(dim=0)
+
+
+def _grid_for(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of ``tokens`` query positions with the latent's aspect ratio."""
+    height, width = latent_size
+    scale = math.sqrt(height * width / tokens)
+    h, w = round(height / scale), round(width / scale)
+    if h * w != tokens:
+        raise ValueError(f"cannot lay {tokens} query tokens on a grid shaped like {latent_size}")
+    return h, w
+
+
+class CrossAttentionCapture:
+    """Attention processor: delegate the output to ``inner``, record FD's attention maps."""
+
+    def __init__(self, inner, store: AttentionStore, name: str):
+        self.inner = inner
+        self.store = store
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        row = self.store.row
+        if row is not None and encoder_hidden_states is not None:
+            self._record(attn, hidden_states[row : row + 1], encoder_hidden_states, row)
+        extra = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **extra)
+
+    @torch.no_grad()
+    def _record(self, attn: Attention, hidden_states, encoder_hidden_states, row: int) -> None:
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        text = text[row : row + 1]
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(text))
+        probs = attn.get_attention_scores(query, key)  # (heads, queries, keys)
+        columns = list(self.store.token_indices)
+        self.store.add(self.name, probs[:, :, columns].mean(dim=0))
+
+
+def up_block_cross_attention_layers(unet) -> list[str]:
+    """Names of the cross-attention processors (``attn2``) in the UNet's up-sampling blocks."""
+    return [
+        name
+        for name in unet.attn_processors
+        if name.startswith("up_blocks.") and ".attn2." in name
+    ]
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet, store: AttentionStore, layers: Sequence[str] | None = None) -> Iterator[AttentionStore]:
+    """Install :class:`CrossAttentionCapture` on ``layers`` (default: up-block cross-attention)
+    for the duration of the block; the original processors are restored in ``finally``."""
+    original = dict(unet.attn_processors)
+    layers = list(layers) if layers is not None else up_block_cross_attention_layers(unet)
+    if not layers:
+        raise ValueError("the UNet has no cross-attention layers in its up-sampling blocks to capture")
+    processors = dict(original)
+    for name in layers:
+        processors[name] = CrossAttentionCapture(original[name], store, name)
+    unet.set_attn_processor(processors)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)

@@ -1,0 +1,223 @@
+"""The backend protocol: what a personalization method tells the FreeCure engine.
+
+A backend wraps a diffusers text-to-image pipeline (SD1.5 family or SDXL family) and says:
+
+- the conditioning of FD (the prompt without identity) and of PD (with identity), and the
+  unconditional (negative) branch of each;
+- the denoising step from which identity is injected (before it PD's conditioning equals
+  FD's, as with PhotoMaker's ``start_merge_step`` or FastComposer's delayed conditioning);
+- how a batch of rows is turned into noise predictions (:meth:`Backend.predict_noise`), which
+  a backend overrides when its PD is more than another conditioning (two UNets, a
+  ControlNet, per-row adapter gates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ..attributes import ParsedPrompt
+
+# Conditioning keys used by batch layouts.
+UNCOND, FD, PD, PD_UNCOND = "uncond", "fd", "pd", "pd_uncond"
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """What one classifier-free-guidance branch feeds the UNet.
+
+    Attributes:
+        prompt_embeds: text-encoder hidden states, shape (1, sequence, dim).
+        pooled_prompt_embeds: SDXL's pooled text embedding, shape (1, dim); None for SD1.5.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> "TextConditioning":
+        pooled = self.pooled_prompt_embeds
+        return replace(
+            self,
+            prompt_embeds=self.prompt_embeds.to(device=device, dtype=dtype),
+            pooled_prompt_embeds=None if pooled is None else pooled.to(device=device, dtype=dtype),
+        )
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """All conditionings of one FreeCure run.
+
+    Attributes:
+        uncond: the negative branch of FD (and of PD when ``pd_uncond`` is None).
+        fd: FD's positive branch, τ(c) in eq. (2).
+        pd: PD's positive branch from ``inject_step`` on, τ(c̃) in eq. (1).
+        inject_step: index of the first denoising step at which PD uses ``pd``.
+        pd_uncond: PD's own negative branch, if it differs from FD's.
+        template: the template prompt's conditioning ("a man") for the expression inversion.
+        expression: the expression prompt's conditioning ("a man laughing") for re-denoising.
+    """
+
+    uncond: TextConditioning
+    fd: TextConditioning
+    pd: TextConditioning
+    inject_step: int
+    pd_uncond: TextConditioning | None = None
+    template: TextConditioning | None = None
+    expression: TextConditioning | None = None
+
+    @property
+    def shares_uncond(self) -> bool:
+        return self.pd_uncond is None
+
+    def get(self, key: str) -> TextConditioning:
+        if key == PD_UNCOND:
+            return self.uncond if self.pd_uncond is None else self.pd_uncond
+        value = getattr(self, key)
+        if value is None:
+            raise KeyError(f"conditioning {key!r} was not prepared")
+        return value
+
+
+class Backend:
+    """Base class of personalization backends.
+
+    Subclasses implement :meth:`identity_conditions`; most keep the default
+    :meth:`predict_noise`, which is one UNet call on the stacked rows.
+    """
+
+    #: Registry name, e.g. ``"token-fusion"``.
+    name: str = "base"
+    #: Licence of the backend's own checkpoints, shown to users.
+    license: str = "n/a"
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    # -- pipeline facts ---------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    def unets(self) -> list[torch.nn.Module]:
+        """Every denoiser this backend calls (FreeCure counts their calls)."""
+        return [self.pipeline.unet]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.pipeline, "text_encoder_2", None) is not None
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
+    # -- conditioning -----------------------------------------------------------------
+    def encode_text(self, prompt: str) -> TextConditioning:
+        """Encode a prompt with the pipeline's own text encoder(s), no guidance."""
+        device = self.device
+        if self.is_sdxl:
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return TextConditioning(embeds, pooled)
+        embeds, _ = self.pipeline.encode_prompt(
+            prompt, device, 1, do_classifier_free_guidance=False
+        )
+        return TextConditioning(embeds)
+
+    def negative_conditioning(self, negative_prompt: str | None) -> TextConditioning:
+        """The unconditional branch: the encoded negative prompt, or SDXL's zeros for none."""
+        if self.is_sdxl and not negative_prompt and self.pipeline.config.force_zeros_for_empty_prompt:
+            positive = self.encode_text("")
+            return TextConditioning(
+                torch.zeros_like(positive.prompt_embeds), torch.zeros_like(positive.pooled_prompt_embeds)
+            )
+        return self.encode_text(negative_prompt or "")
+
+    def identity_conditions(
+        self,
+        parsed: ParsedPrompt,
+        references: Sequence[Image.Image],
+        fd: TextConditioning,
+        num_inference_steps: int,
+    ) -> tuple[TextConditioning, int]:
+        """PD's positive conditioning and its injection step. Implemented by subclasses."""
+        raise NotImplementedError
+
+    def conditions(
+        self,
+        parsed: ParsedPrompt,
+        references: Sequence[Image.Image],
+        num_inference_steps: int,
+        negative_prompt: str | None = None,
+    ) -> Conditions:
+        """Every conditioning a FreeCure run needs, encoded once."""
+        fd = self.encode_text(parsed.foundation_prompt)
+        pd, inject_step = self.identity_conditions(parsed, references, fd, num_inference_steps)
+        if not 0 <= inject_step < num_inference_steps:
+            raise ValueError(
+                f"{self.name}: injection step {inject_step} is outside 0..{num_inference_steps - 1}"
+            )
+        template = self.encode_text(parsed.template_prompt)
+        expression = (
+            template
+            if parsed.expression_prompt == parsed.template_prompt
+            else self.encode_text(parsed.expression_prompt)
+        )
+        return Conditions(
+            uncond=self.negative_conditioning(negative_prompt),
+            fd=fd,
+            pd=pd,
+            inject_step=inject_step,
+            template=template,
+            expression=expression,
+        )
+
+    # -- noise prediction ---------------------------------------------------------------
+    def added_cond_kwargs(self, rows: Sequence[TextConditioning], height: int, width: int) -> dict | None:
+        """SDXL's extra conditioning (pooled text and size/crop time ids) for the rows."""
+        if not self.is_sdxl:
+            return None
+        pooled = torch.cat([row.pooled_prompt_embeds for row in rows])
+        # original size, crop top-left, target size (SDXL micro-conditioning, no crop).
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.repeat(len(rows), 1)}
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        rows: Sequence[TextConditioning],
+        row_keys: Sequence[str],
+        step_index: int,
+        image_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """ε for each batch row: ``latents[i]`` under conditioning ``rows[i]``.
+
+        Args:
+            latents: model inputs (already scaled by the scheduler), one per row.
+            timestep: the scheduler's timestep.
+            rows: conditioning of each row.
+            row_keys: what each row is (``"uncond"``, ``"fd"``, ``"pd"``, ``"pd_uncond"``,
+                ``"template"``, ``"expression"``) so an override can treat PD rows differently.
+            step_index: index of the denoising step (0 = noisiest).
+            image_size: (height, width) in pixels, for SDXL's time ids.
+        """
+        embeds = torch.cat([row.prompt_embeds for row in rows])
+        return self.unet(
+            latents,
+            timestep,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs=self.added_cond_kwargs(rows, *image_size),
+            return_dict=False,
+        )[0]

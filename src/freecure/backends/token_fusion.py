@@ -1,0 +1,96 @@
+"""Token fusion: the identity mechanism of PhotoMaker and FastComposer, without their encoders.
+
+PD's conditioning is FD's text-encoder output with the class word's token embedding(s)
+replaced by an identity embedding (S → S* in the paper's Figure 2). The identity embedding
+comes from an *identity encoder*: any callable mapping reference images to a tensor of shape
+(dim,) or (tokens, dim) in the text encoder's output space, or a fixed tensor (for example a
+learned embedding loaded from a file). :class:`RandomProjectionIdentityEncoder` is a tiny,
+checkpoint-free encoder for offline runs and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..attributes import ParsedPrompt
+from ..errors import InputError
+from .base import Backend, TextConditioning
+
+IdentitySource = Union[torch.Tensor, Callable[[Sequence[Image.Image]], torch.Tensor]]
+
+
+class RandomProjectionIdentityEncoder:
+    """A fixed random projection of the downsampled reference image(s): a stand-in identity
+    encoder with no checkpoint. Different faces give different embeddings; its output has no
+    semantic meaning. Multiple references are averaged.
+    """
+
+    def __init__(self, dim: int, resolution: int = 16, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.resolution = resolution
+        self.projection = torch.randn(3 * resolution * resolution, dim, generator=generator)
+
+    def __call__(self, references: Sequence[Image.Image]) -> torch.Tensor:
+        features = []
+        for image in references:
+            small = image.convert("RGB").resize((self.resolution, self.resolution), Image.BICUBIC)
+            pixels = torch.from_numpy(np.asarray(small, dtype=np.float32) / 127.5 - 1.0).flatten()
+            features.append(pixels @ self.projection)
+        embedding = torch.stack(features).mean(dim=0)
+        return (embedding - embedding.mean()) / (embedding.std() + 1e-6)
+
+
+class TokenFusionBackend(Backend):
+    """PD = FD's text embedding with the class token(s) replaced by the identity embedding.
+
+    Args:
+        pipeline: a diffusers SD1.5-family or SDXL-family text-to-image pipeline.
+        identity: an identity encoder (callable on reference images) or a fixed embedding of
+            shape (dim,) or (tokens, dim); ``dim`` is the text encoder output size (768 for
+            SD1.5, 2048 for SDXL's two encoders concatenated).
+        inject_fraction: identity is injected from step ``int(inject_fraction × steps)``
+            (PhotoMaker's style strength; 0 injects from the first step).
+    """
+
+    name = "token-fusion"
+    license = "no checkpoint of its own; the base model's licence applies"
+
+    def __init__(self, pipeline, identity: IdentitySource, inject_fraction: float = 0.2):
+        super().__init__(pipeline)
+        if not 0.0 <= inject_fraction < 1.0:
+            raise ValueError(f"inject_fraction must lie in [0, 1), got {inject_fraction}")
+        self.identity = identity
+        self.inject_fraction = inject_fraction
+
+    def identity_embedding(self, references: Sequence[Image.Image]) -> torch.Tensor:
+        if isinstance(self.identity, torch.Tensor):
+            return self.identity
+        if not references:
+            raise InputError("the token-fusion backend needs at least one reference image (--ref)")
+        return self.identity(references)
+
+    def identity_conditions(
+        self,
+        parsed: ParsedPrompt,
+        references: Sequence[Image.Image],
+        fd: TextConditioning,
+        num_inference_steps: int,
+    ) -> tuple[TextConditioning, int]:
+        columns = list(parsed.class_token_indices)
+        embedding = self.identity_embedding(references).to(fd.prompt_embeds)
+        if embedding.ndim == 1:
+            embedding = embedding[None].expand(len(columns), -1)
+        dim = fd.prompt_embeds.shape[-1]
+        if embedding.shape != (len(columns), dim):
+            raise InputError(
+                f"identity embedding has shape {tuple(embedding.shape)}; expected ({dim},) or "
+                f"({len(columns)}, {dim}) for the class word's {len(columns)} token(s)"
+            )
+        fused = fd.prompt_embeds.clone()
+        fused[0, columns] = embedding
+        inject_step = int(self.inject_fraction * num_inference_steps)
+        return TextConditioning(fused, fd.pooled_prompt_embeds), inject_step

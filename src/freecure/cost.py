@@ -1,0 +1,141 @@
+"""UNet work of plain PD generation, of the paper read literally, and of this engine.
+
+Everything here is *counted by running* the schedules (a forward pre-hook on the UNet
+counts calls and batch items), never computed by formula.
+
+The literal reading (§4.1–4.2): SAME runs FD and PD as two separate generations with full
+classifier-free guidance; ROFA runs FD and PD again from the same z_T, blending from the
+injection step; the expression stage DDIM-inverts with the template prompt (no guidance)
+and denoises with the expression prompt (full guidance, as a normal generation).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
+from .inversion import ddim_denoise_from, ddim_invert
+from .pipeline import UNetCounter
+from .sampling import Guidance, plain_pass, predict_guided, rofa_blend, single_lane_layout
+
+
+@dataclass
+class Cost:
+    """UNet calls and batch items of one schedule."""
+
+    unet_calls: int
+    batch_items: int
+
+
+def literal_rofa(
+    backend: Backend,
+    scheduler,
+    z_T: torch.Tensor,
+    conditions: Conditions,
+    mask: torch.Tensor,
+    guidance: Guidance,
+    image_size: tuple[int, int],
+) -> torch.Tensor:
+    """ROFA read literally: FD and PD rerun from z_T, each its own CFG call per step, with
+    ε_p ← ℳ·ε_f + (1−ℳ)·ε_p (eq. 6) from the injection step. Returns PD's z_0."""
+    fd_scheduler, pd_scheduler = scheduler, copy.deepcopy(scheduler)
+    z_f, z_p = z_T.clone(), z_T.clone()
+    fd_layout = single_lane_layout(FD, guided=True, uncond_key=UNCOND)
+    for i, t in enumerate(scheduler.timesteps):
+        injected = i >= conditions.inject_step
+        pd_layout = single_lane_layout(PD if injected else FD, guided=True, uncond_key=PD_UNCOND)
+        eps_f = predict_guided(backend, fd_scheduler, fd_layout, z_f, t, i, conditions.get, guidance, image_size)
+        eps_p = predict_guided(backend, pd_scheduler, pd_layout, z_p, t, i, conditions.get, guidance, image_size)
+        if injected:
+            eps_p = rofa_blend(eps_p, eps_f, mask)
+        z_f = fd_scheduler.step(eps_f, t, z_f, return_dict=False)[0]
+        z_p = pd_scheduler.step(eps_p, t, z_p, return_dict=False)[0]
+    return z_p
+
+
+def count_costs(
+    freecure_pipeline,
+    prompt: str = "a man with black curly hair, laughing happily",
+    class_word: str = "man",
+    num_inference_steps: int = 50,
+    inject_step: int = 10,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Run plain PD, the literal schedule and this engine on ``freecure_pipeline`` and count.
+
+    The backend's injection step is overridden to ``inject_step``. Returns a dict with
+    ``plain_pd``, ``literal`` and ``engine`` entries (calls, items) and the settings.
+    """
+    from .attributes import parse_prompt
+    from .pipeline import _to
+
+    backend = freecure_pipeline.backend
+    pipeline = backend.pipeline
+    config = freecure_pipeline.config
+    parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
+    references = [_gray_reference()]
+    conditions = backend.conditions(parsed, references, num_inference_steps)
+    conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
+    height, width = freecure_pipeline.default_size()
+    factor = pipeline.vae_scale_factor
+    generator = torch.Generator().manual_seed(seed)
+    z_T = torch.randn((1, pipeline.unet.config.in_channels, height // factor, width // factor), generator=generator)
+    z_T = z_T.to(backend.device, backend.dtype)
+    guidance = Guidance(scale=7.5)
+    image_size = (height, width)
+    results: dict[str, dict] = {}
+
+    def fresh():
+        scheduler = copy.deepcopy(pipeline.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=backend.device)
+        return scheduler
+
+    counter = UNetCounter()
+    with counter.attached(backend.unets()), torch.no_grad():
+        plain_pass(backend, fresh(), z_T, conditions, guidance, image_size, lane=PD)
+        results["plain_pd"] = asdict(Cost(counter.calls, counter.items))
+
+        counter.calls = counter.items = 0
+        scheduler = fresh()
+        plain_pass(backend, scheduler, z_T, conditions, guidance, image_size, lane=FD)
+        plain_pass(backend, fresh(), z_T, conditions, guidance, image_size, lane=PD)
+        mask = torch.ones((1, 1, *z_T.shape[-2:]), device=z_T.device) * 0.5
+        z = literal_rofa(backend, fresh(), z_T, conditions, mask, guidance, image_size)
+        z = ddim_invert(
+            backend, z, conditions.template, conditions.uncond, scheduler.config, num_inference_steps,
+            config.gamma, 1.0, image_size,
+        )
+        ddim_denoise_from(
+            backend, z, conditions.expression, conditions.uncond, scheduler.config, num_inference_steps,
+            config.gamma, guidance.scale, image_size,
+        )
+        results["literal"] = asdict(Cost(counter.calls, counter.items))
+
+    output = freecure_pipeline(
+        prompt, references, class_word=class_word, num_inference_steps=num_inference_steps,
+        inject_step=inject_step, generator=torch.Generator().manual_seed(seed),
+    )
+    results["engine"] = asdict(Cost(output.unet_calls, output.batch_items))
+    results["engine"]["stages"] = {
+        stage.name: {"ran": stage.ran, "unet_calls": stage.unet_calls, "batch_items": stage.batch_items}
+        for stage in output.stages
+    }
+    results["settings"] = dict(
+        num_inference_steps=num_inference_steps,
+        inject_step=inject_step,
+        gamma=config.gamma,
+        expression_guidance_scale=config.expression_guidance_scale,
+        approximate_shared_uncond=config.approximate_shared_uncond,
+        prompt=prompt,
+        backend=backend.name,
+    )
+    return results
+
+
+def _gray_reference():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (128, 128, 128))

@@ -1,0 +1,409 @@
+"""FreeCurePipeline: the paper's stages in order (Figure 5).
+
+1. SAME pass — FD and PD denoise together from one z_T; FD's up-block cross-attention on the
+   attribute tokens is recorded, FD's guided ε and the injection-step state are cached.
+2. Masks — decode FD and PD, parse both with Ψ, build ℳ_i (eq. 4) and merge them (eq. 5).
+3. ROFA noise blending — restart PD at the injection step with ε_p ← ℳ·ε_f + (1−ℳ)·ε_p (eq. 6).
+4. Expression restore — DDIM-invert the blended latent with the template prompt to γ·T and
+   denoise it with the expression prompt, without identity (§4.2).
+
+Stages with nothing to do are skipped and :class:`FreeCureOutput` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterator, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .attention import AttentionStore, capture_cross_attention
+from .attributes import ParsedPrompt, parse_prompt
+from .backends.base import Backend, Conditions, TextConditioning
+from .errors import InputError
+from .images import ImageInput, load_image
+from .inversion import expression_restore, inversion_steps
+from .masks import attribute_mask, merge_masks, to_latent_resolution
+from .parsing import FaceParser, ParseResult
+from .sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, rofa_pass, same_pass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FreeCureConfig:
+    """FreeCure's own settings (the diffusion settings are call arguments).
+
+    Attributes:
+        gamma: γ of §4.2: the expression stage inverts and re-denoises round(γ·T) of the T
+            steps. Must lie in (0, 1].
+        expression_guidance_scale: guidance scale of both the inversion and the re-denoising;
+            1.0 (no CFG) keeps DDIM inversion closest to exact (see :mod:`freecure.inversion`).
+        approximate_shared_uncond: after injection, evaluate the unconditional branch once, on
+            PD's latent, for both lanes (3 batch rows instead of 4). PD stays exact; FD's
+            guidance becomes approximate. Off by default.
+        attention_layers: names of the attention processors to capture; None = every
+            cross-attention layer of the UNet's up-sampling blocks (the paper's choice).
+    """
+
+    gamma: float = 0.5
+    expression_guidance_scale: float = 1.0
+    approximate_shared_uncond: bool = False
+    attention_layers: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not 0.0 < self.gamma <= 1.0:
+            raise InputError(f"gamma must lie in (0, 1], got {self.gamma}")
+        if self.expression_guidance_scale < 1.0:
+            raise InputError(f"expression_guidance_scale must be ≥ 1, got {self.expression_guidance_scale}")
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: whether it ran, why not, its wall time and its UNet work."""
+
+    name: str
+    ran: bool
+    reason: str = ""
+    seconds: float = 0.0
+    unet_calls: int = 0
+    batch_items: int = 0
+
+
+@dataclass
+class FreeCureOutput:
+    """Everything a FreeCure run produced.
+
+    Attributes:
+        images: ``"fd"``, ``"pd"``, ``"blended"`` (after ROFA) and ``"freecure"`` (final).
+        parsed: the parsed prompt (attributes, token columns, template/expression prompts).
+        attention_maps: FD's aggregated cross-attention H_i per attribute text, latent grid.
+        attribute_masks: ℳ_i per localized attribute at image resolution (eq. 4).
+        mask: the merged ℳ at image resolution (eq. 5), None when no mask was built.
+        latent_mask: ℳ on the latent grid, as used by ROFA.
+        parse_fd, parse_pd: face-parser results of the FD and PD images.
+        stages: one :class:`StageRecord` per stage, in order.
+        notes: what was skipped or adjusted, in words.
+        latents: final latents per image name.
+    """
+
+    images: dict[str, Image.Image]
+    parsed: ParsedPrompt
+    attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    attribute_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None
+    parse_fd: ParseResult | None = None
+    parse_pd: ParseResult | None = None
+    stages: list[StageRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def unet_calls(self) -> int:
+        return sum(stage.unet_calls for stage in self.stages)
+
+    @property
+    def batch_items(self) -> int:
+        return sum(stage.batch_items for stage in self.stages)
+
+    def stage(self, name: str) -> StageRecord:
+        return next(stage for stage in self.stages if stage.name == name)
+
+
+class UNetCounter:
+    """Counts the UNet forward calls and batch items actually run (a forward pre-hook)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.items = 0
+
+    def __call__(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.calls += 1
+        self.items += int(sample.shape[0])
+
+    @contextlib.contextmanager
+    def attached(self, unets: Sequence[torch.nn.Module]) -> Iterator["UNetCounter"]:
+        handles = [unet.register_forward_pre_hook(self, with_kwargs=True) for unet in unets]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _Stages:
+    """Times each stage and attributes UNet work to it."""
+
+    def __init__(self, counter: UNetCounter):
+        self.counter = counter
+        self.records: list[StageRecord] = []
+
+    @contextlib.contextmanager
+    def run(self, name: str) -> Iterator[StageRecord]:
+        record = StageRecord(name, ran=True)
+        calls, items, start = self.counter.calls, self.counter.items, time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        try:
+            yield record
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            record.seconds = time.perf_counter() - start
+            record.unet_calls = self.counter.calls - calls
+            record.batch_items = self.counter.items - items
+            self.records.append(record)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.records.append(StageRecord(name, ran=False, reason=reason))
+
+
+def decode_latents(pipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode latents to PIL images (upcasting the VAE where its config asks for it)."""
+    vae = pipeline.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    with torch.no_grad():
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+    return pipeline.image_processor.postprocess(images, output_type="pil")
+
+
+class FreeCurePipeline:
+    """FreeCure on top of a personalization backend.
+
+    Args:
+        backend: the personalization method (:class:`freecure.backends.Backend`).
+        face_parser: Ψ, mapping an image to a face-parsing label map.
+        config: FreeCure's own settings.
+
+    Example:
+        >>> pipe = FreeCurePipeline(backend, BiSeNetFaceParser.from_pretrained())
+        >>> out = pipe("a man with black curly hair, laughing", reference_images=[photo],
+        ...            class_word="man", generator=torch.Generator().manual_seed(0))
+        >>> out.images["freecure"].save("freecure.png")
+    """
+
+    def __init__(self, backend: Backend, face_parser: FaceParser, config: FreeCureConfig = FreeCureConfig()):
+        self.backend = backend
+        self.face_parser = face_parser
+        self.config = config
+        self.progress = True
+
+    @property
+    def pipeline(self):
+        return self.backend.pipeline
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress = not disable
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
+        return size, size
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        reference_images: Sequence[ImageInput] = (),
+        class_word: str | Sequence[str] = "man",
+        trigger_word: str | None = None,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        inject_step: int | None = None,
+    ) -> FreeCureOutput:
+        """Run FreeCure. Arguments follow diffusers' text-to-image pipelines.
+
+        Args:
+            prompt: the user prompt, e.g. "a man with black curly hair, laughing happily".
+            reference_images: the identity's reference photo(s) (paths, PIL images or arrays).
+            class_word: the subject's class word in the prompt ("man", "woman", …).
+            trigger_word: the personalization trigger after the class word (PhotoMaker: "img").
+            negative_prompt: the unconditional branch's prompt.
+            num_inference_steps: T, at least 2.
+            guidance_scale: classifier-free guidance scale of FD and PD.
+            guidance_rescale: diffusers' guidance rescale φ (0 = off).
+            height, width: image size in pixels; default from the UNet's sample size.
+            generator: seeds z_T (drawn on the generator's device, then moved).
+            latents: z_T itself, overriding ``generator``.
+            inject_step: override the backend's identity-injection step (for ablations).
+        """
+        if num_inference_steps < 2:
+            raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
+        pipeline = self.pipeline
+        check_scheduler(pipeline.scheduler)
+        height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
+        factor = pipeline.vae_scale_factor
+        if height % (factor * 8) or width % (factor * 8):
+            raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
+        references = [load_image(image) for image in reference_images]
+        parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
+        for word in parsed.unknown_words:
+            logger.warning("word %r of the prompt is not in the attribute vocabulary; it is left to the model", word)
+
+        counter = UNetCounter()
+        stages = _Stages(counter)
+        notes: list[str] = []
+        output = FreeCureOutput(images={}, parsed=parsed, notes=notes)
+        image_size = (height, width)
+        latent_size = (height // factor, width // factor)
+        guidance = Guidance(scale=guidance_scale, rescale=guidance_rescale)
+
+        with counter.attached(self.backend.unets()):
+            conditions = self.backend.conditions(parsed, references, num_inference_steps, negative_prompt)
+            device, dtype = self.backend.device, self.backend.dtype
+            conditions = _to(conditions, device, dtype)
+            if inject_step is not None:
+                if not 0 <= inject_step < num_inference_steps:
+                    raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
+                conditions = replace(conditions, inject_step=inject_step)
+            scheduler = pipeline.scheduler
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            if latents is None:
+                shape = (1, pipeline.unet.config.in_channels, *latent_size)
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            z_T = latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+            # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
+            columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
+            store = AttentionStore(columns, latent_size) if columns else None
+            with stages.run("same_pass"), self._bar(num_inference_steps, "SAME: FD+PD") as bar:
+                capture = (
+                    capture_cross_attention(pipeline.unet, store, self.config.attention_layers)
+                    if store is not None
+                    else contextlib.nullcontext()
+                )
+                with capture:
+                    same = same_pass(
+                        self.backend, scheduler, z_T, conditions, guidance, image_size, store,
+                        self.config.approximate_shared_uncond, on_step=lambda i: bar.update(),
+                    )
+            fd_image, pd_image = decode_latents(pipeline, same.z0)
+            output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
+            output.latents.update(fd=same.z0[FD_LANE : FD_LANE + 1], pd=same.z0[PD_LANE : PD_LANE + 1])
+            z_out = same.z0[PD_LANE : PD_LANE + 1]
+            if store is not None:
+                output.attention_maps = {a.text: store.token_map(a.token_indices) for a in parsed.attributes}
+
+            # 2. SAME masks: parse both images, eq. (4) per attribute, eq. (5) merge.
+            if parsed.localized:
+                with stages.run("masks"):
+                    self._build_masks(output, fd_image, pd_image, latent_size)
+            else:
+                stages.skip("masks", "the prompt names no localized attribute")
+
+            # 3. ROFA noise blending from the injection step, with the cached ε_f.
+            if output.latent_mask is None:
+                stages.skip(
+                    "rofa",
+                    "no localized attribute was found in both the FD and the PD image"
+                    if parsed.localized
+                    else "the prompt names no localized attribute",
+                )
+            else:
+                steps = num_inference_steps - conditions.inject_step
+                with stages.run("rofa"), self._bar(steps, "ROFA: blend") as bar:
+                    z_out = rofa_pass(
+                        self.backend, same, conditions, output.latent_mask.to(device), guidance, image_size,
+                        on_step=lambda i: bar.update(),
+                    )
+                output.images["blended"] = output.images["freecure"] = decode_latents(pipeline, z_out)[0]
+                output.latents["blended"] = z_out
+
+            # 4. Expression restore: invert with the template prompt, denoise with the expression.
+            if parsed.abstract:
+                n = inversion_steps(num_inference_steps, self.config.gamma)
+                with stages.run("expression"), self._bar(2 * n, "Expression: invert+denoise") as bar:
+                    z_out = expression_restore(
+                        self.backend, z_out, conditions.template, conditions.expression, conditions.uncond,
+                        scheduler.config, num_inference_steps, self.config.gamma,
+                        self.config.expression_guidance_scale, image_size, on_step=lambda i: bar.update(),
+                    )
+                output.images["freecure"] = decode_latents(pipeline, z_out)[0]
+            else:
+                stages.skip("expression", "the prompt names no abstract attribute (expression)")
+            output.latents["freecure"] = z_out
+
+        if not parsed.attributes:
+            notes.append("the prompt names no attribute FreeCure can cure: the result is PD unchanged")
+        output.stages = stages.records
+        output.settings = dict(
+            backend=self.backend.name,
+            prompt=prompt,
+            class_word=parsed.class_word,
+            trigger_word=trigger_word,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            height=height,
+            width=width,
+            inject_step=conditions.inject_step,
+            scheduler=type(scheduler).__name__,
+            gamma=self.config.gamma,
+            expression_guidance_scale=self.config.expression_guidance_scale,
+            approximate_shared_uncond=self.config.approximate_shared_uncond,
+        )
+        return output
+
+    def _build_masks(self, output: FreeCureOutput, fd_image, pd_image, latent_size) -> None:
+        """Eq. (4) for every localized attribute found in both images, eq. (5) to merge."""
+        parse_fd, parse_pd = _parse_images(self.face_parser, [fd_image, pd_image])
+        output.parse_fd, output.parse_pd = parse_fd, parse_pd
+        for parse, name in ((parse_fd, "FD"), (parse_pd, "PD")):
+            if not parse.face_found:
+                output.notes.append(f"{name} image: {parse.note}")
+        for attribute in output.parsed.localized:
+            region_fd = torch.from_numpy(parse_fd.mask(attribute.parse_classes))
+            region_pd = torch.from_numpy(parse_pd.mask(attribute.parse_classes))
+            missing = [name for name, region in (("FD", region_fd), ("PD", region_pd)) if not region.any()]
+            if missing:
+                output.notes.append(
+                    f"attribute {attribute.text!r}: no {'/'.join(attribute.parse_classes)} region in the "
+                    f"{' and '.join(missing)} image; it is not blended"
+                )
+                continue
+            heat = output.attention_maps[attribute.text]
+            output.attribute_masks[attribute.text] = attribute_mask(heat, region_pd, region_fd)
+        if output.attribute_masks:
+            output.mask = merge_masks(list(output.attribute_masks.values()))
+            output.latent_mask = to_latent_resolution(output.mask, latent_size)
+
+
+def _to(conditions: Conditions, device, dtype) -> Conditions:
+    """Move every conditioning to the UNet's device and dtype."""
+    changes = {
+        f.name: getattr(conditions, f.name).to(device, dtype)
+        for f in fields(conditions)
+        if isinstance(getattr(conditions, f.name), TextConditioning)
+    }
+    return replace(conditions, **changes)
+
+
+def _parse_images(parser: FaceParser, images: Sequence[Image.Image]) -> list[ParseResult]:
+    """Ψ of several images, batched when the parser can."""
+    batch = getattr(parser, "parse_batch", None)
+    return list(batch(images)) if batch is not None else [parser(image) for image in images]

@@ -1,0 +1,271 @@
+"""Joint FD/PD denoising (SAME pass) and ROFA noise blending (paper §3.1, §4.1, §4.2).
+
+Two *lanes* of latents advance together from the same z_T: lane 0 is FD (foundation
+denoising, eq. 2), lane 1 is PD (personalized denoising, eq. 1). Each step makes one UNet
+call whose rows are named by a :class:`BatchLayout`, and one ``scheduler.step`` on the
+stacked lanes, so multistep schedulers keep one consistent state.
+
+Where classifier-free guidance meets the blend: ROFA (eq. 6) mixes the *guided* noise
+predictions, ε̂ = ε_u + w·(ε_c − ε_u), after guidance (and guidance rescale), i.e. exactly
+the tensor the scheduler steps with. CFG is linear, so with plain CFG this equals blending the
+conditional and unconditional predictions separately; blending after guidance keeps that
+true under the non-linear guidance rescale too, and it makes ℳ = 1 reproduce FD's stepped
+lane bit for bit, because the cached ε_f *is* what moved FD's lane.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from .attention import AttentionStore
+from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
+
+FD_LANE, PD_LANE = 0, 1
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which latent lane and conditioning each UNet batch row evaluates, and how each lane's
+    guided prediction is assembled from the rows.
+
+    Attributes:
+        rows: ``(lane, conditioning key)`` per batch row.
+        lanes: per output lane, ``(unconditional row or None, conditional row)``; None means
+            the lane is not guided (guidance scale 1).
+        capture_row: the row holding FD's conditional branch, whose cross-attention SAME
+            records; None when nothing is captured.
+    """
+
+    rows: tuple[tuple[int, str], ...]
+    lanes: tuple[tuple[int | None, int], ...]
+    capture_row: int | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(key for _, key in self.rows)
+
+    def gather(self, z: torch.Tensor) -> torch.Tensor:
+        """Model inputs: ``z[lane]`` for each row, from lanes stacked as (lanes, C, H, W)."""
+        return z[[lane for lane, _ in self.rows]]
+
+    def guide(self, eps: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+        """Guided ε per lane, stacked as (lanes, C, H, W): ε_u + w·(ε_c − ε_u)."""
+        guided = []
+        for uncond_row, cond_row in self.lanes:
+            eps_c = eps[cond_row : cond_row + 1]
+            if uncond_row is None:
+                guided.append(eps_c)
+                continue
+            eps_u = eps[uncond_row : uncond_row + 1]
+            eps_g = eps_u + scale * (eps_c - eps_u)
+            if rescale > 0:
+                eps_g = rescale_noise_cfg(eps_g, eps_c, guidance_rescale=rescale)
+            guided.append(eps_g)
+        return torch.cat(guided)
+
+
+def same_layout(step: int, conditions: Conditions, approximate_shared_uncond: bool = False) -> BatchLayout:
+    """Rows of the SAME pass at ``step``.
+
+    Before injection, PD's conditioning equals FD's: when they also share the negative branch
+    both lanes hold the same latent and the batch is [uncond, cond] (2 rows). After injection
+    the lanes differ and exact guidance needs each lane's own unconditional prediction:
+    [uncond@FD, fd@FD, uncond@PD, pd@PD] (4 rows). With ``approximate_shared_uncond`` the
+    unconditional prediction is made once, on PD's latent, and used by both lanes:
+    [uncond@PD, fd@FD, pd@PD] (3 rows) — PD stays exact, FD's guidance is approximate.
+    """
+    injected = step >= conditions.inject_step
+    if not injected and conditions.shares_uncond:
+        return BatchLayout(rows=((FD_LANE, UNCOND), (FD_LANE, FD)), lanes=((0, 1), (0, 1)), capture_row=1)
+    pd_key = PD if injected else FD
+    if approximate_shared_uncond and conditions.shares_uncond:
+        return BatchLayout(
+            rows=((PD_LANE, UNCOND), (FD_LANE, FD), (PD_LANE, pd_key)), lanes=((0, 1), (0, 2)), capture_row=1
+        )
+    return BatchLayout(
+        rows=((FD_LANE, UNCOND), (FD_LANE, FD), (PD_LANE, PD_UNCOND), (PD_LANE, pd_key)),
+        lanes=((0, 1), (2, 3)),
+        capture_row=1,
+    )
+
+
+ROFA_LAYOUT = BatchLayout(rows=((PD_LANE, PD_UNCOND), (PD_LANE, PD)), lanes=((0, 1),))
+
+
+def single_lane_layout(key: str, guided: bool, uncond_key: str = UNCOND) -> BatchLayout:
+    """One lane conditioned on ``key``: [uncond, cond] when guided, else [cond]."""
+    if guided:
+        return BatchLayout(rows=((0, uncond_key), (0, key)), lanes=((0, 1),))
+    return BatchLayout(rows=((0, key),), lanes=((None, 0),))
+
+
+def rofa_blend(eps_p: torch.Tensor, eps_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ε_p ← ℳ·ε_f + (1 − ℳ)·ε_p (eq. 6); ``mask`` broadcasts over batch and channels."""
+    mask = mask.to(device=eps_p.device, dtype=eps_p.dtype)
+    return mask * eps_f + (1 - mask) * eps_p
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance settings of a pass."""
+
+    scale: float = 7.5
+    rescale: float = 0.0
+
+
+def predict_guided(
+    backend: Backend,
+    scheduler,
+    layout: BatchLayout,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    step: int,
+    conditionings: Callable[[str], object],
+    guidance: Guidance,
+    image_size: tuple[int, int],
+) -> torch.Tensor:
+    """One UNet call on the layout's rows, then guidance: ε̂ per lane, (lanes, C, H, W)."""
+    model_input = scheduler.scale_model_input(layout.gather(z), t)
+    rows = [conditionings(key) for key in layout.keys]
+    eps = backend.predict_noise(model_input, t, rows, layout.keys, step, image_size)
+    return layout.guide(eps, guidance.scale, guidance.rescale)
+
+
+@dataclass
+class SamePassResult:
+    """What the SAME pass leaves for the later stages.
+
+    Attributes:
+        z0: final latents, stacked (2, C, H, W): [FD, PD].
+        eps_f: FD's guided noise prediction at every step from injection on (ROFA's ε_f).
+        injection_latents: both lanes at the injection step, before it is taken.
+        injection_scheduler: a copy of the scheduler's state at the injection step.
+    """
+
+    z0: torch.Tensor
+    eps_f: dict[int, torch.Tensor]
+    injection_latents: torch.Tensor
+    injection_scheduler: object
+
+
+def same_pass(
+    backend: Backend,
+    scheduler,
+    z_T: torch.Tensor,
+    conditions: Conditions,
+    guidance: Guidance,
+    image_size: tuple[int, int],
+    store: AttentionStore | None = None,
+    approximate_shared_uncond: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> SamePassResult:
+    """Stage 1: FD and PD denoise together from one z_T (eqs. 1–2).
+
+    FD's cross-attention is recorded into ``store`` at every step; FD's guided ε and the
+    injection-step state are cached for ROFA, so FD never has to be run again.
+    """
+    z = z_T.expand(2, *z_T.shape[1:]).clone()  # lanes [FD, PD] start from the same z_T
+    eps_f: dict[int, torch.Tensor] = {}
+    snapshot = None
+    for i, t in enumerate(scheduler.timesteps):
+        if i == conditions.inject_step:
+            snapshot = (z.clone(), copy.deepcopy(scheduler))
+        layout = same_layout(i, conditions, approximate_shared_uncond)
+        if store is not None:
+            store.set_context(i, layout.capture_row)
+        eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
+        if i >= conditions.inject_step:
+            eps_f[i] = eps[FD_LANE].clone()
+        z = scheduler.step(eps, t, z, return_dict=False)[0]  # one step on the stacked lanes
+        if on_step is not None:
+            on_step(i)
+    if store is not None:
+        store.set_context(-1, None)
+    assert snapshot is not None
+    return SamePassResult(z0=z, eps_f=eps_f, injection_latents=snapshot[0], injection_scheduler=snapshot[1])
+
+
+def rofa_pass(
+    backend: Backend,
+    same: SamePassResult,
+    conditions: Conditions,
+    mask: torch.Tensor,
+    guidance: Guidance,
+    image_size: tuple[int, int],
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Stage 3: restart PD at the injection step and blend in the cached ε_f (eq. 6).
+
+    The FD lane is replayed from the cache (no UNet call) so that the scheduler state
+    stays that of the SAME pass; only PD's rows go through the UNet.
+
+    Returns:
+        The noise-blended latent z_0 of PD, shape (1, C, H, W).
+    """
+    scheduler = copy.deepcopy(same.injection_scheduler)
+    z = same.injection_latents.clone()
+    timesteps = scheduler.timesteps
+    for i in range(conditions.inject_step, len(timesteps)):
+        t = timesteps[i]
+        eps_p = predict_guided(backend, scheduler, ROFA_LAYOUT, z, t, i, conditions.get, guidance, image_size)
+        eps_f = same.eps_f[i]
+        eps_p = rofa_blend(eps_p, eps_f[None], mask)
+        z = scheduler.step(torch.cat([eps_f[None], eps_p]), t, z, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i)
+    return z[PD_LANE : PD_LANE + 1]
+
+
+def plain_pass(
+    backend: Backend,
+    scheduler,
+    z_T: torch.Tensor,
+    conditions: Conditions,
+    guidance: Guidance,
+    image_size: tuple[int, int],
+    lane: str = PD,
+) -> torch.Tensor:
+    """Plain generation of one lane alone (PD with its injection step, or FD), full CFG.
+
+    This is what the personalization model does without FreeCure; it serves as the
+    baseline in cost counts and as the oracle of tests.
+    """
+    z = z_T.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        injected = lane == PD and i >= conditions.inject_step
+        key = PD if injected else FD
+        uncond_key = PD_UNCOND if lane == PD else UNCOND
+        layout = single_lane_layout(key, guided=guidance.scale != 1.0, uncond_key=uncond_key)
+        eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
+        z = scheduler.step(eps, t, z, return_dict=False)[0]
+    return z
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse schedulers whose steps draw fresh noise: FreeCure replays trajectories."""
+    name = type(scheduler).__name__
+    config = scheduler.config
+    stochastic = (
+        "Ancestral" in name
+        or "SDE" in name
+        or name in {"DDPMScheduler", "DDPMWuerstchenScheduler", "LCMScheduler", "TCDScheduler"}
+        or str(config.get("algorithm_type", "")).endswith("sde")
+        or float(getattr(scheduler, "eta", 0.0) or 0.0) != 0.0
+    )
+    if stochastic:
+        raise ValueError(
+            f"scheduler {name} adds fresh noise at each step, so FD/PD trajectories cannot be "
+            "replayed; use a deterministic one (DDIMScheduler, DPMSolverMultistepScheduler with "
+            "algorithm_type='dpmsolver++', EulerDiscreteScheduler, UniPCMultistepScheduler, …)"
+        )
+    if getattr(scheduler, "order", 1) > 1 and name.startswith("Heun"):
+        raise ValueError(
+            f"scheduler {name} takes two model evaluations per step; it is not supported yet, "
+            "use DDIMScheduler or DPMSolverMultistepScheduler"
+        )
+
