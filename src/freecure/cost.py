@@ -30,6 +30,7 @@ class Cost:
     batch_items: int
 
 
+@torch.no_grad()
 def literal_rofa(
     backend: Backend,
     scheduler,

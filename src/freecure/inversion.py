@@ -36,6 +36,7 @@ def _conditionings(cond: TextConditioning, uncond: TextConditioning) -> Callable
     return {"cond": cond, "uncond": uncond}.__getitem__
 
 
+@torch.no_grad()
 def ddim_invert(
     backend: Backend,
     z0: torch.Tensor,
@@ -63,6 +64,7 @@ def ddim_invert(
     return z
 
 
+@torch.no_grad()
 def ddim_denoise_from(
     backend: Backend,
     z: torch.Tensor,

@@ -253,6 +253,8 @@ class FreeCurePipeline:
         """
         if num_inference_steps < 2:
             raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
+        if inject_step is not None and not 0 <= inject_step < num_inference_steps:
+            raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
         pipeline = self.pipeline
         check_scheduler(pipeline.scheduler)
         height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
@@ -277,8 +279,6 @@ class FreeCurePipeline:
             device, dtype = self.backend.device, self.backend.dtype
             conditions = _to(conditions, device, dtype)
             if inject_step is not None:
-                if not 0 <= inject_step < num_inference_steps:
-                    raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
                 conditions = replace(conditions, inject_step=inject_step)
             scheduler = pipeline.scheduler
             scheduler.set_timesteps(num_inference_steps, device=device)

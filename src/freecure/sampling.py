@@ -153,6 +153,7 @@ class SamePassResult:
     injection_scheduler: object
 
 
+@torch.no_grad()
 def same_pass(
     backend: Backend,
     scheduler,
@@ -190,6 +191,7 @@ def same_pass(
     return SamePassResult(z0=z, eps_f=eps_f, injection_latents=snapshot[0], injection_scheduler=snapshot[1])
 
 
+@torch.no_grad()
 def rofa_pass(
     backend: Backend,
     same: SamePassResult,
@@ -221,6 +223,7 @@ def rofa_pass(
     return z[PD_LANE : PD_LANE + 1]
 
 
+@torch.no_grad()
 def plain_pass(
     backend: Backend,
     scheduler,

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random pipelines (saved and reloaded), the real face photo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> Image.Image:
+    """A real face photograph: scikit-image's astronaut (Eileen Collins, NASA, public domain)."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    from freecure.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(tmp_path_factory.mktemp("tiny-sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from freecure.tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def grey_image() -> Image.Image:
+    return Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
