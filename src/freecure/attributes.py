@@ -715,3 +715,23 @@ def _unknown_words(
             continue
         unknown.extend(word.text for word in words[unit.first : unit.last + 1])
     return tuple(unknown)
+
+
+#: Class words :func:`detect_class_word` looks for, in this order.
+COMMON_CLASS_WORDS = ("man", "woman", "boy", "girl", "person", "child", "lady", "gentleman")
+
+
+def detect_class_word(prompt: str, candidates: Sequence[str] = COMMON_CLASS_WORDS) -> str:
+    """The first of ``candidates`` that appears in ``prompt`` as a whole word.
+
+    Raises:
+        InputError: none appears; the message asks for an explicit class word.
+    """
+    words = {word.lower() for word in re.findall(r"[A-Za-z]+", prompt)}
+    for candidate in candidates:
+        if candidate in words:
+            return candidate
+    raise InputError(
+        f"no class word ({', '.join(candidates)}) found in the prompt {prompt!r}; "
+        "name the subject's class word explicitly (--class-word WORD)"
+    )

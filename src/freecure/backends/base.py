@@ -96,6 +96,20 @@ class Backend:
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
+    # -- construction from `freecure generate` options ---------------------------------------
+    @classmethod
+    def add_cli_arguments(cls, group) -> None:
+        """Add this backend's own options to ``freecure generate`` (an argparse group)."""
+
+    @classmethod
+    def from_cli(cls, args) -> "Backend":
+        """Build the backend from parsed ``freecure generate`` options.
+
+        ``args`` carries ``tiny`` (build tiny random components, offline), ``base_model``,
+        ``device``, ``dtype`` and the options of :meth:`add_cli_arguments`.
+        """
+        raise NotImplementedError(f"backend {cls.name!r} cannot be built from the command line")
+
     # -- pipeline facts ---------------------------------------------------------------
     @property
     def unet(self):

@@ -20,6 +20,8 @@ from ..attributes import ParsedPrompt
 from ..errors import InputError
 from .base import Backend, TextConditioning
 
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
 IdentitySource = Union[torch.Tensor, Callable[[Sequence[Image.Image]], torch.Tensor]]
 
 
@@ -66,6 +68,36 @@ class TokenFusionBackend(Backend):
         self.identity = identity
         self.inject_fraction = inject_fraction
 
+    @classmethod
+    def add_cli_arguments(cls, group) -> None:
+        group.add_argument(
+            "--identity-embedding",
+            metavar="FILE",
+            help="token-fusion: safetensors file whose tensor 'identity' (dim or tokens×dim) "
+            "replaces the class token(s); with --tiny a random projection of --ref is used",
+        )
+        group.add_argument(
+            "--inject-fraction", type=float, default=0.2,
+            help="token-fusion: identity is injected from step int(fraction × steps) (default 0.2)",
+        )
+
+    @classmethod
+    def from_cli(cls, args) -> "TokenFusionBackend":
+        from ..runtime import load_base_pipeline
+        from ..tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+        if args.tiny:
+            pipeline = tiny_sdxl_pipeline() if args.tiny_family == "sdxl" else tiny_sd15_pipeline()
+            pipeline.to(args.device)
+            dim = pipeline.unet.config.cross_attention_dim
+            identity = RandomProjectionIdentityEncoder(dim) if args.identity_embedding is None else None
+        else:
+            pipeline = load_base_pipeline(args.base_model or DEFAULT_BASE_MODEL, args.device, args.dtype)
+            identity = None
+        if identity is None:
+            identity = load_identity_embedding(args.identity_embedding)
+        return cls(pipeline, identity, inject_fraction=args.inject_fraction)
+
     def identity_embedding(self, references: Sequence[Image.Image]) -> torch.Tensor:
         if isinstance(self.identity, torch.Tensor):
             return self.identity
@@ -94,3 +126,27 @@ class TokenFusionBackend(Backend):
         fused[0, columns] = embedding
         inject_step = int(self.inject_fraction * num_inference_steps)
         return TextConditioning(fused, fd.pooled_prompt_embeds), inject_step
+
+
+def load_identity_embedding(path) -> torch.Tensor:
+    """Read the tensor ``identity`` from a safetensors file."""
+    from pathlib import Path
+
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    if path is None:
+        raise InputError(
+            "the token-fusion backend needs an identity embedding: pass --identity-embedding FILE "
+            "(a safetensors file with a tensor named 'identity'), or run offline with --tiny"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"identity embedding file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorsError, OSError) as error:
+        raise InputError(f"cannot read {path} as safetensors: {error}") from None
+    if "identity" not in tensors:
+        raise InputError(f"{path} has no tensor named 'identity' (it has: {', '.join(tensors) or 'none'})")
+    return tensors["identity"].float()

@@ -11,7 +11,7 @@ import sys
 from ..errors import FreeCureError
 
 # Sub-command modules, in the order `freecure --help` lists them.
-COMMANDS = ("attributes", "parse")
+COMMANDS = ("generate", "attributes", "parse", "cost")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,130 @@
+"""`freecure generate`: run FreeCure with a personalization backend and write every stage."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..backends import BACKENDS
+from ..errors import InputError
+from ..runtime import SCHEDULERS, resolve_device, resolve_dtype, set_scheduler
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate FD, PD and the FreeCure image for a prompt and reference photo(s)",
+        description=(
+            "Run the personalization backend with FreeCure: the foundation (FD) and personalized "
+            "(PD) images from one seed, the SAME masks, the ROFA noise-blended image and the final "
+            "image after expression restore. Writes every stage, mask overlays, an FD | PD | "
+            "FreeCure strip and manifest.json to --out."
+        ),
+    )
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="token-fusion")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--ref", action="append", default=[], type=Path, metavar="IMAGE",
+                        help="reference photo of the identity (repeatable)")
+    parser.add_argument("--class-word", default=None,
+                        help="the subject's class word in the prompt (default: found in the prompt)")
+    parser.add_argument("--trigger", default=None, help="trigger word after the class word (PhotoMaker: img)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps T (default 50)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale of FD and PD (default: 7.5, or 5.0 for SDXL)")
+    parser.add_argument("--gamma", type=float, default=0.5, help="γ: expression inversion depth (0, 1]")
+    parser.add_argument("--expression-guidance-scale", type=float, default=1.0,
+                        help="guidance of the expression inversion and re-denoising (default 1.0)")
+    parser.add_argument("--inject-step", type=int, default=None, help="override the backend's injection step")
+    parser.add_argument("--approximate-shared-uncond", action="store_true",
+                        help="3 batch rows instead of 4 after injection (FD guidance approximate)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--base-model", default=None, help="Hub id or folder of the base pipeline")
+    parser.add_argument("--parser", choices=["bisenet", "layout"], default=None,
+                        help="face parser Ψ: bisenet (default) or layout (synthetic, default with --tiny)")
+    parser.add_argument("--parser-weights", default=None, help="BiSeNet checkpoint 79999_iter.pth")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random-weight components, offline: shows the machinery, images are noise")
+    parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: outputs/<backend>-<time>-seed<N>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    for name, backend in sorted(BACKENDS.items()):
+        backend.add_cli_arguments(parser.add_argument_group(f"{name} backend"))
+    parser.set_defaults(func=run)
+
+
+def build_face_parser(args):
+    from ..tiny import LayoutFaceParser
+
+    choice = args.parser or ("layout" if args.tiny else "bisenet")
+    if choice == "layout":
+        return LayoutFaceParser()
+    from ..parsing import BiSeNetFaceParser
+
+    return BiSeNetFaceParser.from_pretrained(args.parser_weights, device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..attributes import detect_class_word
+    from ..outputs import save_output
+    from ..pipeline import FreeCureConfig, FreeCurePipeline
+
+    args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
+    class_word = args.class_word or detect_class_word(args.prompt)
+    out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out must be a folder, but {out_dir} is a file")
+    config = FreeCureConfig(
+        gamma=args.gamma,
+        expression_guidance_scale=args.expression_guidance_scale,
+        approximate_shared_uncond=args.approximate_shared_uncond,
+    )
+    if args.tiny:
+        print("freecure: --tiny: tiny random-weight components; the images are noise and show only the machinery")
+    backend = BACKENDS[args.backend].from_cli(args)
+    set_scheduler(backend.pipeline, args.scheduler)
+    freecure = FreeCurePipeline(backend, build_face_parser(args), config)
+    freecure.set_progress_bar_config(disable=args.no_progress)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (5.0 if backend.is_sdxl else 7.5)
+    output = freecure(
+        args.prompt,
+        reference_images=args.ref,
+        class_word=class_word,
+        trigger_word=args.trigger,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=guidance,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator().manual_seed(args.seed),
+        inject_step=args.inject_step,
+    )
+    extra = {
+        "seed": args.seed,
+        "references": [str(path) for path in args.ref],
+        "weights": "random (tiny components)" if args.tiny else "pretrained",
+        "base_model": None if args.tiny else args.base_model,
+        "license": backend.license,
+    }
+    paths = save_output(output, out_dir, overwrite=args.overwrite, extra=extra)
+    print(f"freecure: wrote {len(paths)} files to {out_dir}")
+    for stage in output.stages:
+        state = f"{stage.seconds:6.2f}s  {stage.unet_calls:3d} UNet calls  {stage.batch_items:3d} items" if stage.ran else f"skipped: {stage.reason}"
+        print(f"  {stage.name:<11} {state}")
+    print(f"  total       {output.unet_calls} UNet calls, {output.batch_items} batch items")
+    for note in output.notes:
+        print(f"  note: {note}")
+    if args.tiny:
+        print("  (weights are random: the images are noise)")
+    return 0
