@@ -10,7 +10,11 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from freecure.attention import AttentionStore, capture_cross_attention, up_block_cross_attention_layers
+from freecure.attention import (
+    AttentionStore,
+    capture_cross_attention,
+    up_block_cross_attention_layers,
+)
 from freecure.attributes import parse_prompt
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
 from freecure.backends.base import FD, PD
@@ -119,7 +123,9 @@ def same_run(backend, astronaut):
 def test_joint_pass_equals_separate_fd_and_pd_generations(backend, same_run):
     conditions, same = same_run
     for lane, key in ((FD_LANE, FD), (PD_LANE, PD)):
-        alone = plain_pass(backend, fresh_scheduler(backend.pipeline, 6), noise(), conditions, Guidance(), SIZE, lane=key)
+        alone = plain_pass(
+            backend, fresh_scheduler(backend.pipeline, 6), noise(), conditions, Guidance(), SIZE, lane=key
+        )
         torch.testing.assert_close(same.z0[lane : lane + 1], alone, rtol=1e-4, atol=1e-4)
     # identity makes a difference after injection
     assert not torch.allclose(same.z0[FD_LANE], same.z0[PD_LANE])
@@ -156,16 +162,15 @@ def test_capture_wraps_only_up_block_cross_attention_and_restores(tiny_sd15):
     store = AttentionStore((1, 2), (32, 32))
     layers = up_block_cross_attention_layers(unet)
     assert layers and all(name.startswith("up_blocks.") and ".attn2." in name for name in layers)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture_cross_attention(unet, store):
-            during = unet.attn_processors
-            for name, processor in during.items():
-                if name in layers:
-                    assert type(processor).__name__ == "CrossAttentionCapture"
-                    assert isinstance(processor.inner, AttnProcessor2_0)
-                else:
-                    assert processor is before[name]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), capture_cross_attention(unet, store):
+        during = unet.attn_processors
+        for name, processor in during.items():
+            if name in layers:
+                assert type(processor).__name__ == "CrossAttentionCapture"
+                assert isinstance(processor.inner, AttnProcessor2_0)
+            else:
+                assert processor is before[name]
+        raise RuntimeError("boom")
     assert unet.attn_processors == before
 
 
@@ -205,7 +210,9 @@ def test_store_only_records_when_a_row_is_set(backend, grey_image):
 # --- the whole pipeline -------------------------------------------------------------------
 def freecure(pipe, dim, parser=None, **config):
     fc = FreeCurePipeline(
-        TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(dim)), parser or LayoutFaceParser(), FreeCureConfig(**config)
+        TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(dim)),
+        parser or LayoutFaceParser(),
+        FreeCureConfig(**config),
     )
     fc.set_progress_bar_config(disable=True)
     return fc
@@ -215,7 +222,9 @@ def run(fc, prompt=PROMPT, seed=0, steps=5, reference=None):
     from PIL import Image
 
     reference = reference or Image.new("RGB", (32, 32), (90, 60, 40))
-    return fc(prompt, [reference], class_word="man", num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+    return fc(
+        prompt, [reference], class_word="man", num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -7,7 +7,13 @@ import torch
 from diffusers import DDIMScheduler
 
 from freecure.backends.base import TextConditioning
-from freecure.inversion import ddim_denoise_from, ddim_invert, expression_restore, inversion_steps, reconstruction_error
+from freecure.inversion import (
+    ddim_denoise_from,
+    ddim_invert,
+    expression_restore,
+    inversion_steps,
+    reconstruction_error,
+)
 
 SIZE = (64, 64)
 
@@ -36,8 +42,12 @@ def conditioning(value: float) -> TextConditioning:
 @pytest.fixture
 def config():
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     ).config
 
 
@@ -72,7 +82,9 @@ def test_another_prompt_changes_the_result(config):
     # reconstruct, so the reconstruction test above can fail
     backend = ConstantNoiseBackend()
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = expression_restore(backend, z0, conditioning(0.1), conditioning(0.3), conditioning(0.0), config, 20, 0.5, 1.0, SIZE)
+    out = expression_restore(
+        backend, z0, conditioning(0.1), conditioning(0.3), conditioning(0.0), config, 20, 0.5, 1.0, SIZE
+    )
     assert (out - z0).norm() / z0.norm() > 1e-2
 
 

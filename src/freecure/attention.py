@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +67,7 @@ class AttentionStore:
     def aggregate(self) -> torch.Tensor:
         """Mean over heads, steps and layers at latent resolution: (tokens, h, w)."""
         if not self.sums:
-            raise RuntimeError(
-                "no cross-attention was captured: no capture layer ran with a capture row set"
-            )
+            raise RuntimeError("no cross-attention was captured: no capture layer ran with a capture row set")
         maps = []
         for layer in self.sums:
             grid = self.layer_map(layer).permute(2, 0, 1)[None]  # (1, tokens, h, w)
@@ -134,15 +132,13 @@ class CrossAttentionCapture:
 
 def up_block_cross_attention_layers(unet) -> list[str]:
     """Names of the cross-attention processors (``attn2``) in the UNet's up-sampling blocks."""
-    return [
-        name
-        for name in unet.attn_processors
-        if name.startswith("up_blocks.") and ".attn2." in name
-    ]
+    return [name for name in unet.attn_processors if name.startswith("up_blocks.") and ".attn2." in name]
 
 
 @contextlib.contextmanager
-def capture_cross_attention(unet, store: AttentionStore, layers: Sequence[str] | None = None) -> Iterator[AttentionStore]:
+def capture_cross_attention(
+    unet, store: AttentionStore, layers: Sequence[str] | None = None
+) -> Iterator[AttentionStore]:
     """Install :class:`CrossAttentionCapture` on ``layers`` (default: up-block cross-attention)
     for the duration of the block; the original processors are restored in ``finally``."""
     original = dict(unet.attn_processors)

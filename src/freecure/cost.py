@@ -106,18 +106,36 @@ def count_costs(
         mask = torch.ones((1, 1, *z_T.shape[-2:]), device=z_T.device) * 0.5
         z = literal_rofa(backend, fresh(), z_T, conditions, mask, guidance, image_size)
         z = ddim_invert(
-            backend, z, conditions.template, conditions.uncond, scheduler.config, num_inference_steps,
-            config.gamma, 1.0, image_size,
+            backend,
+            z,
+            conditions.template,
+            conditions.uncond,
+            scheduler.config,
+            num_inference_steps,
+            config.gamma,
+            1.0,
+            image_size,
         )
         ddim_denoise_from(
-            backend, z, conditions.expression, conditions.uncond, scheduler.config, num_inference_steps,
-            config.gamma, guidance.scale, image_size,
+            backend,
+            z,
+            conditions.expression,
+            conditions.uncond,
+            scheduler.config,
+            num_inference_steps,
+            config.gamma,
+            guidance.scale,
+            image_size,
         )
         results["literal"] = asdict(Cost(counter.calls, counter.items))
 
     output = freecure_pipeline(
-        prompt, references, class_word=class_word, num_inference_steps=num_inference_steps,
-        inject_step=inject_step, generator=torch.Generator().manual_seed(seed),
+        prompt,
+        references,
+        class_word=class_word,
+        num_inference_steps=num_inference_steps,
+        inject_step=inject_step,
+        generator=torch.Generator().manual_seed(seed),
     )
     results["engine"] = asdict(Cost(output.unet_calls, output.batch_items))
     results["engine"]["stages"] = {

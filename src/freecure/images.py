@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -51,9 +50,7 @@ def load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, np.ndarray):
         array = source
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-            raise InputError(
-                f"an image array must have shape (H, W), (H, W, 3) or (H, W, 4); got {array.shape}"
-            )
+            raise InputError(f"an image array must have shape (H, W), (H, W, 3) or (H, W, 4); got {array.shape}")
         if array.dtype != np.uint8:
             if np.issubdtype(array.dtype, np.floating):
                 array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -72,6 +69,5 @@ def load_image(source: ImageInput) -> Image.Image:
             return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InputError(
-            f"cannot read {path} as an image ({error}); give a PNG, JPEG, WebP or other "
-            "format that Pillow reads"
+            f"cannot read {path} as an image ({error}); give a PNG, JPEG, WebP or other format that Pillow reads"
         ) from None

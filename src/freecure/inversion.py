@@ -16,7 +16,7 @@ error alone (``freecure.inversion.reconstruction_error`` measures it; see docs/e
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
@@ -111,7 +111,16 @@ def expression_restore(
         backend, z0, template, uncond, scheduler_config, num_inference_steps, gamma, guidance_scale, image_size, on_step
     )
     return ddim_denoise_from(
-        backend, z, expression, uncond, scheduler_config, num_inference_steps, gamma, guidance_scale, image_size, on_step
+        backend,
+        z,
+        expression,
+        uncond,
+        scheduler_config,
+        num_inference_steps,
+        gamma,
+        guidance_scale,
+        image_size,
+        on_step,
     )
 
 

@@ -6,7 +6,7 @@ tensors in [0, 1]; parse masks are boolean or {0, 1} tensors.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,9 +36,7 @@ def resize_map(heatmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized[0, 0]
 
 
-def attribute_mask(
-    attention: torch.Tensor, parse_pd: torch.Tensor, parse_fd: torch.Tensor
-) -> torch.Tensor:
+def attribute_mask(attention: torch.Tensor, parse_pd: torch.Tensor, parse_fd: torch.Tensor) -> torch.Tensor:
     """ℳ_i = 𝒩(H_i) · Ψ(I_p)_i · Ψ(I_f)_i (eq. 4).
 
     Args:
@@ -51,8 +49,7 @@ def attribute_mask(
     """
     if parse_pd.shape != parse_fd.shape:
         raise ValueError(
-            f"PD and FD parse masks must have the same shape, got {tuple(parse_pd.shape)} "
-            f"and {tuple(parse_fd.shape)}"
+            f"PD and FD parse masks must have the same shape, got {tuple(parse_pd.shape)} and {tuple(parse_fd.shape)}"
         )
     heat = normalize_map(resize_map(attention, tuple(parse_pd.shape)))
     return heat * parse_pd.float() * parse_fd.float()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from PIL import Image, ImageDraw
@@ -83,7 +83,9 @@ def manifest(output: FreeCureOutput, files: Iterable[str], extra: dict | None = 
     }
 
 
-def save_output(output: FreeCureOutput, out_dir: Path, overwrite: bool = False, extra: dict | None = None) -> list[Path]:
+def save_output(
+    output: FreeCureOutput, out_dir: Path, overwrite: bool = False, extra: dict | None = None
+) -> list[Path]:
     """Write every stage image, mask overlay, the FD | PD | FreeCure strip and ``manifest.json``.
 
     Raises:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -131,7 +131,7 @@ class UNetCounter:
         self.items += int(sample.shape[0])
 
     @contextlib.contextmanager
-    def attached(self, unets: Sequence[torch.nn.Module]) -> Iterator["UNetCounter"]:
+    def attached(self, unets: Sequence[torch.nn.Module]) -> Iterator[UNetCounter]:
         handles = [unet.register_forward_pre_hook(self, with_kwargs=True) for unet in unets]
         try:
             yield self
@@ -172,15 +172,19 @@ def decode_latents(pipeline, latents: torch.Tensor) -> list[Image.Image]:
     vae = pipeline.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     dtype = torch.float32 if upcast else vae.dtype
+    images = []
     with torch.no_grad():
         if upcast:
             vae.to(torch.float32)
         try:
-            images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            # one latent at a time: decoding is memory-bound at high resolution, and peak
+            # memory then matches plain generation's single decode
+            for latent in latents.split(1):
+                images.append(vae.decode(latent.to(dtype) / vae.config.scaling_factor, return_dict=False)[0])
         finally:
             if upcast:
                 vae.to(torch.float16)
-    return pipeline.image_processor.postprocess(images, output_type="pil")
+    return pipeline.image_processor.postprocess(torch.cat(images), output_type="pil")
 
 
 class FreeCurePipeline:
@@ -298,8 +302,15 @@ class FreeCurePipeline:
                 )
                 with capture:
                     same = same_pass(
-                        self.backend, scheduler, z_T, conditions, guidance, image_size, store,
-                        self.config.approximate_shared_uncond, on_step=lambda i: bar.update(),
+                        self.backend,
+                        scheduler,
+                        z_T,
+                        conditions,
+                        guidance,
+                        image_size,
+                        store,
+                        self.config.approximate_shared_uncond,
+                        on_step=lambda i: bar.update(),
                     )
             fd_image, pd_image = decode_latents(pipeline, same.z0)
             output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
@@ -327,7 +338,12 @@ class FreeCurePipeline:
                 steps = num_inference_steps - conditions.inject_step
                 with stages.run("rofa"), self._bar(steps, "ROFA: blend") as bar:
                     z_out = rofa_pass(
-                        self.backend, same, conditions, output.latent_mask.to(device), guidance, image_size,
+                        self.backend,
+                        same,
+                        conditions,
+                        output.latent_mask.to(device),
+                        guidance,
+                        image_size,
                         on_step=lambda i: bar.update(),
                     )
                 output.images["blended"] = output.images["freecure"] = decode_latents(pipeline, z_out)[0]
@@ -338,9 +354,17 @@ class FreeCurePipeline:
                 n = inversion_steps(num_inference_steps, self.config.gamma)
                 with stages.run("expression"), self._bar(2 * n, "Expression: invert+denoise") as bar:
                     z_out = expression_restore(
-                        self.backend, z_out, conditions.template, conditions.expression, conditions.uncond,
-                        scheduler.config, num_inference_steps, self.config.gamma,
-                        self.config.expression_guidance_scale, image_size, on_step=lambda i: bar.update(),
+                        self.backend,
+                        z_out,
+                        conditions.template,
+                        conditions.expression,
+                        conditions.uncond,
+                        scheduler.config,
+                        num_inference_steps,
+                        self.config.gamma,
+                        self.config.expression_guidance_scale,
+                        image_size,
+                        on_step=lambda i: bar.update(),
                     )
                 output.images["freecure"] = decode_latents(pipeline, z_out)[0]
             else:

@@ -10,8 +10,14 @@ from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 #: ``--scheduler`` names → diffusers scheduler classes and extra config.
 SCHEDULERS = {
@@ -58,7 +64,11 @@ def load_base_pipeline(model: str, device: torch.device, dtype: torch.dtype, sdx
         sdxl: force the family; None lets diffusers read it from the model's index.
         kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, components …).
     """
-    from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        AutoPipelineForText2Image,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     cls = {None: AutoPipelineForText2Image, True: StableDiffusionXLPipeline, False: StableDiffusionPipeline}[sdxl]
     extra = {} if sdxl is not False else {"safety_checker": None, "requires_safety_checker": False}

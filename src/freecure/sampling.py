@@ -16,8 +16,8 @@ lane bit for bit, because the cached ε_f *is* what moved FD's lane.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -271,4 +271,3 @@ def check_scheduler(scheduler) -> None:
             f"scheduler {name} takes two model evaluations per step; it is not supported yet, "
             "use DDIMScheduler or DPMSolverMultistepScheduler"
         )
-

@@ -13,8 +13,8 @@ A backend wraps a diffusers text-to-image pipeline (SD1.5 family or SDXL family)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -37,7 +37,7 @@ class TextConditioning:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
 
-    def to(self, device=None, dtype=None) -> "TextConditioning":
+    def to(self, device=None, dtype=None) -> TextConditioning:
         pooled = self.pooled_prompt_embeds
         return replace(
             self,
@@ -102,7 +102,7 @@ class Backend:
         """Add this backend's own options to ``freecure generate`` (an argparse group)."""
 
     @classmethod
-    def from_cli(cls, args) -> "Backend":
+    def from_cli(cls, args) -> Backend:
         """Build the backend from parsed ``freecure generate`` options.
 
         ``args`` carries ``tiny`` (build tiny random components, offline), ``base_model``,
@@ -144,9 +144,7 @@ class Backend:
                 prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             return TextConditioning(embeds, pooled)
-        embeds, _ = self.pipeline.encode_prompt(
-            prompt, device, 1, do_classifier_free_guidance=False
-        )
+        embeds, _ = self.pipeline.encode_prompt(prompt, device, 1, do_classifier_free_guidance=False)
         return TextConditioning(embeds)
 
     def negative_conditioning(self, negative_prompt: str | None) -> TextConditioning:
@@ -179,9 +177,7 @@ class Backend:
         fd = self.encode_text(parsed.foundation_prompt)
         pd, inject_step = self.identity_conditions(parsed, references, fd, num_inference_steps)
         if not 0 <= inject_step < num_inference_steps:
-            raise ValueError(
-                f"{self.name}: injection step {inject_step} is outside 0..{num_inference_steps - 1}"
-            )
+            raise ValueError(f"{self.name}: injection step {inject_step} is outside 0..{num_inference_steps - 1}")
         template = self.encode_text(parsed.template_prompt)
         expression = (
             template

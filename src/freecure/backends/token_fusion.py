@@ -10,7 +10,7 @@ checkpoint-free encoder for offline runs and tests.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .base import Backend, TextConditioning
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
-IdentitySource = Union[torch.Tensor, Callable[[Sequence[Image.Image]], torch.Tensor]]
+IdentitySource = torch.Tensor | Callable[[Sequence[Image.Image]], torch.Tensor]
 
 
 class RandomProjectionIdentityEncoder:
@@ -77,12 +77,14 @@ class TokenFusionBackend(Backend):
             "replaces the class token(s); with --tiny a random projection of --ref is used",
         )
         group.add_argument(
-            "--inject-fraction", type=float, default=0.2,
+            "--inject-fraction",
+            type=float,
+            default=0.2,
             help="token-fusion: identity is injected from step int(fraction × steps) (default 0.2)",
         )
 
     @classmethod
-    def from_cli(cls, args) -> "TokenFusionBackend":
+    def from_cli(cls, args) -> TokenFusionBackend:
         from ..runtime import load_base_pipeline
         from ..tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 

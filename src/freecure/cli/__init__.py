@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except FreeCureError as error:
         print(f"freecure {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,36 +26,63 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="token-fusion")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--ref", action="append", default=[], type=Path, metavar="IMAGE",
-                        help="reference photo of the identity (repeatable)")
-    parser.add_argument("--class-word", default=None,
-                        help="the subject's class word in the prompt (default: found in the prompt)")
+    parser.add_argument(
+        "--ref",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="IMAGE",
+        help="reference photo of the identity (repeatable)",
+    )
+    parser.add_argument(
+        "--class-word", default=None, help="the subject's class word in the prompt (default: found in the prompt)"
+    )
     parser.add_argument("--trigger", default=None, help="trigger word after the class word (PhotoMaker: img)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps T (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale of FD and PD (default: 7.5, or 5.0 for SDXL)")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="CFG scale of FD and PD (default: 7.5, or 5.0 for SDXL)"
+    )
     parser.add_argument("--gamma", type=float, default=0.5, help="γ: expression inversion depth (0, 1]")
-    parser.add_argument("--expression-guidance-scale", type=float, default=1.0,
-                        help="guidance of the expression inversion and re-denoising (default 1.0)")
+    parser.add_argument(
+        "--expression-guidance-scale",
+        type=float,
+        default=1.0,
+        help="guidance of the expression inversion and re-denoising (default 1.0)",
+    )
     parser.add_argument("--inject-step", type=int, default=None, help="override the backend's injection step")
-    parser.add_argument("--approximate-shared-uncond", action="store_true",
-                        help="3 batch rows instead of 4 after injection (FD guidance approximate)")
+    parser.add_argument(
+        "--approximate-shared-uncond",
+        action="store_true",
+        help="3 batch rows instead of 4 after injection (FD guidance approximate)",
+    )
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--base-model", default=None, help="Hub id or folder of the base pipeline")
-    parser.add_argument("--parser", choices=["bisenet", "layout"], default=None,
-                        help="face parser Ψ: bisenet (default) or layout (synthetic, default with --tiny)")
+    parser.add_argument(
+        "--parser",
+        choices=["bisenet", "layout"],
+        default=None,
+        help="face parser Ψ: bisenet (default) or layout (synthetic, default with --tiny)",
+    )
     parser.add_argument("--parser-weights", default=None, help="BiSeNet checkpoint 79999_iter.pth")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny random-weight components, offline: shows the machinery, images are noise")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random-weight components, offline: shows the machinery, images are noise",
+    )
     parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder (default: outputs/<backend>-<time>-seed<N>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: outputs/<backend>-<time>-seed<N>)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
     parser.add_argument("--no-progress", action="store_true")
     for name, backend in sorted(BACKENDS.items()):
@@ -120,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
     paths = save_output(output, out_dir, overwrite=args.overwrite, extra=extra)
     print(f"freecure: wrote {len(paths)} files to {out_dir}")
     for stage in output.stages:
-        state = f"{stage.seconds:6.2f}s  {stage.unet_calls:3d} UNet calls  {stage.batch_items:3d} items" if stage.ran else f"skipped: {stage.reason}"
+        state = (
+            f"{stage.seconds:6.2f}s  {stage.unet_calls:3d} UNet calls  {stage.batch_items:3d} items"
+            if stage.ran
+            else f"skipped: {stage.reason}"
+        )
         print(f"  {stage.name:<11} {state}")
     print(f"  total       {output.unet_calls} UNet calls, {output.batch_items} batch items")
     for note in output.notes:

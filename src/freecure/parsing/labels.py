@@ -7,7 +7,7 @@ care about left and right, so :data:`GROUPS` names unions of classes (``"eyes"``
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 CLASSES: tuple[str, ...] = (
     "background",  # 0

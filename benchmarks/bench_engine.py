@@ -1,0 +1,231 @@
+"""FreeCure wall time and peak memory against plain PD generation, on real-size UNets and VAEs.
+
+The SD1.5 (512 px) and SDXL (1024 px) UNets and VAEs are built from their published configs
+with random weights (no checkpoint needed; a random UNet costs the same FLOPs as a trained
+one). Text conditioning is random tensors of the real shapes, the identity is injected at
+step ``--inject-step`` as a different random conditioning, and the face parser is the
+synthetic layout parser, so every stage runs: SAME pass, masks, ROFA, expression restore.
+
+    python benchmarks/bench_engine.py --family sdxl --steps 50 --dtype fp16      # on a GPU
+    python benchmarks/bench_engine.py --family sd15 --steps 3 --size 128 --device cpu  # smoke test
+
+Prints one JSON object per family; record results with card, date and settings in
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from freecure.attributes import parse_prompt
+from freecure.backends.base import Backend, Conditions, TextConditioning
+from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
+from freecure.sampling import Guidance, plain_pass
+from freecure.tiny import LayoutFaceParser
+from freecure.tokenization import load_clip_tokenizer
+
+# Published configs (stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0), written out so
+# that nothing is downloaded.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+class BenchPipeline:
+    """The few attributes of a diffusers pipeline the engine reads."""
+
+    def __init__(self, unet, vae, tokenizer, sdxl: bool):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.unet, self.vae, self.tokenizer = unet, vae, tokenizer
+        self.text_encoder_2 = object() if sdxl else None
+        self.scheduler = DDIMScheduler(**SCHEDULER)
+        self.vae_scale_factor = 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=8)
+        self._execution_device = unet.device
+
+
+class RandomConditioningBackend(Backend):
+    """Random text conditioning of the real shapes; PD differs from FD after injection."""
+
+    name = "bench"
+
+    def __init__(self, pipeline, dim: int, pooled: int | None, inject_step: int):
+        super().__init__(pipeline)
+        self.dim, self.pooled, self.inject_step = dim, pooled, inject_step
+
+    def _random(self, seed: int) -> TextConditioning:
+        g = torch.Generator().manual_seed(seed)
+        embeds = torch.randn(1, 77, self.dim, generator=g)
+        pooled = torch.randn(1, self.pooled, generator=g) if self.pooled else None
+        return TextConditioning(embeds, pooled)
+
+    def conditions(self, parsed, references, num_inference_steps, negative_prompt=None) -> Conditions:
+        return Conditions(
+            uncond=self._random(0),
+            fd=self._random(1),
+            pd=self._random(2),
+            inject_step=self.inject_step,
+            template=self._random(3),
+            expression=self._random(4),
+        )
+
+
+def build(family: str, size: int | None, device, dtype):
+    sdxl = family == "sdxl"
+    unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)).to(device, dtype).eval()
+    vae = AutoencoderKL(**VAE, scaling_factor=0.13025 if sdxl else 0.18215, force_upcast=sdxl).to(device, dtype).eval()
+    pipeline = BenchPipeline(unet, vae, load_clip_tokenizer(), sdxl)
+    size = size or (1024 if sdxl else 512)
+    return pipeline, size
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return result, time.perf_counter() - start, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["sd15", "sdxl"], nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--inject-step", type=int, default=10)
+    parser.add_argument("--gamma", type=float, default=0.5)
+    parser.add_argument("--size", type=int, default=None, help="image size (default 512 / 1024)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--approximate-shared-uncond", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for family in args.family:
+        print(json.dumps(bench_family(family, args, device, dtype)), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_family(family: str, args, device, dtype) -> dict:
+    """Time plain PD and FreeCure on one model family; return the record."""
+    prompt = "a man with black curly hair, laughing happily"
+    pipeline, size = build(family, args.size, device, dtype)
+    sdxl = family == "sdxl"
+    backend = RandomConditioningBackend(pipeline, 2048 if sdxl else 768, 1280 if sdxl else None, args.inject_step)
+    config = FreeCureConfig(gamma=args.gamma, approximate_shared_uncond=args.approximate_shared_uncond)
+    freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
+    freecure.set_progress_bar_config(disable=True)
+    guidance = Guidance(scale=5.0 if sdxl else 7.5)
+    latent = (1, 4, size // 8, size // 8)
+
+    def plain():
+        scheduler = DDIMScheduler(**SCHEDULER)
+        scheduler.set_timesteps(args.steps, device=device)
+        parse_prompt(prompt, "man", tokenizer=pipeline.tokenizer)
+        conditions = freecure_conditions(backend, args.steps, device, dtype)
+        z = torch.randn(latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        z = plain_pass(backend, scheduler, z, conditions, guidance, (size, size))
+        return decode_latents(pipeline, z)
+
+    def cured():
+        return freecure(
+            prompt,
+            [],
+            class_word="man",
+            num_inference_steps=args.steps,
+            guidance_scale=guidance.scale,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    timed(plain, device)  # warm-up (kernels, allocator)
+    plain_runs = [timed(plain, device) for _ in range(args.repeats)]
+    cured_runs = [timed(cured, device) for _ in range(args.repeats)]
+    plain_s = statistics.median(r[1] for r in plain_runs)
+    cured_s = statistics.median(r[1] for r in cured_runs)
+    plain_peak, cured_peak = plain_runs[-1][2], cured_runs[-1][2]
+    output = cured_runs[-1][0]
+    return {
+        "family": family,
+        "size": size,
+        "steps": args.steps,
+        "inject_step": args.inject_step,
+        "gamma": args.gamma,
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "approximate_shared_uncond": args.approximate_shared_uncond,
+        "plain_pd_s": round(plain_s, 3),
+        "freecure_s": round(cured_s, 3),
+        "time_ratio": round(cured_s / plain_s, 3),
+        "plain_pd_peak_gib": plain_peak,
+        "freecure_peak_gib": cured_peak,
+        "memory_ratio": None if plain_peak is None else round(cured_peak / plain_peak, 3),
+        "stages": {
+            s.name: {"s": round(s.seconds, 3), "calls": s.unet_calls, "items": s.batch_items} for s in output.stages
+        },
+        "torch": torch.__version__,
+    }
+
+
+def freecure_conditions(backend, steps, device, dtype):
+    from freecure.pipeline import _to
+
+    return _to(backend.conditions(None, [], steps), device, dtype)
+
+
+if __name__ == "__main__":
+    main()

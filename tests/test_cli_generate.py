@@ -1,0 +1,126 @@
+"""`freecure generate --tiny` and `freecure cost` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from freecure.cli import main
+
+PROMPT = "a man with black curly hair, laughing happily"
+
+
+def generate(tmp_path, out, *extra):
+    return main(
+        [
+            "generate",
+            "--tiny",
+            "--prompt",
+            PROMPT,
+            "--ref",
+            str(tmp_path / "ref.png"),
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture
+def ref(tmp_path, astronaut):
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    return tmp_path / "ref.png"
+
+
+def test_generate_tiny_writes_every_stage_and_a_manifest(tmp_path, ref, capsys):
+    out = tmp_path / "run"
+    assert generate(tmp_path, out) == 0
+    printed = capsys.readouterr().out
+    assert "random" in printed
+    for name in (
+        "fd",
+        "pd",
+        "blended",
+        "freecure",
+        "strip",
+        "mask",
+        "mask_overlay",
+        "parse_fd",
+        "parse_pd",
+        "mask_black-curly-hair",
+        "attention_black-curly-hair",
+        "attention_laughing-happily",
+    ):
+        assert (out / f"{name}.png").is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["weights"].startswith("random")
+    assert manifest["seed"] == 0 and manifest["settings"]["num_inference_steps"] == 4
+    assert [s["name"] for s in manifest["stages"]] == ["same_pass", "masks", "rofa", "expression"]
+    assert manifest["unet_calls"] == sum(s["unet_calls"] for s in manifest["stages"])
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir())
+    strip = Image.open(out / "strip.png")
+    assert strip.width > 3 * 64
+
+
+def test_generate_never_overwrites_without_asking(tmp_path, ref, capsys):
+    out = tmp_path / "run"
+    assert generate(tmp_path, out) == 0
+    before = (out / "freecure.png").read_bytes()
+    assert generate(tmp_path, out, "--seed", "1") == 2
+    assert "already exist" in capsys.readouterr().err
+    assert (out / "freecure.png").read_bytes() == before
+    assert generate(tmp_path, out, "--seed", "1", "--overwrite") == 0
+    assert (out / "freecure.png").read_bytes() != before
+
+
+def test_generate_same_seed_same_files(tmp_path, ref):
+    generate(tmp_path, tmp_path / "a")
+    generate(tmp_path, tmp_path / "b")
+    for name in ("fd", "pd", "freecure"):
+        a = np.asarray(Image.open(tmp_path / "a" / f"{name}.png"))
+        b = np.asarray(Image.open(tmp_path / "b" / f"{name}.png"))
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gamma", "0"], "gamma"),
+        (["--steps", "1"], "at least 2"),
+        (["--scheduler", "nope"], None),
+    ],
+)
+def test_generate_bad_options(tmp_path, ref, capsys, extra, message):
+    if message is None:
+        with pytest.raises(SystemExit):
+            generate(tmp_path, tmp_path / "x", *extra)
+        return
+    assert generate(tmp_path, tmp_path / "x", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_generate_bad_reference_and_missing_class_word(tmp_path, capsys):
+    (tmp_path / "ref.png").write_text("not an image")
+    assert generate(tmp_path, tmp_path / "x") == 2
+    assert "cannot read" in capsys.readouterr().err
+    code = main(["generate", "--tiny", "--prompt", "a dog with a hat", "--ref", str(tmp_path / "ref.png")])
+    assert code == 2 and "--class-word" in capsys.readouterr().err
+
+
+def test_cost_counts_by_running(capsys):
+    assert main(["cost", "--steps", "6", "--inject-step", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # plain PD: one [uncond, cond] call per step
+    assert result["plain_pd"] == {"unet_calls": 6, "batch_items": 12}
+    # literal: FD and PD runs (2×6 calls), again in ROFA (2×6), inversion 3 + denoising 3 (with CFG)
+    assert result["literal"] == {"unet_calls": 30, "batch_items": 12 + 12 + 24 + 3 + 6}
+    # engine: SAME 6 calls (2 rows before injection, 4 after), ROFA 4 calls ×2, expression 3+3 ×1
+    assert result["engine"]["unet_calls"] == 6 + 4 + 6
+    assert result["engine"]["batch_items"] == 2 * 2 + 4 * 4 + 4 * 2 + 6
