@@ -331,3 +331,48 @@ def test_multistep_scheduler_keeps_rofa_exact(tiny_sd15):
         torch.testing.assert_close(same.z0[PD_LANE : PD_LANE + 1], alone, rtol=1e-4, atol=1e-4)
     finally:
         tiny_sd15.scheduler = original
+
+
+def test_captured_maps_equal_the_probabilities_the_layer_used(backend, grey_image):
+    """Independent check: run every captured layer through diffusers' explicit-softmax
+    processor, record the probabilities it computes on its own forward path, and compare."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    _, conditions = make_conditions(backend, grey_image)
+    unet = backend.unet
+    columns = (1, 4, 5)
+    recorded: dict[str, torch.Tensor] = {}
+
+    class Recording(AttnProcessor):
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            scores = attn.get_attention_scores
+
+            def spy(query, key, attention_mask=None):
+                probs = scores(query, key, attention_mask)
+                heads = attn.heads
+                recorded[self.name] = probs.reshape(-1, heads, *probs.shape[1:])[1, :, :, list(columns)].mean(0)
+                return probs
+
+            attn.get_attention_scores = spy
+            try:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            finally:
+                del attn.get_attention_scores
+
+    layers = up_block_cross_attention_layers(unet)
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor({name: Recording(name) if name in layers else proc for name, proc in original.items()})
+    store = AttentionStore(columns, (32, 32))
+    try:
+        with capture_cross_attention(unet, store):
+            store.set_context(0, 1)
+            embeds = torch.cat([conditions.uncond.prompt_embeds, conditions.fd.prompt_embeds])
+            unet(noise().expand(2, -1, -1, -1), torch.tensor(300), encoder_hidden_states=embeds)
+    finally:
+        unet.set_attn_processor(original)
+    assert set(store.sums) == set(recorded) == set(layers)
+    for name in layers:
+        torch.testing.assert_close(store.sums[name], recorded[name], rtol=1e-5, atol=1e-6)
