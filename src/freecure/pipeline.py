@@ -277,6 +277,7 @@ class FreeCurePipeline:
         image_size = (height, width)
         latent_size = (height // factor, width // factor)
         guidance = Guidance(scale=guidance_scale, rescale=guidance_rescale)
+        self.backend.guidance_scale = guidance_scale  # for backends whose ε depends on w (Face-diffuser)
 
         with counter.attached(self.backend.unets()):
             conditions = self.backend.conditions(parsed, references, num_inference_steps, negative_prompt)

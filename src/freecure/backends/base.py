@@ -92,6 +92,10 @@ class Backend:
     name: str = "base"
     #: Licence of the backend's own checkpoints, shown to users.
     license: str = "n/a"
+    #: Classifier-free guidance scale w of the FD/PD passes, set by ``FreeCurePipeline`` before
+    #: sampling. Only backends whose noise prediction depends on w read it (Face-diffuser's
+    #: saliency maps); the engine still applies guidance itself, after :meth:`predict_noise`.
+    guidance_scale: float | None = None
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
