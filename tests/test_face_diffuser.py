@@ -78,8 +78,12 @@ def backend(tiny_sd15, sdm_unet):
     """Tiny Face-diffuser: TDM = the tiny pipeline's UNet (also FD), SDM = another tiny UNet."""
     torch.manual_seed(0)
     backend = FaceDiffuserBackend(
-        tiny_sd15, sdm_unet, clip_vision_model(TINY_VISION_CONFIG), PostfuseModule(32),
-        start_merge_step=1, final_step=3,
+        tiny_sd15,
+        sdm_unet,
+        clip_vision_model(TINY_VISION_CONFIG),
+        PostfuseModule(32),
+        start_merge_step=1,
+        final_step=3,
     )
     backend.guidance_scale = 5.0
     return backend
@@ -344,8 +348,13 @@ def test_sd15_fd_model_injects_from_the_first_step(tiny_sd15, sdm_unet, astronau
     tdm_unet = build_tiny_sd15_components(seed=2)["unet"].eval()
     torch.manual_seed(0)
     backend = FaceDiffuserBackend(
-        tiny_sd15, sdm_unet, clip_vision_model(TINY_VISION_CONFIG), PostfuseModule(32), tdm_unet=tdm_unet,
-        start_merge_step=1, final_step=3,
+        tiny_sd15,
+        sdm_unet,
+        clip_vision_model(TINY_VISION_CONFIG),
+        PostfuseModule(32),
+        tdm_unet=tdm_unet,
+        start_merge_step=1,
+        final_step=3,
     )
     conditions = conditions_for(backend, astronaut)
     assert conditions.inject_step == 0
@@ -373,9 +382,15 @@ def test_from_cli_loads_given_checkpoints(tmp_path):
     torch.save(sdm, tmp_path / "SDM" / "pytorch_model.bin")
     torch.save(tdm, tmp_path / "TDM" / "pytorch_model.bin")
     args = argparse.Namespace(
-        tiny=True, device=torch.device("cpu"), dtype=torch.float32, base_model=None,
-        face_diffuser_sdm=str(tmp_path), face_diffuser_tdm=str(tmp_path / "TDM" / "pytorch_model.bin"),
-        face_diffuser_start_merge_step=None, face_diffuser_final_step=None, face_diffuser_fd_model="tdm",
+        tiny=True,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        base_model=None,
+        face_diffuser_sdm=str(tmp_path),
+        face_diffuser_tdm=str(tmp_path / "TDM" / "pytorch_model.bin"),
+        face_diffuser_start_merge_step=None,
+        face_diffuser_final_step=None,
+        face_diffuser_fd_model="tdm",
         face_diffuser_object_resolution=512,
     )
     backend = FaceDiffuserBackend.from_cli(args)
@@ -383,8 +398,10 @@ def test_from_cli_loads_given_checkpoints(tmp_path):
     assert torch.equal(backend.pipeline.unet.conv_in.weight, tdm["unet.conv_in.weight"])  # FD = TDM
     assert backend.tdm_unet is backend.pipeline.unet
     # every text embedding comes from the SDM's text encoder, as in the original
-    assert torch.equal(backend.pipeline.text_encoder.get_input_embeddings().weight,
-                       sdm["text_encoder.embeddings.token_embedding.weight"])
+    assert torch.equal(
+        backend.pipeline.text_encoder.get_input_embeddings().weight,
+        sdm["text_encoder.embeddings.token_embedding.weight"],
+    )
     assert torch.equal(backend.postfuse.layer_norm.weight, sdm["postfuse_module.layer_norm.weight"])
     assert backend.schedule(50) == (15, 30) and backend.schedule(4) == (1, 2)
 
@@ -394,8 +411,21 @@ def test_missing_weights_offline_point_at_tiny_and_local_paths(tmp_path, monkeyp
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    code = main(["generate", "--backend", "face-diffuser", "--prompt", PROMPT, "--ref", "x.png", "--device", "cpu",
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "generate",
+            "--backend",
+            "face-diffuser",
+            "--prompt",
+            PROMPT,
+            "--ref",
+            "x.png",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin" in error
@@ -406,8 +436,21 @@ def test_generate_tiny_end_to_end(tmp_path, astronaut, capsys):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"
     code = main(
-        ["generate", "--tiny", "--backend", "face-diffuser", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png"),
-         "--steps", "4", "--out", str(out), "--no-progress"]
+        [
+            "generate",
+            "--tiny",
+            "--backend",
+            "face-diffuser",
+            "--prompt",
+            PROMPT,
+            "--ref",
+            str(tmp_path / "ref.png"),
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
     )
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())

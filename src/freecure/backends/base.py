@@ -92,6 +92,8 @@ class Backend:
     name: str = "base"
     #: Licence of the backend's own checkpoints, shown to users.
     license: str = "n/a"
+    #: Classifier-free guidance scale the original method uses (``--guidance-scale`` default).
+    default_guidance_scale: float = 7.5
     #: Classifier-free guidance scale w of the FD/PD passes, set by ``FreeCurePipeline`` before
     #: sampling. Only backends whose noise prediction depends on w read it (Face-diffuser's
     #: saliency maps); the engine still applies guidance itself, after :meth:`predict_noise`.

@@ -184,6 +184,7 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
 
     name = "face-diffuser"
     license = LICENSE
+    default_guidance_scale = 5.0  # the original's default
 
     def __init__(
         self,

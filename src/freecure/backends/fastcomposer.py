@@ -628,6 +628,7 @@ class FastComposerBackend(ImageAugmentedBackend):
 
     name = "fastcomposer"
     license = LICENSE
+    default_guidance_scale = 5.0  # the original's default
 
     def __init__(
         self, pipeline, image_encoder, postfuse, start_merge_step: int | None = None, object_resolution: int = 224

@@ -536,6 +536,7 @@ class PhotoMakerBackend(Backend):
         "PhotoMaker v1 weights: Apache-2.0 (TencentARC/PhotoMaker model card); the base model's "
         "licence applies too (SDXL base 1.0: CreativeML Open RAIL++-M)"
     )
+    default_guidance_scale = 5.0  # the original's default
 
     def __init__(
         self,

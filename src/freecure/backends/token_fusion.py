@@ -100,6 +100,11 @@ class TokenFusionBackend(Backend):
             identity = load_identity_embedding(args.identity_embedding)
         return cls(pipeline, identity, inject_fraction=args.inject_fraction)
 
+    @property
+    def default_guidance_scale(self) -> float:
+        """7.5 for the SD1.5 family, 5.0 for SDXL (the diffusers pipelines' defaults)."""
+        return 5.0 if self.is_sdxl else 7.5
+
     def identity_embedding(self, references: Sequence[Image.Image]) -> torch.Tensor:
         if isinstance(self.identity, torch.Tensor):
             return self.identity

@@ -24,7 +24,6 @@ def register(subparsers) -> None:
             "FreeCure strip and manifest.json to --out."
         ),
     )
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="token-fusion")
     parser.add_argument("--prompt", required=True)
     parser.add_argument(
         "--ref",
@@ -37,12 +36,32 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--class-word", default=None, help="the subject's class word in the prompt (default: found in the prompt)"
     )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: outputs/<backend>-<time>-seed<N>)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_model_arguments(parser) -> None:
+    """The options that build the backend, the face parser and FreeCure, and the diffusion
+    settings: shared by ``freecure generate`` and ``freecure eval``."""
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="token-fusion")
     parser.add_argument("--trigger", default=None, help="trigger word after the class word (PhotoMaker: img)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps T (default 50)")
     parser.add_argument(
-        "--guidance-scale", type=float, default=None, help="CFG scale of FD and PD (default: 7.5, or 5.0 for SDXL)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="CFG scale of FD and PD (default: the backend's original, e.g. 5.0 for PhotoMaker)",
     )
     parser.add_argument("--gamma", type=float, default=0.5, help="γ: expression inversion depth (0, 1]")
     parser.add_argument(
@@ -76,18 +95,8 @@ def register(subparsers) -> None:
         help="tiny random-weight components, offline: shows the machinery, images are noise",
     )
     parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="output folder (default: outputs/<backend>-<time>-seed<N>)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
-    parser.add_argument("--no-progress", action="store_true")
     for name, backend in sorted(BACKENDS.items()):
         backend.add_cli_arguments(parser.add_argument_group(f"{name} backend"))
-    parser.set_defaults(func=run)
 
 
 def build_face_parser(args):
@@ -101,29 +110,44 @@ def build_face_parser(args):
     return BiSeNetFaceParser.from_pretrained(args.parser_weights, device=args.device)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..attributes import detect_class_word
-    from ..outputs import save_output
+def build_freecure(args: argparse.Namespace):
+    """The FreeCure pipeline that :func:`add_model_arguments`' options describe.
+
+    Resolves ``args.device`` and ``args.dtype`` in place (the backends read them).
+    """
     from ..pipeline import FreeCureConfig, FreeCurePipeline
 
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
-    class_word = args.class_word or detect_class_word(args.prompt)
-    out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out must be a folder, but {out_dir} is a file")
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
     )
-    if args.tiny:
-        print("freecure: --tiny: tiny random-weight components; the images are noise and show only the machinery")
     backend = BACKENDS[args.backend].from_cli(args)
     set_scheduler(backend.pipeline, args.scheduler)
-    freecure = FreeCurePipeline(backend, build_face_parser(args), config)
+    return FreeCurePipeline(backend, build_face_parser(args), config)
+
+
+def guidance_scale(args: argparse.Namespace, backend) -> float:
+    """``--guidance-scale``, else the backend's original default (7.5 for plain SD1.5)."""
+    return args.guidance_scale if args.guidance_scale is not None else backend.default_guidance_scale
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..attributes import detect_class_word
+    from ..outputs import save_output
+
+    class_word = args.class_word or detect_class_word(args.prompt)
+    out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out must be a folder, but {out_dir} is a file")
+    if args.tiny:
+        print("freecure: --tiny: tiny random-weight components; the images are noise and show only the machinery")
+    freecure = build_freecure(args)
+    backend = freecure.backend
     freecure.set_progress_bar_config(disable=args.no_progress)
-    guidance = args.guidance_scale if args.guidance_scale is not None else (5.0 if backend.is_sdxl else 7.5)
+    guidance = guidance_scale(args, backend)
     output = freecure(
         args.prompt,
         reference_images=args.ref,
