@@ -25,49 +25,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from freecure.attributes import parse_prompt
 from freecure.backends.base import Backend, Conditions, TextConditioning
+from freecure.configs import SD15_UNET, SD15_VAE, SDXL_UNET, SDXL_VAE
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
 from freecure.sampling import Guidance, plain_pass
 from freecure.tiny import LayoutFaceParser
 from freecure.tokenization import load_clip_tokenizer
 
-# Published configs (stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0), written out so
-# that nothing is downloaded.
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    cross_attention_dim=2048,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    use_linear_projection=True,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-)
 SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -121,7 +84,7 @@ class RandomConditioningBackend(Backend):
 def build(family: str, size: int | None, device, dtype):
     sdxl = family == "sdxl"
     unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)).to(device, dtype).eval()
-    vae = AutoencoderKL(**VAE, scaling_factor=0.13025 if sdxl else 0.18215, force_upcast=sdxl).to(device, dtype).eval()
+    vae = AutoencoderKL(**(SDXL_VAE if sdxl else SD15_VAE)).to(device, dtype).eval()
     pipeline = BenchPipeline(unet, vae, load_clip_tokenizer(), sdxl)
     size = size or (1024 if sdxl else 512)
     return pipeline, size

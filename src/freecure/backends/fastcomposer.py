@@ -46,8 +46,13 @@ from PIL import Image
 from torch import nn
 
 from ..attributes import ParsedPrompt
+from ..configs import SD15_TEXT as SD15_TEXT_CONFIG
+from ..configs import SD15_UNET as SD15_UNET_CONFIG
+from ..configs import SD15_VAE as SD15_VAE_CONFIG
+from ..configs import VIT_L14_VISION as VIT_L14_VISION_CONFIG
 from ..errors import InputError, WeightsNotFoundError
 from .base import Backend, TextConditioning
+from .modules import FuseModule
 
 logger = logging.getLogger(__name__)
 
@@ -71,60 +76,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ----------------------------------------------------------------------------- architectures
 # Stable Diffusion v1.5 and CLIP ViT-L/14, as published (`unet/config.json`,
 # `vae/config.json`, `text_encoder/config.json`, openai/clip-vit-large-patch14).
-SD15_UNET_CONFIG = dict(
-    act_fn="silu",
-    attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    out_channels=4,
-    sample_size=64,
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-SD15_VAE_CONFIG = dict(
-    act_fn="silu",
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    in_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=3,
-    sample_size=512,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-)
-SD15_TEXT_CONFIG = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_attention_heads=12,
-    num_hidden_layers=12,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
-VIT_L14_VISION_CONFIG = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    num_hidden_layers=24,
-    image_size=224,
-    patch_size=14,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
 #: A tiny CLIP vision tower for offline runs: 2×2 patches of 14 pixels, 32-d like the tiny text encoder.
 TINY_VISION_CONFIG = dict(
     hidden_size=32,
@@ -161,25 +112,7 @@ def clip_vision_model(config: Mapping, device: str | torch.device | None = None)
 
 
 # ----------------------------------------------------------------------------- post-fuse MLP
-class PostfuseMLP(nn.Module):
-    """``fc₂(GELU(fc₁(LN(x))))``, plus ``x`` when ``use_residual`` (FastComposer's ``MLP``)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, use_residual: bool = True):
-        super().__init__()
-        if use_residual and in_dim != out_dim:
-            raise ValueError(f"a residual MLP needs in_dim == out_dim, got {in_dim} and {out_dim}")
-        self.layernorm = nn.LayerNorm(in_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-        self.act_fn = nn.GELU()
-        self.use_residual = use_residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(self.act_fn(self.fc1(self.layernorm(x))))
-        return y + x if self.use_residual else y
-
-
-class PostfuseModule(nn.Module):
+class PostfuseModule(FuseModule):
     """FastComposer's post-fuse module: merges an image embedding into a text token embedding.
 
     ``e' = LN(MLP₂(MLP₁([e; o]) + e))`` with MLP₁: 2d → d (no residual), MLP₂: d → d (residual).
@@ -188,17 +121,6 @@ class PostfuseModule(nn.Module):
         embed_dim: d, the text encoder's hidden size (768 for SD1.5); the image embedding has
             the same size (CLIP's visual projection).
     """
-
-    def __init__(self, embed_dim: int):
-        super().__init__()
-        self.mlp1 = PostfuseMLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
-        self.mlp2 = PostfuseMLP(embed_dim, embed_dim, embed_dim, use_residual=True)
-        self.layer_norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, text_embeds: torch.Tensor, object_embeds: torch.Tensor) -> torch.Tensor:
-        """Fused embeddings e' for matching rows of ``text_embeds`` e and ``object_embeds`` o."""
-        fused = self.mlp1(torch.cat([text_embeds, object_embeds], dim=-1)) + text_embeds
-        return self.layer_norm(self.mlp2(fused))
 
     def fuse(
         self, prompt_embeds: torch.Tensor, image_token_mask: torch.Tensor, object_embeds: torch.Tensor
@@ -263,7 +185,7 @@ def subject_caption(parsed: ParsedPrompt, tokenizer) -> str:
     for match in re.finditer(rf"(?<![^\W_]){words}(?![^\W_])", prompt, flags=re.IGNORECASE):
         # BOS is column 0, so the class word's last token is column len(tokens up to it).
         if len(tokenizer(prompt[: match.end()], add_special_tokens=False)["input_ids"]) == last:
-            return f"{prompt[: match.end()]} {IMAGE_TOKEN}{prompt[match.end():]}"
+            return f"{prompt[: match.end()]} {IMAGE_TOKEN}{prompt[match.end() :]}"
     raise InputError(f"cannot locate the class word {parsed.class_word!r} at token {last} of {prompt!r}")
 
 
@@ -380,7 +302,8 @@ class ReleasedModel(nn.Module):
             problems.append(f"shape mismatches ({len(reshaped)}): {_first(reshaped, 3)}")
         if problems:
             raise WeightsNotFoundError(
-                f"{source} does not match {type(self).__name__}: " + "; ".join(problems)
+                f"{source} does not match {type(self).__name__}: "
+                + "; ".join(problems)
                 + ". Is it the released checkpoint of this backend (see docs/backends/)?"
             )
         self.load_state_dict(converted, strict=True, assign=True)
@@ -639,16 +562,23 @@ class FastComposerBackend(ImageAugmentedBackend):
     @classmethod
     def add_cli_arguments(cls, group) -> None:
         group.add_argument(
-            "--fastcomposer-checkpoint", metavar="PATH",
+            "--fastcomposer-checkpoint",
+            metavar="PATH",
             help="fastcomposer: pytorch_model.bin of mit-han-lab/fastcomposer (file or folder); "
             "default: download from the Hub. With --tiny: a checkpoint of the tiny architecture",
         )
         group.add_argument(
-            "--fastcomposer-start-merge-step", type=int, default=None, metavar="N",
+            "--fastcomposer-start-merge-step",
+            type=int,
+            default=None,
+            metavar="N",
             help="fastcomposer: last text-only step (default: 10 at 50 steps, scaled to --steps)",
         )
         group.add_argument(
-            "--fastcomposer-object-resolution", type=int, default=224, metavar="PIXELS",
+            "--fastcomposer-object-resolution",
+            type=int,
+            default=224,
+            metavar="PIXELS",
             help="fastcomposer: reference resize before the image encoder (default 224)",
         )
 
@@ -699,8 +629,11 @@ class FastComposerBackend(ImageAugmentedBackend):
         model.to(device=device, dtype=dtype)
         pipeline = model.to_pipeline(tiny_tokenizer() if tiny else sd15_tokenizer(base_model))
         return cls(
-            pipeline, model.image_encoder, model.postfuse_module,
-            start_merge_step=start_merge_step, object_resolution=object_resolution,
+            pipeline,
+            model.image_encoder,
+            model.postfuse_module,
+            start_merge_step=start_merge_step,
+            object_resolution=object_resolution,
         )
 
     def injection_step(self, num_inference_steps: int) -> int:

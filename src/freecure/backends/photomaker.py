@@ -37,13 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ..attributes import ParsedPrompt
+from ..configs import VIT_L14_VISION as VIT_L14
 from ..errors import InputError, WeightsNotFoundError
 from .base import Backend, TextConditioning
+from .modules import MLP, FuseModule  # noqa: F401  (FuseModule: the fuse module of the ID encoder)
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +75,6 @@ CHECKPOINTS = {
 
 #: CLIP ViT-L/14 at 224 px (OpenAI CLIP), the vision tower of PhotoMaker's ID encoder.
 #: Every value is written out so that the config never has to be downloaded.
-VIT_L14 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    num_hidden_layers=24,
-    num_channels=3,
-    image_size=224,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    attention_dropout=0.0,
-    initializer_range=0.02,
-    initializer_factor=1.0,
-)
 
 #: Widths of SDXL's two text encoders; their concatenation (2048) is the fused width.
 SDXL_TEXT_DIMS = (768, 1280)
@@ -150,42 +136,6 @@ def clip_image_processor(size: int = 224):
 
 
 # --------------------------------------------------------------------------- modules
-
-
-class MLP(nn.Module):
-    """LayerNorm → Linear → GELU → Linear, with an optional residual connection."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, use_residual: bool = True):
-        super().__init__()
-        if use_residual and in_dim != out_dim:
-            raise ValueError(f"a residual MLP needs in_dim == out_dim, got {in_dim} and {out_dim}")
-        self.layernorm = nn.LayerNorm(in_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-        self.use_residual = use_residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(F.gelu(self.fc1(self.layernorm(x))))
-        return x + y if self.use_residual else y
-
-
-class FuseModule(nn.Module):
-    """PhotoMaker's fuse step: one class-token embedding c and one ID embedding e (both of
-    the text width D) give the stacked ID embedding
-
-        s = LayerNorm(MLP₂(MLP₁([c; e]) + c)),   MLP₂ residual, MLP₁ not.
-    """
-
-    def __init__(self, embed_dim: int):
-        super().__init__()
-        self.mlp1 = MLP(2 * embed_dim, embed_dim, embed_dim, use_residual=False)
-        self.mlp2 = MLP(embed_dim, embed_dim, embed_dim, use_residual=True)
-        self.layer_norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, class_embeds: torch.Tensor, id_embeds: torch.Tensor) -> torch.Tensor:
-        """Rows of ``class_embeds`` and ``id_embeds`` (both (n, D)) pair up one to one."""
-        fused = self.mlp1(torch.cat([class_embeds, id_embeds], dim=-1)) + class_embeds
-        return self.layer_norm(self.mlp2(fused))
 
 
 def fuse_class_tokens(
