@@ -376,3 +376,20 @@ def test_captured_maps_equal_the_probabilities_the_layer_used(backend, grey_imag
     assert set(store.sums) == set(recorded) == set(layers)
     for name in layers:
         torch.testing.assert_close(store.sums[name], recorded[name], rtol=1e-5, atol=1e-6)
+
+
+def test_multi_evaluation_schedulers_are_refused_and_class_word_is_found(tiny_sd15):
+    from diffusers import HeunDiscreteScheduler
+
+    fc = freecure(tiny_sd15, 32)
+    original = tiny_sd15.scheduler
+    tiny_sd15.scheduler = HeunDiscreteScheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match="several times per step"):
+            run(fc)
+    finally:
+        tiny_sd15.scheduler = original
+    from PIL import Image
+
+    out = fc("a woman with blonde hair", [Image.new("RGB", (8, 8))], num_inference_steps=3)
+    assert out.parsed.class_word == "woman"

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_cross_attention
-from .attributes import ParsedPrompt, parse_prompt
+from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError
 from .images import ImageInput, load_image
@@ -227,7 +227,7 @@ class FreeCurePipeline:
         self,
         prompt: str,
         reference_images: Sequence[ImageInput] = (),
-        class_word: str | Sequence[str] = "man",
+        class_word: str | None = None,
         trigger_word: str | None = None,
         negative_prompt: str | None = None,
         num_inference_steps: int = 50,
@@ -244,7 +244,8 @@ class FreeCurePipeline:
         Args:
             prompt: the user prompt, e.g. "a man with black curly hair, laughing happily".
             reference_images: the identity's reference photo(s) (paths, PIL images or arrays).
-            class_word: the subject's class word in the prompt ("man", "woman", …).
+            class_word: the subject's class word in the prompt ("man", "woman", …); None: the
+                first common one found in the prompt (:func:`freecure.attributes.detect_class_word`).
             trigger_word: the personalization trigger after the class word (PhotoMaker: "img").
             negative_prompt: the unconditional branch's prompt.
             num_inference_steps: T, at least 2.
@@ -266,6 +267,7 @@ class FreeCurePipeline:
         if height % (factor * 8) or width % (factor * 8):
             raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
         references = [load_image(image) for image in reference_images]
+        class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
         for word in parsed.unknown_words:
             logger.warning("word %r of the prompt is not in the attribute vocabulary; it is left to the model", word)

@@ -266,8 +266,9 @@ def check_scheduler(scheduler) -> None:
             "replayed; use a deterministic one (DDIMScheduler, DPMSolverMultistepScheduler with "
             "algorithm_type='dpmsolver++', EulerDiscreteScheduler, UniPCMultistepScheduler, …)"
         )
-    if getattr(scheduler, "order", 1) > 1 and name.startswith("Heun"):
+    if getattr(scheduler, "order", 1) > 1:
         raise ValueError(
-            f"scheduler {name} takes two model evaluations per step; it is not supported yet, "
-            "use DDIMScheduler or DPMSolverMultistepScheduler"
+            f"scheduler {name} evaluates the model several times per step (order {scheduler.order}); "
+            "FreeCure steps FD and PD once per timestep: use DDIMScheduler, DPMSolverMultistepScheduler, "
+            "EulerDiscreteScheduler or UniPCMultistepScheduler"
         )
