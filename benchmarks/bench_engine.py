@@ -26,19 +26,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from freecure.attributes import parse_prompt
 from freecure.backends.base import Backend, Conditions, TextConditioning
 from freecure.configs import SD15_UNET, SD15_VAE, SDXL_UNET, SDXL_VAE
+from freecure.configs import SD_SCHEDULER as SCHEDULER
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
 from freecure.sampling import Guidance, plain_pass
 from freecure.tiny import LayoutFaceParser
 from freecure.tokenization import load_clip_tokenizer
-
-SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 
 
 class BenchPipeline:

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from freecure.backends.base import TextConditioning
+from freecure.configs import SD_SCHEDULER
 from freecure.inversion import (
     ddim_denoise_from,
     ddim_invert,
@@ -41,14 +42,7 @@ def conditioning(value: float) -> TextConditioning:
 
 @pytest.fixture
 def config():
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).config
+    return DDIMScheduler(**SD_SCHEDULER).config
 
 
 @pytest.mark.parametrize("gamma", [0.2, 0.5, 1.0])

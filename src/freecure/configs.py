@@ -87,3 +87,13 @@ VIT_L14_VISION = dict(
     initializer_range=0.02,
     initializer_factor=1.0,
 )
+
+#: Stable Diffusion's published noise schedule (SD1.5 and SDXL), for DDIM and its inverse.
+SD_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)

@@ -32,8 +32,28 @@ def inversion_steps(num_inference_steps: int, gamma: float) -> int:
     return max(1, round(gamma * num_inference_steps))
 
 
-def _conditionings(cond: TextConditioning, uncond: TextConditioning) -> Callable[[str], TextConditioning]:
-    return {"cond": cond, "uncond": uncond}.__getitem__
+def _run_steps(
+    backend: Backend,
+    scheduler,
+    z: torch.Tensor,
+    steps: range,
+    cond: TextConditioning,
+    uncond: TextConditioning,
+    guidance_scale: float,
+    image_size: tuple[int, int],
+    on_step: Callable[[int], None] | None,
+) -> torch.Tensor:
+    """Step one lane through ``scheduler.timesteps[steps]`` under ``cond`` (guided when w ≠ 1)."""
+    layout = single_lane_layout("cond", guided=guidance_scale != 1.0)
+    guidance = Guidance(scale=guidance_scale)
+    lookup = {"cond": cond, "uncond": uncond}.__getitem__
+    for i in steps:
+        t = scheduler.timesteps[i]
+        eps = predict_guided(backend, scheduler, layout, z, t, i, lookup, guidance, image_size)
+        z = scheduler.step(eps, t, z, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i)
+    return z
 
 
 @torch.no_grad()
@@ -49,19 +69,12 @@ def ddim_invert(
     image_size: tuple[int, int],
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """DDIM-invert ``z0`` up to step γ·T under ``cond`` (z_0 → z_{γT})."""
+    """DDIM-invert ``z0`` up to step γ·T under ``cond`` (z_0 → z_{γT}): the first γ·T steps of
+    the inverse schedule."""
     scheduler = DDIMInverseScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps, device=z0.device)
-    layout = single_lane_layout("cond", guided=guidance_scale != 1.0)
-    guidance = Guidance(scale=guidance_scale)
-    lookup = _conditionings(cond, uncond)
-    z = z0
-    for i, t in enumerate(scheduler.timesteps[: inversion_steps(num_inference_steps, gamma)]):
-        eps = predict_guided(backend, scheduler, layout, z, t, i, lookup, guidance, image_size)
-        z = scheduler.step(eps, t, z, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i)
-    return z
+    steps = range(inversion_steps(num_inference_steps, gamma))
+    return _run_steps(backend, scheduler, z0, steps, cond, uncond, guidance_scale, image_size, on_step)
 
 
 @torch.no_grad()
@@ -80,17 +93,8 @@ def ddim_denoise_from(
     """Denoise z_{γT} to z_0 under ``cond`` with the last γ·T steps of the DDIM schedule."""
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps, device=z.device)
-    layout = single_lane_layout("cond", guided=guidance_scale != 1.0)
-    guidance = Guidance(scale=guidance_scale)
-    lookup = _conditionings(cond, uncond)
-    start = num_inference_steps - inversion_steps(num_inference_steps, gamma)
-    for i in range(start, num_inference_steps):
-        t = scheduler.timesteps[i]
-        eps = predict_guided(backend, scheduler, layout, z, t, i, lookup, guidance, image_size)
-        z = scheduler.step(eps, t, z, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i)
-    return z
+    steps = range(num_inference_steps - inversion_steps(num_inference_steps, gamma), num_inference_steps)
+    return _run_steps(backend, scheduler, z, steps, cond, uncond, guidance_scale, image_size, on_step)
 
 
 def expression_restore(

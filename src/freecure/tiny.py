@@ -24,6 +24,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from .configs import SD_SCHEDULER
 from .tokenization import load_clip_tokenizer
 
 TINY_WARNING = "tiny random-weight components: the images are noise and show only the machinery"
@@ -33,15 +34,7 @@ CLIP_VOCAB_SIZE = 49408
 
 
 def _scheduler() -> DDIMScheduler:
-    # Stable Diffusion's published scheduler settings.
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return DDIMScheduler(**SD_SCHEDULER)  # Stable Diffusion's published schedule
 
 
 def _vae() -> AutoencoderKL:

@@ -49,6 +49,7 @@ from ..attributes import ParsedPrompt
 from ..configs import SD15_TEXT as SD15_TEXT_CONFIG
 from ..configs import SD15_UNET as SD15_UNET_CONFIG
 from ..configs import SD15_VAE as SD15_VAE_CONFIG
+from ..configs import SD_SCHEDULER
 from ..configs import VIT_L14_VISION as VIT_L14_VISION_CONFIG
 from ..errors import InputError, WeightsNotFoundError
 from .base import Backend, TextConditioning
@@ -93,14 +94,7 @@ def sd15_scheduler():
     """DDIM with Stable Diffusion v1.5's published noise schedule (the CLI may replace it)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return DDIMScheduler(**SD_SCHEDULER)
 
 
 def clip_vision_model(config: Mapping, device: str | torch.device | None = None):
