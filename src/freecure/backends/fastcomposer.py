@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .. import checkpoints
 from ..attributes import ParsedPrompt
 from ..configs import SD15_TEXT as SD15_TEXT_CONFIG
 from ..configs import SD15_UNET as SD15_UNET_CONFIG
@@ -224,12 +225,6 @@ def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(size) for size in tensor.shape)
 
 
-def _first(names, limit: int = 5) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 class ReleasedModel(nn.Module):
     """Modules named as in an original training script's model, loadable from its checkpoint.
 
@@ -279,27 +274,13 @@ class ReleasedModel(nn.Module):
                         f"{source}: {name} is not 0, 1, 2, …: is it a FastComposer-style checkpoint?"
                     )
         converted = {self.module_name(name): value for name, value in state.items()}
-        expected = self.state_dict()
-        missing = set(expected) - set(converted)
-        unexpected = set(converted) - set(expected)
-        reshaped = [
-            f"{self.released_name(key)} (checkpoint {_shape(converted[key])}, model {_shape(value)})"
-            for key, value in expected.items()
-            if key in converted and _shape(converted[key]) != _shape(value)
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {_first(self.released_name(k) for k in missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {_first(self.released_name(k) for k in unexpected)}")
-        if reshaped:
-            problems.append(f"shape mismatches ({len(reshaped)}): {_first(reshaped, 3)}")
-        if problems:
-            raise WeightsNotFoundError(
-                f"{source} does not match {type(self).__name__}: "
-                + "; ".join(problems)
-                + ". Is it the released checkpoint of this backend (see docs/backends/)?"
-            )
+        checkpoints.check_state_dict(
+            self,
+            converted,
+            f"{source} does not match {type(self).__name__}",
+            hint="Is it the released checkpoint of this backend (see docs/backends/)?",
+            display=self.released_name,
+        )
         self.load_state_dict(converted, strict=True, assign=True)
         _materialize_position_ids(self)
         self.eval()

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .. import checkpoints
 from ..attributes import ParsedPrompt
 from ..configs import VIT_L14_VISION as VIT_L14
 from ..errors import InputError, WeightsNotFoundError
@@ -310,26 +311,13 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     Raises:
         WeightsNotFoundError: a key is missing or unexpected, or a shape differs.
     """
-    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
-    given = {key: tuple(value.shape) for key, value in state_dict.items() if key not in _LEGACY_BUFFERS}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    shapes = sorted(
-        f"{key}: checkpoint {list(given[key])}, model {list(expected[key])}"
-        for key in set(expected) & set(given)
-        if expected[key] != given[key]
+    given = {key: value for key, value in state_dict.items() if key not in _LEGACY_BUFFERS}
+    checkpoints.check_state_dict(
+        module,
+        given,
+        f"the checkpoint does not match {what}",
+        hint="Is it the right PhotoMaker version (--photomaker-version v1 or v2)?",
     )
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            shown = "; ".join(items[:5]) + (f"; … ({len(items) - 5} more)" if len(items) > 5 else "")
-            problems.append(f"{len(items)} {label}: {shown}")
-    if problems:
-        raise WeightsNotFoundError(
-            f"the checkpoint does not match {what}: "
-            + " | ".join(problems)
-            + ". Is it the right PhotoMaker version (--photomaker-version v1 or v2)?"
-        )
 
 
 def load_id_encoder_weights(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -26,13 +26,14 @@ import importlib.metadata
 import logging
 import os
 import pickle
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from .. import checkpoints
 from ..errors import WeightsNotFoundError
 from .bisenet import BiSeNet
 
@@ -181,39 +182,18 @@ def resolve_bisenet_weights(
     )
 
 
-def _first(names: Iterable[str], limit: int = 5) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Strict key and shape comparison with a readable error instead of torch's traceback.
 
     Raises:
         WeightsNotFoundError: keys are missing, unexpected, or have other shapes.
     """
-    expected = model.state_dict()
-    missing = set(expected) - set(state_dict)
-    unexpected = set(state_dict) - set(expected)
-    reshaped = [
-        f"{key} (checkpoint {tuple(state_dict[key].shape)}, model {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
-    if reshaped:
-        problems.append(f"shape mismatches ({len(reshaped)}): {_first(reshaped, 3)}")
-    if problems:
-        raise WeightsNotFoundError(
-            "the checkpoint does not match the BiSeNet face parser: "
-            + "; ".join(problems)
-            + ". Is it the released 79999_iter.pth (face-parsing.PyTorch, 19 classes)?"
-        )
+    checkpoints.check_state_dict(
+        model,
+        state_dict,
+        "the checkpoint does not match the BiSeNet face parser",
+        hint="Is it the released 79999_iter.pth (face-parsing.PyTorch, 19 classes)?",
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -233,15 +213,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         reason = None
     if reason is not None:
+        raise WeightsNotFoundError(f"cannot read {path} as a PyTorch checkpoint ({reason}). {HOW_TO_SUPPLY}")
+    if not isinstance(state_dict, Mapping) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         raise WeightsNotFoundError(
-            f"cannot read {path} as a PyTorch checkpoint ({reason}). {HOW_TO_SUPPLY}"
-        )
-    if not isinstance(state_dict, Mapping) or not all(
-        isinstance(value, torch.Tensor) for value in state_dict.values()
-    ):
-        raise WeightsNotFoundError(
-            f"{path} is not a state dict of tensors (got {type(state_dict).__name__}). "
-            f"{HOW_TO_SUPPLY}"
+            f"{path} is not a state dict of tensors (got {type(state_dict).__name__}). {HOW_TO_SUPPLY}"
         )
     return dict(state_dict)
 
