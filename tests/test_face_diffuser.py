@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,19 +37,9 @@ from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_layout, same_pass
 from freecure.tiny import build_tiny_sd15_components
+from keylists import meta_state_dict, read_layout
 
-DATA = Path(__file__).parent / "data"
 PROMPT = "a man with black curly hair, laughing happily"
-
-
-def read_layout(name: str) -> dict[str, tuple[int, ...]]:
-    """``key shape`` lines of a key list beside the tests (``#`` lines are comments)."""
-    layout = {}
-    for line in (DATA / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split()
-            layout[key] = tuple(int(size) for size in shape.split("x"))
-    return layout
 
 
 def random_state_dict(layout, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,10 +51,6 @@ def random_state_dict(layout, seed: int = 0) -> dict[str, torch.Tensor]:
         else:
             state[key] = torch.randn(shape, generator=g)
     return state
-
-
-def meta_state_dict(layout):
-    return {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import argparse
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,19 +30,9 @@ from freecure.backends.fastcomposer import (
 from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
+from keylists import meta_state_dict, read_layout
 
-DATA = Path(__file__).parent / "data"
 PROMPT = "a man with black curly hair, laughing happily"
-
-
-def read_layout(name: str) -> dict[str, tuple[int, ...]]:
-    """``key shape`` lines of a key list beside the tests (``#`` lines are comments)."""
-    layout = {}
-    for line in (DATA / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split()
-            layout[key] = tuple(int(size) for size in shape.split("x"))
-    return layout
 
 
 def random_state_dict(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -56,10 +45,6 @@ def random_state_dict(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict
         else:
             state[key] = torch.randn(shape, generator=g)
     return state
-
-
-def meta_state_dict(layout):
-    return {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
 
 
 def tiny_backend(pipe, seed=0, **kwargs):
@@ -325,8 +310,13 @@ def test_fd_and_pd_agree_before_injection_and_pd_is_the_original_delayed_conditi
 # --- command line ------------------------------------------------------------------------------
 def cli_args(**overrides) -> argparse.Namespace:
     values = dict(
-        tiny=True, device=torch.device("cpu"), dtype=torch.float32, base_model=None,
-        fastcomposer_checkpoint=None, fastcomposer_start_merge_step=None, fastcomposer_object_resolution=224,
+        tiny=True,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        base_model=None,
+        fastcomposer_checkpoint=None,
+        fastcomposer_start_merge_step=None,
+        fastcomposer_object_resolution=224,
     )
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -343,8 +333,10 @@ def test_tiny_from_cli_loads_a_given_checkpoint(tmp_path):
     backend = FastComposerBackend.from_cli(cli_args(fastcomposer_checkpoint=str(tmp_path)))  # a folder works
     assert torch.equal(backend.unet.conv_in.weight, state["unet.conv_in.weight"])
     assert torch.equal(backend.postfuse.mlp2.fc1.bias, state["postfuse_module.mlp2.fc1.bias"])
-    assert torch.equal(backend.pipeline.text_encoder.get_input_embeddings().weight,
-                       state["text_encoder.embeddings.token_embedding.weight"])
+    assert torch.equal(
+        backend.pipeline.text_encoder.get_input_embeddings().weight,
+        state["text_encoder.embeddings.token_embedding.weight"],
+    )
     assert torch.equal(backend.image_encoder.visual_projection.weight, state["image_encoder.visual_projection.weight"])
 
 
@@ -367,8 +359,21 @@ def test_generate_tiny_end_to_end(tmp_path, astronaut, capsys):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"
     code = main(
-        ["generate", "--tiny", "--backend", "fastcomposer", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png"),
-         "--steps", "4", "--out", str(out), "--no-progress"]
+        [
+            "generate",
+            "--tiny",
+            "--backend",
+            "fastcomposer",
+            "--prompt",
+            PROMPT,
+            "--ref",
+            str(tmp_path / "ref.png"),
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
     )
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())

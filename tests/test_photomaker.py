@@ -40,6 +40,7 @@ from freecure.errors import InputError, WeightsNotFoundError
 from freecure.pipeline import FreeCurePipeline
 from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
 from freecure.tiny import LayoutFaceParser, tiny_sdxl_pipeline
+from keylists import meta_state_dict
 
 DATA = Path(__file__).parent / "data"
 PROMPT = "a man img with black curly hair, laughing happily"
@@ -53,10 +54,6 @@ def released_keys(version: str) -> dict[str, tuple[int, ...]]:
         if not line.startswith("#")
     )
     return {key: tuple(int(n) for n in shape.split(",")) for key, shape in rows}
-
-
-def meta_state_dict(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    return {key: torch.empty(shape, device="meta") for key, shape in keys.items()}
 
 
 @pytest.fixture(scope="module")
