@@ -11,3 +11,44 @@ class InputError(FreeCureError, ValueError):
 
 class WeightsNotFoundError(FreeCureError, FileNotFoundError):
     """A model checkpoint could not be found or does not match the model."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to about ``limit`` characters for messages: "start … end" (a 10,000-word
+    prompt is not echoed whole)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 5, 10)
+    return f"{text[: keep * 2 // 3].rstrip()} … {text[-(keep // 3):].lstrip()} ({len(text)} characters)"
+
+
+def check_number(
+    name: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    open_minimum: bool = False,
+    integer: bool = False,
+) -> None:
+    """Refuse a value that is not a finite real number in [minimum, maximum]
+    ((minimum, maximum] when ``open_minimum``): NaN fails every comparison, so ``x < 1``
+    style checks let it through; this does not.
+
+    Raises:
+        InputError: naming ``name``, the value and the allowed range.
+    """
+    import math
+    import numbers
+
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        what = "a whole number" if integer else "a finite number"
+        raise InputError(f"{name} must be {what}, got {value!r}")
+    too_low = minimum is not None and (value <= minimum if open_minimum else value < minimum)
+    if too_low or (maximum is not None and value > maximum):
+        low = "(" if open_minimum else "["
+        raise InputError(
+            f"{name} must lie in {low}{'-∞' if minimum is None else minimum}, {'∞' if maximum is None else maximum}], "
+            f"got {value!r}"
+        )

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -38,21 +38,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (phone photos are stored sideways with a tag saying so).
+
+    Every image freecure reads from a file goes through here (via :func:`load_image`); an
+    image without the tag is returned unchanged.
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):  # a broken EXIF block: keep the pixels
+        return image
+
+
+#: A reference photo's shorter side must be at least this many pixels to hold a usable face.
+MIN_REFERENCE_SIDE = 32
+
+
 def load_image(source: ImageInput) -> Image.Image:
-    """Load an image from a path, a PIL image or an array and return it as 8-bit RGB.
+    """Load an image from a path, a PIL image or an array and return it upright as 8-bit RGB.
+
+    Files are turned upright by their EXIF orientation (:func:`upright`). Pillow's
+    decompression-bomb limit applies (``PIL.Image.MAX_IMAGE_PIXELS``).
 
     Raises:
-        InputError: the path does not exist, is not a readable image, or the array has
-            a shape that is not (H, W), (H, W, 3) or (H, W, 4).
+        InputError: the path does not exist, is not a readable image, is too large to decode
+            safely, or the array has a shape that is not (H, W), (H, W, 3) or (H, W, 4).
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(upright(source))
     if isinstance(source, np.ndarray):
         array = source
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
             raise InputError(f"an image array must have shape (H, W), (H, W, 3) or (H, W, 4); got {array.shape}")
+        if 0 in array.shape:
+            raise InputError(f"an image array must not be empty; got shape {array.shape}")
         if array.dtype != np.uint8:
             if np.issubdtype(array.dtype, np.floating):
+                if not np.isfinite(array).all():
+                    raise InputError("an image array holds NaN or infinite values")
                 array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
             else:
                 top = float(np.iinfo(array.dtype).max)
@@ -66,8 +89,26 @@ def load_image(source: ImageInput) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            return to_rgb(upright(image))
+    except Image.DecompressionBombError as error:
+        raise InputError(
+            f"{path} is too large to decode safely ({error}); give an image of at most "
+            f"{Image.MAX_IMAGE_PIXELS or 0:,} pixels (resize it first)"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as error:
         raise InputError(
             f"cannot read {path} as an image ({error}); give a PNG, JPEG, WebP or other format that Pillow reads"
         ) from None
+
+
+def load_reference(source: ImageInput, min_side: int = MIN_REFERENCE_SIDE) -> Image.Image:
+    """:func:`load_image` for a reference photo of a face: also refuses images too small to
+    hold one (shorter side under ``min_side`` pixels)."""
+    image = load_image(source)
+    if min(image.size) < min_side:
+        name = source if isinstance(source, (str, os.PathLike)) else "a reference image"
+        raise InputError(
+            f"{name} is {image.width}×{image.height} px, too small to hold a face; give a photo whose "
+            f"shorter side is at least {min_side} px"
+        )
+    return image

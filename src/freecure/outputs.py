@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import __version__
+from .atomic import atomic_folder, json_text
 from .errors import InputError
 from .masks import normalize_map, render_mask, render_mask_overlay
 from .parsing import overlay_labels
@@ -88,20 +88,26 @@ def save_output(
 ) -> list[Path]:
     """Write every stage image, mask overlay, the FD | PD | FreeCure strip and ``manifest.json``.
 
+    The run lands whole or not at all: it is written into a temporary sibling folder that is
+    renamed to ``out_dir`` at the end (:func:`freecure.atomic.atomic_folder`). ``overwrite``
+    replaces an earlier run entirely: no file of it remains.
+
     Raises:
-        InputError: ``out_dir`` is a file, or holds files of the same names and ``overwrite``
-            is False.
+        InputError: ``out_dir`` is a file, or holds files and ``overwrite`` is False.
+        NonFiniteError: the manifest would hold NaN or infinity (nothing is written).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out must be a folder, but {out_dir} is a file")
     files = planned_files(output)
-    paths = [out_dir / name for name in [*files, "manifest.json"]]
-    check_writable(paths, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, image in files.items():
-        image.save(out_dir / name)
+    names = [*files, "manifest.json"]
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        check_writable([out_dir / name for name in names], overwrite)
+        raise InputError(f"{out_dir} already exists and holds files; choose another --out or pass --overwrite")
     with torch.no_grad():
-        record = manifest(output, [*files, "manifest.json"], extra)
-    (out_dir / "manifest.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return paths
+        record = json_text(manifest(output, names, extra))  # before any file: NaN stops here
+    with atomic_folder(out_dir, replace=True) as staging:
+        for name, image in files.items():
+            image.save(staging / name)
+        (staging / "manifest.json").write_text(record, encoding="utf-8")
+    return [out_dir / name for name in names]

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from .attention import AttentionStore, capture_cross_attention
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
-from .errors import InputError
-from .images import ImageInput, load_image
+from .errors import InputError, check_number
+from .images import ImageInput, load_reference
 from .inversion import expression_restore, inversion_steps
 from .masks import attribute_mask, merge_masks, to_latent_resolution
 from .parsing import FaceParser, ParseResult
@@ -58,10 +58,8 @@ class FreeCureConfig:
     attention_layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if not 0.0 < self.gamma <= 1.0:
-            raise InputError(f"gamma must lie in (0, 1], got {self.gamma}")
-        if self.expression_guidance_scale < 1.0:
-            raise InputError(f"expression_guidance_scale must be ≥ 1, got {self.expression_guidance_scale}")
+        check_number("gamma", self.gamma, 0.0, 1.0, open_minimum=True)
+        check_number("expression_guidance_scale", self.expression_guidance_scale, 1.0)
 
 
 @dataclass
@@ -256,17 +254,24 @@ class FreeCurePipeline:
             latents: z_T itself, overriding ``generator``.
             inject_step: override the backend's identity-injection step (for ablations).
         """
-        if num_inference_steps < 2:
-            raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
-        if inject_step is not None and not 0 <= inject_step < num_inference_steps:
-            raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
         pipeline = self.pipeline
+        trained = pipeline.scheduler.config.num_train_timesteps
+        check_number("num_inference_steps", num_inference_steps, 2, trained, integer=True)
+        if inject_step is not None:
+            check_number("inject_step", inject_step, 0, num_inference_steps - 1, integer=True)
+        check_number("guidance_scale", guidance_scale, 0.0)
+        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        for name, side in (("height", height), ("width", width)):
+            if side is not None:
+                check_number(name, side, 1, integer=True)
+        if latents is not None and not torch.isfinite(latents).all():
+            raise InputError("latents hold NaN or infinite values")
         check_scheduler(pipeline.scheduler)
         height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
         factor = pipeline.vae_scale_factor
         if height % (factor * 8) or width % (factor * 8):
             raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
-        references = [load_image(image) for image in reference_images]
+        references = [load_reference(image) for image in reference_images]
         class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
         for word in parsed.unknown_words:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -360,32 +359,12 @@ class FastComposerModel(ReleasedModel):
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors: ``.safetensors``, or a ``torch.save`` file read with
-    ``weights_only=True`` (memory-mapped when the file allows it).
+    ``weights_only=True`` (see :func:`freecure.checkpoints.read_tensors`).
 
     Raises:
         WeightsNotFoundError: the file cannot be read as a state dict of tensors.
     """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as error:
-        first = str(error).splitlines()[0] if str(error) else ""
-        reason = f"{type(error).__name__}: {first}"
-        raise WeightsNotFoundError(f"cannot read {path} as a PyTorch checkpoint ({reason})") from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsNotFoundError(f"{path} is not a state dict of tensors (got {type(state).__name__})")
-    return dict(state)
+    return checkpoints.read_tensors(path, "a PyTorch checkpoint")
 
 
 def _hub_offline() -> bool:
@@ -416,7 +395,7 @@ def resolve_checkpoint(given: str | os.PathLike | None, repo_id: str, filename: 
             raise WeightsNotFoundError(f"{what}: {path} does not exist. {how}")
         return path
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError  # .errors only from 0.25
 
     offline = _hub_offline()
     try:

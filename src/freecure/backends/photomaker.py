@@ -278,20 +278,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     files hold the same tensors under the prefixes ``id_encoder.`` and ``lora_weights.``.
     """
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            flat = load_file(str(path))
-            state = {"id_encoder": {}, "lora_weights": {}}
-            for key, tensor in flat.items():
-                part, _, name = key.partition(".")
-                if part in state:
-                    state[part][name] = tensor
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsNotFoundError(f"cannot read the PhotoMaker checkpoint {path}: {error}") from None
+    state = checkpoints.read_tensors(path, "the PhotoMaker checkpoint", hint=HOW_TO_SUPPLY, nested=True)
+    if path.suffix == ".safetensors":
+        flat, state = state, {"id_encoder": {}, "lora_weights": {}}
+        for key, tensor in flat.items():
+            part, _, name = key.partition(".")
+            if part in state:
+                state[part][name] = tensor
     if not isinstance(state, Mapping) or set(state) != {"id_encoder", "lora_weights"}:
         found = ", ".join(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
         raise WeightsNotFoundError(

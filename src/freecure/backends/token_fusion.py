@@ -136,11 +136,10 @@ class TokenFusionBackend(Backend):
 
 
 def load_identity_embedding(path) -> torch.Tensor:
-    """Read the tensor ``identity`` from a safetensors file."""
+    """Read the tensor ``identity`` from a safetensors file (or a ``torch.save`` file)."""
     from pathlib import Path
 
-    from safetensors import SafetensorsError
-    from safetensors.torch import load_file
+    from ..checkpoints import read_tensors
 
     if path is None:
         raise InputError(
@@ -150,10 +149,14 @@ def load_identity_embedding(path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"identity embedding file not found: {path}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorsError, OSError) as error:
-        raise InputError(f"cannot read {path} as safetensors: {error}") from None
+    tensors = read_tensors(
+        path, "an identity embedding", hint="Save it with safetensors.torch.save_file({'identity': tensor}, FILE)."
+    )
     if "identity" not in tensors:
         raise InputError(f"{path} has no tensor named 'identity' (it has: {', '.join(tensors) or 'none'})")
-    return tensors["identity"].float()
+    identity = tensors["identity"].float()
+    if identity.ndim not in (1, 2) or identity.numel() == 0:
+        raise InputError(f"{path}: tensor 'identity' must have shape (dim,) or (tokens, dim), got {tuple(identity.shape)}")
+    if not torch.isfinite(identity).all():
+        raise InputError(f"{path}: tensor 'identity' holds NaN or infinite values")
+    return identity

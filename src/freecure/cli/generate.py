@@ -10,7 +10,8 @@ import torch
 
 from ..backends import BACKENDS
 from ..errors import InputError
-from ..runtime import SCHEDULERS, resolve_device, resolve_dtype, set_scheduler
+from ..runtime import DTYPES, SCHEDULERS, resolve_device, resolve_dtype, set_scheduler
+from . import options
 
 
 def register(subparsers) -> None:
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--class-word", default=None, help="the subject's class word in the prompt (default: found in the prompt)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=options.seed, default=0, help="seed of z_T: 0 … 2^64-1 (default 0)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -44,7 +45,9 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="output folder (default: outputs/<backend>-<time>-seed<N>)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in --out (its files are removed)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
@@ -56,29 +59,39 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="token-fusion")
     parser.add_argument("--trigger", default=None, help="trigger word after the class word (PhotoMaker: img)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps T (default 50)")
+    parser.add_argument(
+        "--steps", type=options.steps, default=50, help=f"denoising steps T: 2 … {options.MAX_STEPS} (default 50)"
+    )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=options.finite_float(minimum=0.0, maximum=100.0),
         default=None,
         help="CFG scale of FD and PD (default: the backend's original, e.g. 5.0 for PhotoMaker)",
     )
-    parser.add_argument("--gamma", type=float, default=0.5, help="γ: expression inversion depth (0, 1]")
+    parser.add_argument(
+        "--gamma",
+        type=options.finite_float(0.0, 1.0, open_minimum=True),
+        default=0.5,
+        help="γ: expression inversion depth (0, 1]",
+    )
     parser.add_argument(
         "--expression-guidance-scale",
-        type=float,
+        type=options.finite_float(minimum=1.0, maximum=100.0),
         default=1.0,
         help="guidance of the expression inversion and re-denoising (default 1.0)",
     )
-    parser.add_argument("--inject-step", type=int, default=None, help="override the backend's injection step")
+    parser.add_argument(
+        "--inject-step", type=options.non_negative_int, default=None, help="override the backend's injection step"
+    )
     parser.add_argument(
         "--approximate-shared-uncond",
         action="store_true",
         help="3 batch rows instead of 4 after injection (FD guidance approximate)",
     )
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    size_help = "image {} in pixels, a multiple of 64 for SD/SDXL (default: the model's)"
+    parser.add_argument("--height", type=options.image_size, default=None, help=size_help.format("height"))
+    parser.add_argument("--width", type=options.image_size, default=None, help=size_help.format("width"))
     parser.add_argument("--base-model", default=None, help="Hub id or folder of the base pipeline")
     parser.add_argument(
         "--parser",
@@ -86,9 +99,15 @@ def add_model_arguments(parser) -> None:
         default=None,
         help="face parser Ψ: bisenet (default) or layout (synthetic, default with --tiny)",
     )
-    parser.add_argument("--parser-weights", default=None, help="BiSeNet checkpoint 79999_iter.pth")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)")
+    parser.add_argument(
+        "--parser-weights", type=options.existing_file, default=None, help="BiSeNet checkpoint 79999_iter.pth"
+    )
+    parser.add_argument(
+        "--device", type=options.device, default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)"
+    )
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -96,7 +115,46 @@ def add_model_arguments(parser) -> None:
     )
     parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
     for name, backend in sorted(BACKENDS.items()):
-        backend.add_cli_arguments(parser.add_argument_group(f"{name} backend"))
+        group = parser.add_argument_group(f"{name} backend")
+        backend.add_cli_arguments(group)
+        BACKEND_OPTIONS[name] = {action.dest: action for action in group._group_actions}
+
+
+#: backend name → its own options (dest → argparse action), filled by :func:`add_model_arguments`.
+BACKEND_OPTIONS: dict[str, dict[str, argparse.Action]] = {}
+
+#: Options that some modes do not read: (dest, option, predicate on args, why it is unread).
+MODE_IGNORED = (
+    ("base_model", "--base-model", lambda a: a.tiny, "--tiny builds tiny random components"),
+    ("parser_weights", "--parser-weights", lambda a: (a.parser or ("layout" if a.tiny else "bisenet")) == "layout",
+     "the layout face parser has no weights (pass --parser bisenet to use them)"),
+    ("photomaker_weights", "--photomaker-weights", lambda a: a.tiny, "--tiny builds random PhotoMaker weights"),
+)
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Checks across options, before anything loads: an injection step inside the schedule,
+    and no option given that this mode would silently ignore.
+
+    Raises:
+        InputError: the first problem found.
+    """
+    if args.inject_step is not None and args.inject_step >= args.steps:
+        raise InputError(f"--inject-step must lie in 0..{args.steps - 1} for --steps {args.steps}, got {args.inject_step}")
+    for backend, actions in BACKEND_OPTIONS.items():
+        if backend == args.backend:
+            continue
+        for dest, action in actions.items():
+            if dest in BACKEND_OPTIONS.get(args.backend, {}):
+                continue
+            if getattr(args, dest, action.default) != action.default:
+                raise InputError(
+                    f"{action.option_strings[0]} belongs to the {backend} backend and would be ignored with "
+                    f"--backend {args.backend}; drop it or pass --backend {backend}"
+                )
+    for dest, option, ignored, why in MODE_IGNORED:
+        if getattr(args, dest, None) is not None and ignored(args):
+            raise InputError(f"{option} would be ignored: {why}; drop it")
 
 
 def build_face_parser(args):
@@ -136,12 +194,15 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ..attributes import detect_class_word
+    from ..images import load_reference
     from ..outputs import save_output
 
+    # Everything a user gave is checked before any model loads.
     class_word = args.class_word or detect_class_word(args.prompt)
     out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out must be a folder, but {out_dir} is a file")
+    options.check_output_folder(out_dir, overwrite=args.overwrite)
+    check_model_arguments(args)
+    references = [load_reference(path) for path in args.ref]
     if args.tiny:
         print("freecure: --tiny: tiny random-weight components; the images are noise and show only the machinery")
     freecure = build_freecure(args)
@@ -150,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     guidance = guidance_scale(args, backend)
     output = freecure(
         args.prompt,
-        reference_images=args.ref,
+        reference_images=references,
         class_word=class_word,
         trigger_word=args.trigger,
         negative_prompt=args.negative_prompt,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import InputError
-from ..images import load_image
+from ..images import load_reference
 from ..masks import render_mask_overlay
 from .identities import Identity
 from .prompts import EvalPrompt
@@ -141,7 +141,7 @@ class Evaluator:
             InputError: a reference photo shows no face.
         """
         if identity.id not in self._references:
-            images = [load_image(path) for path in identity.references]
+            images = [load_reference(path) for path in identity.references]
             try:
                 embeddings = self.identity_fidelity.reference(images)
             except InputError as error:

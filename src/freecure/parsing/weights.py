@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -81,7 +80,7 @@ def _user_path(value: str | os.PathLike, what: str) -> Path:
 def _from_hub(offline_only: bool, cache_dir: str | os.PathLike | None) -> Path | None:
     """The pinned Hub file, from the local cache only or downloaded; None when unavailable."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError  # .errors only from 0.25
 
     try:
         path = hf_hub_download(
@@ -197,28 +196,13 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``torch.load`` a checkpoint safely (``weights_only=True``) onto the CPU.
+    """Read a checkpoint safely (``weights_only=True``) onto the CPU
+    (:func:`freecure.checkpoints.read_tensors`).
 
     Raises:
         WeightsNotFoundError: the file is not a PyTorch state dict.
     """
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        reason = "it is not a tensor-only checkpoint that torch.load(weights_only=True) accepts"
-    except EOFError:
-        reason = "it is empty or truncated"
-    except (RuntimeError, OSError, ValueError) as error:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    else:
-        reason = None
-    if reason is not None:
-        raise WeightsNotFoundError(f"cannot read {path} as a PyTorch checkpoint ({reason}). {HOW_TO_SUPPLY}")
-    if not isinstance(state_dict, Mapping) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise WeightsNotFoundError(
-            f"{path} is not a state dict of tensors (got {type(state_dict).__name__}). {HOW_TO_SUPPLY}"
-        )
-    return dict(state_dict)
+    return checkpoints.read_tensors(path, "the BiSeNet face parser", hint=HOW_TO_SUPPLY)
 
 
 def load_bisenet(path: str | os.PathLike, device: torch.device | str = "cpu") -> BiSeNet:

@@ -129,14 +129,9 @@ def load_facenet(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
         raise ImportError(
             f"facenet_pytorch is not available ({error}); install it with `pip install --no-deps facenet-pytorch`"
         ) from error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refusals, truncation, not a zip/pickle
-        raise WeightsNotFoundError(
-            f"cannot read {path} as a tensor-only PyTorch checkpoint ({type(error).__name__}). {FACENET_HOW_TO}"
-        ) from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsNotFoundError(f"{path} is not a state dict of tensors. {FACENET_HOW_TO}")
+    from ... import checkpoints
+
+    state = checkpoints.read_tensors(path, "FaceNet (InceptionResnetV1)", hint=FACENET_HOW_TO)
     state = {key: value for key, value in state.items() if not key.startswith("logits.")}
     model = InceptionResnetV1(pretrained=None, classify=False)
     try:

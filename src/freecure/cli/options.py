@@ -1,0 +1,155 @@
+"""Reusable argparse option types and output-folder checks for every sub-command.
+
+Each type checks one option at parse time, before any model loads, and raises
+``argparse.ArgumentTypeError`` with a message that says what was wrong and what to give
+instead; argparse turns it into one line and exit code 2. Use them as ``type=``::
+
+    parser.add_argument("--steps", type=steps, default=50)
+    parser.add_argument("--guidance-scale", type=finite_float(minimum=0.0), default=None)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--height", type=image_size, default=None)
+    parser.add_argument("--device", type=device, default=None)
+
+:func:`check_output_folder` checks that an ``--out`` folder can be written (and is free, or
+``--overwrite`` was given) before the work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import InputError
+
+#: Training steps of every supported scheduler (``configs.SD_SCHEDULER``): more inference
+#: steps than this cannot be scheduled.
+MAX_STEPS = 1000
+#: torch generators take seeds in [0, 2⁶⁴).
+MAX_SEED = 2**64 - 1
+#: Image sides: at least a few latent pixels, at most what one GPU can hold (SDXL at 4096²
+#: already needs tens of GiB). The model's own multiple (64 for SD/SDXL) is checked later.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE, IMAGE_SIDE_MULTIPLE = 16, 4096, 8
+
+
+def _number(text: str, kind: Callable, what: str):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def finite_float(minimum: float | None = None, maximum: float | None = None, open_minimum: bool = False):
+    """A float type that rejects NaN, ±inf and values outside [minimum, maximum]
+    ((minimum, maximum] when ``open_minimum``)."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float, "a number")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a plain number such as 7.5")
+        low_bad = minimum is not None and (value <= minimum if open_minimum else value < minimum)
+        if low_bad or (maximum is not None and value > maximum):
+            low = "(" if open_minimum else "["
+            bounds = f"{low}{'-∞' if minimum is None else f'{minimum:g}'}, {'∞' if maximum is None else f'{maximum:g}'}]"
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {bounds}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
+
+
+def int_range(minimum: int | None = None, maximum: int | None = None, what: str = "a whole number"):
+    """An int type that rejects values outside [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        value = _number(text.strip().replace("_", ""), int, what)
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            high = "" if maximum is None else f" and at most {maximum}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be at least {minimum}{high}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+#: T: at least 2 (inversion needs a step to invert), at most the scheduler's training steps.
+steps = int_range(2, MAX_STEPS, "a number of steps")
+#: A torch generator seed: 0 … 2⁶⁴−1.
+seed = int_range(0, MAX_SEED, "a seed (a whole number)")
+
+
+def image_size(text: str) -> int:
+    """An image side in pixels: a multiple of 8 in [16, 4096] (zero is not "default")."""
+    value = _number(text.strip(), int, "a size in pixels")
+    if not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE or value % IMAGE_SIDE_MULTIPLE:
+        raise argparse.ArgumentTypeError(
+            f"{value} px cannot be generated: give a multiple of {IMAGE_SIDE_MULTIPLE} between "
+            f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} (omit the option for the model's default)"
+        )
+    return value
+
+
+def device(text: str) -> str:
+    """A torch device that exists on this machine: cpu, cuda, cuda:N, mps."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; give cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError(f"{text}: Apple MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: freecure runs on cpu, cuda or mps devices")
+    return text
+
+
+def existing_file(text: str) -> Path:
+    """A path that must be an existing file (weights, embeddings)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{path} {reason}; give the path of a file")
+    return path
+
+
+def check_output_folder(out: Path, overwrite: bool = False, option: str = "--out", resumable: bool = False) -> None:
+    """Refuse an output folder that cannot be written, before any work is done.
+
+    Args:
+        out: the folder (created later).
+        overwrite: an existing non-empty folder may be replaced.
+        option: the option's name, for the message.
+        resumable: an existing folder is resumed (``freecure eval``): no "free" check.
+
+    Raises:
+        InputError: ``out`` is a file, lies under a file, is not writable, or holds files and
+            neither ``overwrite`` nor ``resumable`` is set.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} must be a folder, but {out} is a file; choose another {option}")
+    if out.is_dir() and not resumable and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{option} {out} already exists and holds files; choose another {option} or pass --overwrite")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {out} cannot be created: {existing} is a file")
+    # the folder itself is replaced by a sibling (atomic writes), so its parent must be writable too
+    writable = [existing] if existing != out else [out, out.parent if out.parent.exists() else out]
+    for folder in writable:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{option} {out} is not writable ({folder} does not allow writing); choose another {option}")
