@@ -41,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, shorten
 from .parsing.labels import class_ids
 
 logger = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def _locate_subject(
     starts = _find_phrase(words, class_words)
     if not starts:
         raise InputError(
-            f"the class word {class_text!r} does not occur in the prompt {prompt!r}; "
+            f"the class word {class_text!r} does not occur in the prompt {shorten(prompt)!r}; "
             f"write the subject into the prompt (e.g. 'a {class_text} with black hair') "
             "or pass the class word the prompt uses"
         )
@@ -328,12 +328,12 @@ def _locate_subject(
     triggers = [i for i, word in enumerate(words) if word.lower == trigger.lower()]
     if not triggers:
         raise InputError(
-            f"the trigger word {trigger!r} does not occur in the prompt {prompt!r}; the "
+            f"the trigger word {trigger!r} does not occur in the prompt {shorten(prompt)!r}; the "
             f"personalized model needs it right after the class word, e.g. {example}"
         )
     if len(triggers) > 1:
         raise InputError(
-            f"the trigger word {trigger!r} occurs {len(triggers)} times in {prompt!r}; "
+            f"the trigger word {trigger!r} occurs {len(triggers)} times in {shorten(prompt)!r}; "
             f"write it once, right after the class word, e.g. {example}"
         )
     position = triggers[0]
@@ -344,7 +344,7 @@ def _locate_subject(
     before = repr(words[position - 1].text) if position > 0 else "nothing"
     raise InputError(
         f"the trigger word {trigger!r} must come right after the class word {class_text!r}, "
-        f"e.g. {example}; in {prompt!r} it follows {before}"
+        f"e.g. {example}; in {shorten(prompt)!r} it follows {before}"
     )
 
 
@@ -470,7 +470,7 @@ def token_indices_for_spans(
         spans: ``(start, end)`` character spans in ``text``.
     """
     try:
-        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenizer(text, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     except (NotImplementedError, TypeError, KeyError, ValueError):
         return _token_indices_by_prefix(tokenizer, text, spans)
     result = []
@@ -506,16 +506,43 @@ def _token_indices_by_prefix(
     ]
 
 
+def _context_limit(tokenizer: Any) -> int | None:
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit <= 100_000 else None
+
+
+def _report_cut_words(
+    tokenizer: Any, prompt: str, words: Sequence[_Word], columns: Sequence[tuple[int, ...]], class_columns
+) -> None:
+    """Say which words fall past the text encoder's context (it sees BOS + limit − 2 tokens +
+    EOS) and are cut; refuse a prompt whose class word is cut."""
+    limit = _context_limit(tokenizer)
+    if limit is None:
+        return
+    cut = [word.text for word, cols in zip(words, columns) if cols and min(cols) > limit - 2]
+    if class_columns and max(class_columns) > limit - 2:
+        raise InputError(
+            f"the class word lies past the {limit}-token context of the text encoder in {shorten(prompt)!r}; "
+            "shorten the prompt or name the subject earlier"
+        )
+    if cut:
+        logger.warning(
+            "the prompt is longer than the text encoder's %d tokens; these words are cut and have no effect: %s",
+            limit,
+            shorten(" ".join(cut), 120),
+        )
+
+
 def _check_context(tokenizer: Any, prompt: str, attributes: Sequence[Attribute]) -> None:
     """Raise when an attribute's tokens fall past the text encoder's context window."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    if not isinstance(limit, int) or limit > 100_000:
+    limit = _context_limit(tokenizer)
+    if limit is None:
         return
     for attribute in attributes:
         if attribute.token_indices and max(attribute.token_indices) > limit - 2:
             raise InputError(
                 f"the attribute {attribute.text!r} lies past the {limit}-token context of the "
-                f"text encoder in {prompt!r}; shorten the prompt or move the attribute forward"
+                f"text encoder in {shorten(prompt)!r}; shorten the prompt or move the attribute forward"
             )
 
 
@@ -696,6 +723,7 @@ def _fill_token_indices(
         return tuple(sorted({c for k in range(first, last + 1) for c in columns[k]}))
 
     class_columns = columns_of(*word_ranges[0])
+    _report_cut_words(tokenizer, text, words, columns, class_columns)
     filled = [
         (first, replace(attribute, token_indices=columns_of(*word_range)))
         for (first, attribute), word_range in zip(attributes, word_ranges[1:])
@@ -732,6 +760,6 @@ def detect_class_word(prompt: str, candidates: Sequence[str] = COMMON_CLASS_WORD
         if candidate in words:
             return candidate
     raise InputError(
-        f"no class word ({', '.join(candidates)}) found in the prompt {prompt!r}; "
+        f"no class word ({', '.join(candidates)}) found in the prompt {shorten(prompt)!r}; "
         "name the subject's class word explicitly (--class-word WORD)"
     )

@@ -235,6 +235,15 @@ def load_clip_tokenizer(
     directory = Path(path) if path is not None else cached_clip_tokenizer_dir()
     if not directory.is_dir():
         raise WeightsNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+    if not (directory / "tokenizer.json").is_file() and not all(
+        (directory / name).is_file() for name in ("vocab.json", "merges.txt")
+    ):
+        inner = directory / "tokenizer"
+        hint = f"; did you mean {inner}?" if inner.is_dir() else ""
+        raise WeightsNotFoundError(
+            f"{directory} holds no CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json): "
+            f"give a tokenizer folder such as a diffusers model's tokenizer/{hint}"
+        )
     # Files must go through from_pretrained: in transformers 5 the constructor's
     # vocab_file/merges_file arguments are silently ignored.
     return CLIPTokenizer.from_pretrained(

@@ -51,7 +51,7 @@ from ..configs import SD15_UNET as SD15_UNET_CONFIG
 from ..configs import SD15_VAE as SD15_VAE_CONFIG
 from ..configs import SD_SCHEDULER
 from ..configs import VIT_L14_VISION as VIT_L14_VISION_CONFIG
-from ..errors import InputError, WeightsNotFoundError
+from ..errors import InputError, WeightsNotFoundError, shorten
 from .base import Backend, TextConditioning
 from .modules import FuseModule
 
@@ -180,7 +180,7 @@ def subject_caption(parsed: ParsedPrompt, tokenizer) -> str:
         # BOS is column 0, so the class word's last token is column len(tokens up to it).
         if len(tokenizer(prompt[: match.end()], add_special_tokens=False)["input_ids"]) == last:
             return f"{prompt[: match.end()]} {IMAGE_TOKEN}{prompt[match.end() :]}"
-    raise InputError(f"cannot locate the class word {parsed.class_word!r} at token {last} of {prompt!r}")
+    raise InputError(f"cannot locate the class word {parsed.class_word!r} at token {last} of {shorten(prompt)!r}")
 
 
 # ----------------------------------------------------------------------------- reference images

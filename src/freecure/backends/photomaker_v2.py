@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import InputError, WeightsNotFoundError
-from .photomaker import SDXL_TEXT_DIMS, PhotoMakerIDEncoder, fuse_class_tokens
+from .photomaker_id import SDXL_TEXT_DIMS, PhotoMakerIDEncoder, fuse_class_tokens
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from ..atomic import json_text
 from ..attributes import ParsedPrompt, parse_prompt
 
 _COLUMNS = ("attribute", "kind", "category", "parse classes", "tokens")
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_clip_tokenizer(args.tokenizer)
     parsed = parse_prompt(args.prompt, args.class_word, trigger=args.trigger, tokenizer=tokenizer)
     if args.json:
-        print(json.dumps(parsed.to_dict(), indent=2))
+        print(json_text(parsed.to_dict()), end="")
     else:
         print(format_table(parsed))
     return 0

@@ -3,7 +3,8 @@ counted by running each schedule on the tiny pipeline."""
 
 from __future__ import annotations
 
-import json
+from ..atomic import json_text
+from . import options
 
 
 def register(subparsers) -> None:
@@ -12,10 +13,10 @@ def register(subparsers) -> None:
         help="count UNet calls and batch items: plain PD vs the paper read literally vs this engine",
         description="Runs each schedule on tiny random-weight components and counts the UNet work.",
     )
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--gamma", type=float, default=0.5)
-    parser.add_argument("--inject-step", type=int, default=10)
-    parser.add_argument("--expression-guidance-scale", type=float, default=1.0)
+    parser.add_argument("--steps", type=options.steps, default=50)
+    parser.add_argument("--gamma", type=options.finite_float(0.0, 1.0, open_minimum=True), default=0.5)
+    parser.add_argument("--inject-step", type=options.non_negative_int, default=10)
+    parser.add_argument("--expression-guidance-scale", type=options.finite_float(1.0, 100.0), default=1.0)
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -45,7 +46,7 @@ def run(args) -> int:
     pipeline.set_progress_bar_config(disable=True)
     result = count_costs(freecure, num_inference_steps=args.steps, inject_step=args.inject_step)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result), end="")
         return 0
     settings = result["settings"]
     print(

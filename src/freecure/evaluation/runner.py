@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..atomic import remove_stale, write_file
 from ..errors import InputError
 from ..images import load_reference
 from ..masks import render_mask_overlay
@@ -103,10 +104,7 @@ def done_keys(directory: str | os.PathLike) -> set[str]:
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically (temporary file, then rename): a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    write_file(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 class Evaluator:
@@ -168,6 +166,8 @@ class Evaluator:
         pc = self.prompt_consistency([generated[m] for m in METHODS], foundation_prompt)
 
         folder = self.out_dir / item.folder
+        # this process owns the item (shard lock): temporaries left there by a killed run are stale
+        remove_stale(folder, any_process=True)
         paths: dict[str, str | None] = {}
         faces: dict[str, str | None] = {}
         metrics: dict[str, dict] = {}

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +120,80 @@ def read_jsonl(path: Path, report: ReadReport | None = None) -> list[dict]:
     return rows
 
 
+#: The methods every result row scores (``freecure.evaluation.runner.METHODS``).
+ROW_METHODS = ("fd", "pd", "freecure")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_relative_path(value) -> bool:
+    return value is None or (
+        isinstance(value, str) and bool(value) and not value.startswith(("/", "\\")) and ".." not in value.split("/")
+    )
+
+
+def row_problem(row: dict) -> str | None:
+    """What is wrong with a result row's types or shape, or None for a good row.
+
+    Checked: the fields the tables, the diversity metric and the HTML report read — strings
+    where strings belong, whole numbers for indices and seeds, finite numbers for metrics,
+    one ``metrics``/``images``/``faces`` entry per method, and image paths that stay inside
+    the results folder.
+    """
+    for name in ("key", "backend", "settings_hash", "identity", "prompt_template"):
+        if not isinstance(row.get(name), str):
+            return f"{name} is not a string"
+    for name in ("prompt_index", "seed", "n_attributes"):
+        if not _is_int(row.get(name)) or row[name] < 0:
+            return f"{name} is not a non-negative whole number"
+    attributes = row.get("attributes", [])
+    if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
+        return "attributes is not a list of strings"
+    coverage = row.get("mask_coverage")
+    if coverage is not None and not _is_number(coverage):
+        return "mask_coverage is not a number"
+    for block in ("metrics", "images", "faces"):
+        if not isinstance(row.get(block), dict):
+            return f"{block} is not an object"
+    for method in ROW_METHODS:
+        metrics = row["metrics"].get(method)
+        if not isinstance(metrics, dict):
+            return f"metrics.{method} is missing"
+        if not _is_number(metrics.get("pc")):
+            return f"metrics.{method}.pc is not a finite number"
+        if metrics.get("if") is not None and not _is_number(metrics["if"]):
+            return f"metrics.{method}.if is not a finite number or null"
+        if not isinstance(metrics.get("face_found"), bool):
+            return f"metrics.{method}.face_found is not true/false"
+        if not _is_relative_path(row["images"].get(method)) or not _is_relative_path(row["faces"].get(method)):
+            return f"images.{method} or faces.{method} is not a relative path inside the results folder"
+    if not _is_relative_path(row["images"].get("mask_overlay")):
+        return "images.mask_overlay is not a relative path inside the results folder"
+    return None
+
+
 def read_results(directories: Iterable[str | os.PathLike], report: ReadReport | None = None) -> list[dict]:
-    """Every row of every shard in ``directories``; each row gets ``_root`` = its folder."""
+    """Every well-formed row of every shard in ``directories``; each row gets ``_root`` = its
+    folder. Rows of the wrong type or shape (:func:`row_problem`) are skipped with a warning
+    and listed in ``report.skipped_lines``."""
     rows = []
     for directory in directories:
         for path in shard_paths(directory):
             if report is not None:
                 report.files.append(path)
             for row in read_jsonl(path, report):
+                problem = row_problem(row)
+                if problem is not None:
+                    logger.warning("%s: skipping the row %s: %s", path, shorten(str(row.get("key")), 60), problem)
+                    if report is not None:
+                        report.skipped_lines.append(f"{path}: row {shorten(str(row.get('key')), 60)} ({problem})")
+                    continue
                 row["_root"] = str(Path(directory))
                 rows.append(row)
     return rows

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from statistics import fmean
 
+from ..atomic import json_text
 from .runner import METHOD_LABELS, METHODS
 
 TABLE1_METRICS = ("pc", "if", "face_div", "pc_x_if")
@@ -214,4 +214,4 @@ def table2_csv(table: Sequence[dict]) -> str:
 
 
 def tables_json(t1: Sequence[dict], t2: Sequence[dict], extra: dict | None = None) -> str:
-    return json.dumps({"table1": list(t1), "table2": list(t2), **(extra or {})}, indent=2, sort_keys=False) + "\n"
+    return json_text({"table1": list(t1), "table2": list(t2), **(extra or {})}, indent=2, sort_keys=False)
