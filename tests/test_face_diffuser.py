@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,7 +405,7 @@ def test_missing_weights_offline_point_at_tiny_and_local_paths(tmp_path, monkeyp
             "--prompt",
             PROMPT,
             "--ref",
-            "x.png",
+            str(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"),  # refs are read first
             "--device",
             "cpu",
             "--out",

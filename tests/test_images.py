@@ -49,3 +49,43 @@ def test_missing_unreadable_and_directory_inputs(tmp_path):
         load_image(tmp_path / "notes.png")
     with pytest.raises(InputError, match="directory"):
         load_image(tmp_path)
+
+
+def rotated_phone_photo(path):
+    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90° clockwise to view"), as
+    phones write them: stored 40×20, red on the stored left half, blue on the right."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied_to_files_and_pil_images(tmp_path):
+    path = rotated_phone_photo(tmp_path / "phone.jpg")
+    for source in (path, Image.open(path)):
+        upright = np.asarray(load_image(source)).astype(int)
+        assert upright.shape == (40, 20, 3)  # shown 20 wide, 40 tall
+        # rotated clockwise: the stored left (red) half is now on top, the blue half below
+        assert upright[5, 10, 0] > 200 and upright[5, 10, 2] < 60
+        assert upright[35, 10, 2] > 200 and upright[35, 10, 0] < 60
+
+
+def test_every_reader_of_user_photos_applies_the_orientation(tmp_path):
+    """References of `generate`/the pipeline and of the evaluation identities go through
+    freecure.images.load_reference, which applies EXIF orientation too."""
+    from freecure.images import load_reference
+
+    path = rotated_phone_photo(tmp_path / "phone.jpg")
+    assert load_reference(path, min_side=16).size == (20, 40)
+    with pytest.raises(InputError, match="too small to hold a face"):
+        load_reference(path)  # 20 px < 32 px
+
+
+def test_decompression_bombs_are_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(InputError, match="too large to decode safely"):
+        load_image(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -107,10 +108,13 @@ def read_tensors(path: str | os.PathLike, what: str = "checkpoint", hint: str = 
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reading failure means "unusable file"
-        kind = "safetensors" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "tensor-only PyTorch"
+        kind = "a safetensors file" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "a PyTorch checkpoint"
+        reason = _first_line(error)
+        if isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: never
+            reason = "it holds objects other than tensors, which freecure never unpickles"
         raise WeightsNotFoundError(
-            f"cannot read {path} as a {kind} file for {what} ({_first_line(error)}); it may be truncated, "
-            f"corrupt or of another format: download it again or pass the right file.{tail}"
+            f"cannot read {path} as {kind} for {what} ({reason}); it may be truncated, corrupt or of "
+            f"another format: download it again or pass the right file.{tail}"
         ) from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]

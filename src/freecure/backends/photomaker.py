@@ -435,6 +435,8 @@ class PhotoMakerBackend(Backend):
 
     @classmethod
     def add_cli_arguments(cls, group) -> None:
+        from ..cli.options import finite_float
+
         group.add_argument(
             "--photomaker-version",
             choices=sorted(CHECKPOINTS),
@@ -451,7 +453,7 @@ class PhotoMakerBackend(Backend):
         )
         group.add_argument(
             "--photomaker-style-strength",
-            type=float,
+            type=finite_float(0.0, 100.0),
             default=DEFAULT_STYLE_STRENGTH,
             metavar="PERCENT",
             help="photomaker: style strength; identity is merged after step "

@@ -70,6 +70,8 @@ class TokenFusionBackend(Backend):
 
     @classmethod
     def add_cli_arguments(cls, group) -> None:
+        from ..cli.options import finite_float
+
         group.add_argument(
             "--identity-embedding",
             metavar="FILE",
@@ -78,7 +80,7 @@ class TokenFusionBackend(Backend):
         )
         group.add_argument(
             "--inject-fraction",
-            type=float,
+            type=finite_float(0.0, 0.999),
             default=0.2,
             help="token-fusion: identity is injected from step int(fraction × steps) (default 0.2)",
         )

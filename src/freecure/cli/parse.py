@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     parser.add_argument(
         "--weights",
-        type=options.existing_file,
+        type=Path,
         metavar="PATH",
         help=f"BiSeNet checkpoint 79999_iter.pth (default: ${ENV_VAR}, Hub cache, installed copy)",
     )

@@ -28,7 +28,7 @@ from ..atomic import json_text, write_files
 from ..errors import InputError
 from .metrics.diversity import compute_diversity, diversity_groups
 from .runner import METHOD_LABELS, METHODS
-from .store import ReadReport, ResultStore, merge_rows, read_jsonl, read_results
+from .store import ReadReport, ResultStore, merge_rows, read_jsonl, read_results, well_formed
 from .tables import (
     TABLE1_HEADERS,
     TABLE1_METRICS,
@@ -99,7 +99,8 @@ def write_report(
         if not directory.is_dir():
             raise InputError(f"results folder not found: {directory}")
     read = ReadReport()
-    rows = sorted(merge_rows(read_results(result_dirs, read), read).values(), key=lambda row: row["key"])
+    rows = well_formed(read_results(result_dirs, read), read)
+    rows = sorted(merge_rows(rows, read).values(), key=lambda row: row["key"])
     if not rows:
         raise InputError(
             f"no results in {', '.join(map(str, result_dirs))} (looked for results.rank*.jsonl); "

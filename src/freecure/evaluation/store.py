@@ -179,24 +179,32 @@ def row_problem(row: dict) -> str | None:
 
 
 def read_results(directories: Iterable[str | os.PathLike], report: ReadReport | None = None) -> list[dict]:
-    """Every well-formed row of every shard in ``directories``; each row gets ``_root`` = its
-    folder. Rows of the wrong type or shape (:func:`row_problem`) are skipped with a warning
-    and listed in ``report.skipped_lines``."""
+    """Every row of every shard in ``directories``; each row gets ``_root`` = its folder."""
     rows = []
     for directory in directories:
         for path in shard_paths(directory):
             if report is not None:
                 report.files.append(path)
             for row in read_jsonl(path, report):
-                problem = row_problem(row)
-                if problem is not None:
-                    logger.warning("%s: skipping the row %s: %s", path, shorten(str(row.get("key")), 60), problem)
-                    if report is not None:
-                        report.skipped_lines.append(f"{path}: row {shorten(str(row.get('key')), 60)} ({problem})")
-                    continue
                 row["_root"] = str(Path(directory))
                 rows.append(row)
     return rows
+
+
+def well_formed(rows: Iterable[dict], report: ReadReport | None = None) -> list[dict]:
+    """The rows without a :func:`row_problem`; the others are skipped with a warning and
+    listed in ``report.skipped_lines`` (what `freecure report` reads)."""
+    good = []
+    for row in rows:
+        problem = row_problem(row)
+        if problem is None:
+            good.append(row)
+            continue
+        where = f"{row.get('_root', '?')}: row {shorten(str(row.get('key')), 60)}"
+        logger.warning("%s: skipping a malformed row: %s", where, problem)
+        if report is not None:
+            report.skipped_lines.append(f"{where} ({problem})")
+    return good
 
 
 def merge_rows(rows: Iterable[dict], report: ReadReport | None = None) -> dict[str, dict]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from ...images import load_image
 from .identity import FACE_SIZE
 
 #: Results compared per ⟨identity, prompt⟩ pair (paper: 5).
@@ -105,10 +106,7 @@ def compute_diversity(
         if task["key"] in cached:
             results.append(cached[task["key"]])
             continue
-        crops = []
-        for path in task["crops"]:
-            with Image.open(path) as image:
-                crops.append(image.convert("RGB"))
+        crops = [load_image(path) for path in task["crops"]]  # upright RGB, clear errors
         value, pairs = face_diversity(crops, lpips) if lpips is not None else (None, 0)
         result = {k: v for k, v in task.items() if k != "crops"} | {"face_div": value, "pairs": pairs}
         if on_result is not None and lpips is not None:

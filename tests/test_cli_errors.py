@@ -1,0 +1,288 @@
+"""Hostile but fair input: one clear line and exit code 2, never a traceback, and nothing
+loaded or computed before the input is known to be usable (issue 9, kinds 1–3)."""
+
+from __future__ import annotations
+
+import errno
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freecure import checkpoints
+from freecure.cli import main
+from freecure.errors import InputError, WeightsNotFoundError
+
+PROMPT = "a man with black curly hair, laughing happily"
+
+
+@pytest.fixture
+def ref(tmp_path, astronaut):
+    path = tmp_path / "ref.png"
+    astronaut.resize((64, 64)).save(path)
+    return path
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if any model is built: the input must be refused before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the input was checked")
+
+    import freecure.tiny
+    from freecure.backends import BACKENDS
+
+    for name in ("tiny_sd15_pipeline", "tiny_sdxl_pipeline"):
+        monkeypatch.setattr(freecure.tiny, name, refuse)
+    for backend in BACKENDS.values():
+        monkeypatch.setattr(backend, "from_cli", classmethod(refuse))
+
+
+def one_line_error(capsys) -> str:
+    """The one error line on stderr (model-loading progress bars of --tiny aside)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("freecure")]
+    assert len(lines) == 1 and "error:" in lines[0], err
+    return lines[0]
+
+
+def tiny_generate(ref, out, *extra) -> list[str]:
+    args = ["generate", "--tiny", "--prompt", PROMPT, "--ref", str(ref), "--steps", "2", "--no-progress"]
+    return args + ["--out", str(out), *extra]
+
+
+# --------------------------------------------------------------------------- option types
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "5000"], "--steps"),  # more than the scheduler's 1000 training steps
+        (["--steps", "nan"], "--steps"),
+        (["--seed", str(2**64)], "--seed"),  # torch generators take 64-bit seeds
+        (["--seed", "-1"], "--seed"),
+        (["--height", "0"], "--height"),  # zero was silently replaced by the default
+        (["--width", "1000000"], "--width"),
+        (["--height", "100"], "--height"),  # not a multiple of 8
+        (["--guidance-scale", "nan"], "finite"),
+        (["--guidance-scale", "inf"], "finite"),
+        (["--guidance-scale", "1e30"], "--guidance-scale"),
+        (["--gamma", "nan"], "finite"),
+        (["--expression-guidance-scale", "nan"], "finite"),
+        (["--inject-fraction", "nan"], "finite"),
+        (["--device", "nonsense"], "--device"),
+        (["--device", "cuda:99"], "--device"),
+        (["--dtype", "float8"], "--dtype"),
+    ],
+)
+def test_numeric_and_device_options_are_refused_at_parse_time(tmp_path, ref, capsys, no_models, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_generate(ref, tmp_path / "out", *extra))
+    assert exit_info.value.code == 2
+    error = one_line_error(capsys)
+    assert error.startswith("freecure generate: error:") and message in error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["cost", "--steps", "5000"], "--steps"),
+        (["cost", "--gamma", "inf"], "finite"),
+        (["eval", "--identities", "x", "--out", "y", "--num-seeds", "0"], "--num-seeds"),
+        (["eval", "--identities", "x", "--out", "y", "--seed-offset", str(2**64)], "--seed-offset"),
+        (["report", "x", "--grid-rows", "-1"], "--grid-rows"),
+        (["parse", "x.png", "--out", "y", "--device", "tpu"], "--device"),
+    ],
+)
+def test_every_command_validates_its_numbers(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in one_line_error(capsys)
+
+
+def test_out_is_checked_before_any_model_loads(tmp_path, ref, capsys, no_models):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    assert main(tiny_generate(ref, blocker / "run")) == 2
+    assert "is a file" in one_line_error(capsys)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert main(tiny_generate(ref, taken)) == 2
+    assert "already exist" in one_line_error(capsys)
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
+def test_references_too_small_or_too_large_are_refused_before_models_load(tmp_path, capsys, no_models, monkeypatch):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (8, 8), "white").save(small)
+    assert main(tiny_generate(small, tmp_path / "out")) == 2
+    assert "too small to hold a face" in one_line_error(capsys)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64), "white").save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2 × the limit: a decompression bomb
+    assert main(tiny_generate(big, tmp_path / "out")) == 2
+    assert "too large to decode safely" in one_line_error(capsys)
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, ref, capsys, no_models):
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x")
+    cases = [
+        (["--photomaker-weights", str(weights)], "belongs to the photomaker backend"),
+        (["--backend", "photomaker", "--photomaker-weights", str(weights)], "--photomaker-weights would be ignored"),
+        (["--parser-weights", str(weights)], "--parser-weights would be ignored"),
+        (["--base-model", "some/model"], "--base-model would be ignored"),
+        (["--inject-step", "2"], "--inject-step must lie in 0..1"),
+    ]
+    for extra, message in cases:
+        assert main(tiny_generate(ref, tmp_path / "out", *extra)) == 2
+        assert message in one_line_error(capsys)
+
+
+def test_tokenizer_folder_without_tokenizer_files_is_an_error(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "config.json").write_text("{}")
+    argv = ["attributes", "a man with black hair", "--class-word", "man", "--tokenizer", str(tmp_path / "tok")]
+    assert main(argv) == 2
+    assert "no CLIP tokenizer files" in one_line_error(capsys)
+    assert main(["--debug", *argv]) == 2  # --debug: the same message, with the traceback
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_long_prompts_are_shortened_in_messages(capsys):
+    prompt = "a dog " + "with a very long tail " * 500
+    assert main(["attributes", prompt, "--class-word", "man", "--no-tokens"]) == 2
+    error = one_line_error(capsys)
+    assert "does not occur" in error and len(error) < 400 and "characters)" in error
+
+
+def test_words_past_the_token_limit_are_named(caplog):
+    from freecure.attributes import parse_prompt
+    from freecure.tokenization import load_clip_tokenizer
+
+    prompt = "a man with black hair, " + "standing still, " * 40 + "holding a zebra"
+    with caplog.at_level("WARNING", logger="freecure.attributes"):
+        parse_prompt(prompt, "man", tokenizer=load_clip_tokenizer())
+    warning = " ".join(r.getMessage() for r in caplog.records if r.name == "freecure.attributes")
+    assert "cut" in warning and "zebra" in warning and "77" in warning
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def _weight_files(tmp_path) -> dict[str, object]:
+    """Broken files of every format a weights option accepts."""
+    from safetensors.torch import save_file
+
+    good_st = tmp_path / "good.safetensors"
+    save_file({"identity": torch.ones(4)}, str(good_st))
+    good_pt = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(64, 64)}, good_pt)
+    files = {
+        "truncated.safetensors": good_st.read_bytes()[: len(good_st.read_bytes()) // 2],
+        "garbage.safetensors": b"\x00" * 3 + b"not a header",
+        "empty.safetensors": b"",
+        "truncated.pth": good_pt.read_bytes()[: len(good_pt.read_bytes()) // 2],
+        "garbage.bin": b"PK\x03\x04 this is not a zip archive",
+        "empty.pt": b"",
+    }
+    paths = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths[name] = tmp_path / name
+    return paths
+
+
+def test_corrupt_weight_files_of_every_format_name_the_file(tmp_path):
+    for name, path in _weight_files(tmp_path).items():
+        with pytest.raises(WeightsNotFoundError) as error:
+            checkpoints.read_tensors(path, "a test checkpoint")
+        message = str(error.value)
+        assert str(path) in message and "truncated" in message and "\n" not in message, name
+
+
+def test_weights_options_report_corrupt_files_in_one_line(tmp_path, ref, capsys):
+    broken = _weight_files(tmp_path)
+    cases = [  # every weights option of the CLI reads through checkpoints.read_tensors
+        (tiny_generate(ref, tmp_path / "a", "--identity-embedding", str(broken["truncated.safetensors"]))),
+        (["parse", str(ref), "--out", str(tmp_path / "p"), "--weights", str(broken["truncated.pth"])]),
+        (tiny_generate(ref, tmp_path / "b", "--backend", "fastcomposer", "--fastcomposer-checkpoint",
+                       str(broken["garbage.bin"]))),
+    ]
+    for argv in cases:
+        assert main(argv) == 2
+        error = one_line_error(capsys)
+        assert "cannot read" in error and str(tmp_path) in error, error
+
+
+def test_token_fusion_reads_a_saved_identity_embedding(tmp_path, ref):
+    """The README's token-fusion path: the embedding file is read, and it changes PD."""
+    from safetensors.torch import save_file
+
+    from freecure.backends.token_fusion import load_identity_embedding
+
+    path = tmp_path / "emb.safetensors"
+    save_file({"identity": torch.full((32,), 0.5)}, str(path))
+    assert torch.equal(load_identity_embedding(path), torch.full((32,), 0.5))
+    save_file({"identity": torch.full((32,), math.nan)}, str(path))
+    with pytest.raises(InputError, match="NaN"):
+        load_identity_embedding(path)
+
+
+# --------------------------------------------------------------------------- expected errors
+
+
+def test_full_disk_is_one_line_and_leaves_no_half_run(tmp_path, ref, capsys, monkeypatch):
+    out = tmp_path / "run"
+    original = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        if str(fp).endswith("pd.png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert main(tiny_generate(ref, out)) == 2
+    assert "no space left" in one_line_error(capsys)
+    assert not out.exists() and list(tmp_path.glob(".run*")) == []  # nothing half-written
+
+
+# --------------------------------------------------------------------------- Python API
+
+
+def test_python_api_rejects_non_finite_numbers(tiny_sd15):
+    from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.pipeline import FreeCureConfig, FreeCurePipeline
+    from freecure.tiny import LayoutFaceParser
+
+    for bad in (dict(gamma=math.nan), dict(expression_guidance_scale=math.nan), dict(expression_guidance_scale=math.inf)):
+        with pytest.raises(InputError):
+            FreeCureConfig(**bad)
+    backend = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32))
+    freecure = FreeCurePipeline(backend, LayoutFaceParser())
+    image = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    for bad in (
+        dict(guidance_scale=math.nan),
+        dict(guidance_scale=math.inf),
+        dict(guidance_rescale=math.nan),
+        dict(num_inference_steps=5000),
+        dict(height=0),
+        dict(num_inference_steps=4, inject_step=math.nan),
+    ):
+        with pytest.raises(InputError):
+            freecure(PROMPT, reference_images=[image], num_inference_steps=bad.pop("num_inference_steps", 2), **bad)
+
+
+def test_json_is_written_strictly(tmp_path):
+    from freecure.atomic import NonFiniteError, json_text, write_json
+
+    with pytest.raises(NonFiniteError, match=r"settings\.guidance_scale"):
+        write_json(tmp_path / "m.json", {"settings": {"guidance_scale": math.nan}, "ok": 1.0})
+    assert not (tmp_path / "m.json").exists() and list(tmp_path.iterdir()) == []
+    assert json_text({"a": [1.5, None]}) == '{\n  "a": [\n    1.5,\n    null\n  ]\n}\n'
