@@ -172,7 +172,8 @@ def tiny_t5_tokenizer(model_max_length: int = 32):
     from transformers import T5TokenizerFast
 
     data = files("freecure") / "data"
-    text = " ".join((data / name).read_text(encoding="utf-8") for name in ("attribute_vocabulary.csv", "prompts_table3.csv"))
+    sources = ("attribute_vocabulary.csv", "prompts_table3.csv")
+    text = " ".join((data / name).read_text(encoding="utf-8") for name in sources)
     words = sorted(set(re.findall(r"[a-z]+", text.lower())) | {"a", "an", "the", "man", "woman", "img", "photo"})
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("▁" + word, -5.0) for word in words]
