@@ -2,6 +2,7 @@
 
 from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
+from .infiniteyou import InfiniteYouBackend
 from .fastcomposer import FastComposerBackend
 from .photomaker import PhotoMakerBackend
 from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
@@ -12,6 +13,7 @@ BACKENDS: dict[str, type[Backend]] = {
     FastComposerBackend.name: FastComposerBackend,
     FaceDiffuserBackend.name: FaceDiffuserBackend,
     PhotoMakerBackend.name: PhotoMakerBackend,
+    InfiniteYouBackend.name: InfiniteYouBackend,
 }
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "Conditions",
     "FaceDiffuserBackend",
     "FastComposerBackend",
+    "InfiniteYouBackend",
     "PhotoMakerBackend",
     "RandomProjectionIdentityEncoder",
     "TextConditioning",

@@ -88,8 +88,13 @@ def add_model_arguments(parser) -> None:
         action="store_true",
         help="3 batch rows instead of 4 after injection (FD guidance approximate)",
     )
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    size_help = "image {} in pixels, a multiple of 64 for SD/SDXL (default: the model's)"
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="default: ddim for Stable Diffusion, flow-euler for FLUX",
+    )
+    size_help = "image {} in pixels, a multiple of 64 for SD/SDXL, 16 for FLUX (default: the model's)"
     parser.add_argument("--height", type=options.image_size, default=None, help=size_help.format("height"))
     parser.add_argument("--width", type=options.image_size, default=None, help=size_help.format("width"))
     parser.add_argument("--base-model", default=None, help="Hub id or folder of the base pipeline")
@@ -113,7 +118,7 @@ def add_model_arguments(parser) -> None:
         action="store_true",
         help="tiny random-weight components, offline: shows the machinery, images are noise",
     )
-    parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--tiny-family", choices=["sd15", "sdxl", "flux"], default="sd15")
     for name, backend in sorted(BACKENDS.items()):
         group = parser.add_argument_group(f"{name} backend")
         backend.add_cli_arguments(group)
@@ -183,6 +188,11 @@ def build_freecure(args: argparse.Namespace):
         approximate_shared_uncond=args.approximate_shared_uncond,
     )
     backend = BACKENDS[args.backend].from_cli(args)
+    family = backend.family
+    args.scheduler = args.scheduler or family.default_scheduler
+    if args.scheduler not in family.schedulers:
+        choices = ", ".join(family.schedulers)
+        raise InputError(f"--scheduler {args.scheduler} does not fit a {family.name} model; choose one of {choices}")
     set_scheduler(backend.pipeline, args.scheduler)
     return FreeCurePipeline(backend, build_face_parser(args), config)
 
