@@ -103,7 +103,10 @@ def add_model_arguments(parser) -> None:
         "--parser-weights", type=options.existing_file, default=None, help="BiSeNet checkpoint 79999_iter.pth"
     )
     parser.add_argument(
-        "--device", type=options.device, default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available)"
+        "--device",
+        type=options.device,
+        default=None,
+        help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available)",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)"
@@ -140,7 +143,9 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         InputError: the first problem found.
     """
     if args.inject_step is not None and args.inject_step >= args.steps:
-        raise InputError(f"--inject-step must lie in 0..{args.steps - 1} for --steps {args.steps}, got {args.inject_step}")
+        raise InputError(
+            f"--inject-step must lie in 0..{args.steps - 1} for --steps {args.steps}, got {args.inject_step}"
+        )
     for backend, actions in BACKEND_OPTIONS.items():
         if backend == args.backend:
             continue
