@@ -3,7 +3,7 @@
 The commands are read from README.md itself (its ```bash blocks and the backends table), so
 the README and this test cannot drift apart. Each runs in-process with `freecure.cli.main`
 and as little work as keeps it meaningful: `--tiny` added where the README says a command
-needs real weights ("add `--tiny` to run offline"), 2 denoising steps, 1 prompt and 1 seed
+needs real weights ("add `--tiny` to run offline"), 3 denoising steps, 1 prompt and 1 seed
 for the evaluation, output folders under the test's temporary folder, and `emb.safetensors`
 replaced by an identity embedding this test saves with safetensors. A renamed symbol on any
 documented path (such as the token-fusion embedding loader) fails here.
@@ -23,7 +23,7 @@ from freecure.cli import COMMANDS, main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: Options whose value is shrunk to keep the suite fast: option → value.
-SMALL = {"--steps": "2", "--inject-step": "1", "--num-seeds": "1", "--limit-prompts": "1"}
+SMALL = {"--steps": "3", "--inject-step": "1", "--num-seeds": "1", "--limit-prompts": "1"}
 
 
 def readme_commands(text: str) -> list[str]:
@@ -41,7 +41,7 @@ def readme_commands(text: str) -> list[str]:
                 pending = line[:-1] + " "
                 continue
             if line.startswith("freecure "):
-                commands.append(" ".join(shlex.split(line, comments=True)))
+                commands.append(shlex.join(shlex.split(line, comments=True)))
         elif line.startswith("|"):
             for code in re.findall(r"`(freecure [a-z]+ --[^`]*)`", line):
                 commands.append(code)

@@ -48,7 +48,5 @@ def check_number(
     too_low = minimum is not None and (value <= minimum if open_minimum else value < minimum)
     if too_low or (maximum is not None and value > maximum):
         low = "(" if open_minimum else "["
-        raise InputError(
-            f"{name} must lie in {low}{'-∞' if minimum is None else minimum}, {'∞' if maximum is None else maximum}], "
-            f"got {value!r}"
-        )
+        high = "∞" if maximum is None else maximum
+        raise InputError(f"{name} must lie in {low}{'-∞' if minimum is None else minimum}, {high}], got {value!r}")

@@ -214,6 +214,8 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     # -- construction ---------------------------------------------------------------
     @classmethod
     def add_cli_arguments(cls, group) -> None:
+        from ..cli.options import non_negative_int, positive_int
+
         group.add_argument(
             "--face-diffuser-sdm", metavar="PATH",
             help="face-diffuser: SDM/pytorch_model.bin of CodeGoat24/Face-diffuser (file or folder); "
@@ -224,11 +226,11 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
             help="face-diffuser: TDM/pytorch_model.bin (file or folder); default: download from the Hub",
         )
         group.add_argument(
-            "--face-diffuser-start-merge-step", type=int, default=None, metavar="N",
+            "--face-diffuser-start-merge-step", type=non_negative_int, default=None, metavar="N",
             help="face-diffuser: last TDM-only step (default: 15 at 50 steps, scaled to --steps)",
         )
         group.add_argument(
-            "--face-diffuser-final-step", type=int, default=None, metavar="N",
+            "--face-diffuser-final-step", type=non_negative_int, default=None, metavar="N",
             help="face-diffuser: last SNF step (default: 30 at 50 steps, scaled to --steps)",
         )
         group.add_argument(
@@ -237,7 +239,7 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
             "of --base-model (then identity is injected from step 0)",
         )
         group.add_argument(
-            "--face-diffuser-object-resolution", type=int, default=512, metavar="PIXELS",
+            "--face-diffuser-object-resolution", type=positive_int, default=512, metavar="PIXELS",
             help="face-diffuser: reference resize before the image encoder (default 512)",
         )
 

@@ -515,6 +515,8 @@ class FastComposerBackend(ImageAugmentedBackend):
 
     @classmethod
     def add_cli_arguments(cls, group) -> None:
+        from ..cli.options import non_negative_int, positive_int
+
         group.add_argument(
             "--fastcomposer-checkpoint",
             metavar="PATH",
@@ -523,14 +525,14 @@ class FastComposerBackend(ImageAugmentedBackend):
         )
         group.add_argument(
             "--fastcomposer-start-merge-step",
-            type=int,
+            type=non_negative_int,
             default=None,
             metavar="N",
             help="fastcomposer: last text-only step (default: 10 at 50 steps, scaled to --steps)",
         )
         group.add_argument(
             "--fastcomposer-object-resolution",
-            type=int,
+            type=positive_int,
             default=224,
             metavar="PIXELS",
             help="fastcomposer: reference resize before the image encoder (default 224)",

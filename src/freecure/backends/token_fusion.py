@@ -158,7 +158,8 @@ def load_identity_embedding(path) -> torch.Tensor:
         raise InputError(f"{path} has no tensor named 'identity' (it has: {', '.join(tensors) or 'none'})")
     identity = tensors["identity"].float()
     if identity.ndim not in (1, 2) or identity.numel() == 0:
-        raise InputError(f"{path}: tensor 'identity' must have shape (dim,) or (tokens, dim), got {tuple(identity.shape)}")
+        shape = tuple(identity.shape)
+        raise InputError(f"{path}: tensor 'identity' must have shape (dim,) or (tokens, dim), got {shape}")
     if not torch.isfinite(identity).all():
         raise InputError(f"{path}: tensor 'identity' holds NaN or infinite values")
     return identity

@@ -69,6 +69,12 @@ def add_model_arguments(parser) -> None:
         help="CFG scale of FD and PD (default: the backend's original, e.g. 5.0 for PhotoMaker)",
     )
     parser.add_argument(
+        "--true-cfg-scale",
+        type=options.finite_float(0.0, 100.0),
+        default=1.0,
+        help="FLUX: true classifier-free guidance with --negative-prompt (1 = off, one row per lane)",
+    )
+    parser.add_argument(
         "--gamma",
         type=options.finite_float(0.0, 1.0, open_minimum=True),
         default=0.5,
@@ -108,7 +114,10 @@ def add_model_arguments(parser) -> None:
         "--parser-weights", type=options.existing_file, default=None, help="BiSeNet checkpoint 79999_iter.pth"
     )
     parser.add_argument(
-        "--device", type=options.device, default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available)"
+        "--device",
+        type=options.device,
+        default=None,
+        help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available)",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)"
@@ -145,7 +154,9 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         InputError: the first problem found.
     """
     if args.inject_step is not None and args.inject_step >= args.steps:
-        raise InputError(f"--inject-step must lie in 0..{args.steps - 1} for --steps {args.steps}, got {args.inject_step}")
+        raise InputError(
+            f"--inject-step must lie in 0..{args.steps - 1} for --steps {args.steps}, got {args.inject_step}"
+        )
     for backend, actions in BACKEND_OPTIONS.items():
         if backend == args.backend:
             continue
@@ -231,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         generator=torch.Generator().manual_seed(args.seed),
         inject_step=args.inject_step,
+        true_cfg_scale=args.true_cfg_scale,
     )
     extra = {
         "seed": args.seed,

@@ -52,7 +52,8 @@ def finite_float(minimum: float | None = None, maximum: float | None = None, ope
         low_bad = minimum is not None and (value <= minimum if open_minimum else value < minimum)
         if low_bad or (maximum is not None and value > maximum):
             low = "(" if open_minimum else "["
-            bounds = f"{low}{'-∞' if minimum is None else f'{minimum:g}'}, {'∞' if maximum is None else f'{maximum:g}'}]"
+            high = "∞" if maximum is None else f"{maximum:g}"
+            bounds = f"{low}{'-∞' if minimum is None else f'{minimum:g}'}, {high}]"
             raise argparse.ArgumentTypeError(f"{value:g} is outside {bounds}")
         return value
 
@@ -152,4 +153,6 @@ def check_output_folder(out: Path, overwrite: bool = False, option: str = "--out
     writable = [existing] if existing != out else [out, out.parent if out.parent.exists() else out]
     for folder in writable:
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{option} {out} is not writable ({folder} does not allow writing); choose another {option}")
+            raise InputError(
+                f"{option} {out} is not writable ({folder} does not allow writing); choose another {option}"
+            )

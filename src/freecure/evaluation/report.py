@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -77,6 +78,13 @@ def read_settings(directories: Sequence[Path]) -> dict[str, dict]:
     return settings
 
 
+def _cached_result_ok(row: dict) -> bool:
+    """A diversity cache row that the tables can use (others are recomputed)."""
+    value = row.get("face_div")
+    number = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    return number and all(isinstance(row.get(name), str) for name in ("key", "backend", "settings_hash", "method"))
+
+
 def write_report(
     result_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -110,7 +118,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cache_path = out_dir / DIVERSITY_FILE
-    cached = {row["key"]: row for row in read_jsonl(cache_path)} if cache_path.is_file() else {}
+    cached = {}
+    if cache_path.is_file():
+        cached = {row["key"]: row for row in read_jsonl(cache_path) if _cached_result_ok(row)}
     store = ResultStore(cache_path)
     tasks = diversity_groups(rows)
     if progress and lpips is not None:
