@@ -29,7 +29,7 @@ from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError
 from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
-from .masks import attribute_mask, merge_masks, to_latent_resolution
+from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
 from .parsing import FaceParser, ParseResult
 from .sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, rofa_pass, same_pass
 
@@ -50,14 +50,21 @@ class FreeCureConfig:
             guidance becomes approximate. Off by default.
         attention_layers: names of the attention processors to capture; None = every
             cross-attention layer of the UNet's up-sampling blocks (the paper's choice).
+        pd_region: PD's factor of eq. 4. ``"placement"`` (default): where the attribute
+            belongs on PD's face (:func:`freecure.masks.placement_region`), so an accessory
+            PD failed to draw can be restored; ``"literal"``: the attribute's own class in PD's
+            image, Ψ(I_p)_i as eq. 4 reads, which skips any attribute PD did not draw.
     """
 
     gamma: float = 0.5
     expression_guidance_scale: float = 1.0
     approximate_shared_uncond: bool = False
     attention_layers: tuple[str, ...] | None = None
+    pd_region: str = "placement"
 
     def __post_init__(self):
+        if self.pd_region not in PD_REGION_MODES:
+            raise InputError(f"pd_region must be one of {', '.join(PD_REGION_MODES)}, got {self.pd_region!r}")
         if not 0.0 < self.gamma <= 1.0:
             raise InputError(f"gamma must lie in (0, 1], got {self.gamma}")
         if self.expression_guidance_scale < 1.0:
@@ -393,11 +400,16 @@ class FreeCurePipeline:
             gamma=self.config.gamma,
             expression_guidance_scale=self.config.expression_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
+            pd_region=self.config.pd_region,
         )
         return output
 
     def _build_masks(self, output: FreeCureOutput, fd_image, pd_image, latent_size) -> None:
-        """Eq. (4) for every localized attribute found in both images, eq. (5) to merge."""
+        """Eq. (4) for every localized attribute with a region in both images, eq. (5) to merge.
+
+        FD's factor is the attribute's own class in FD's image; PD's factor is its own class
+        (``pd_region="literal"``) or where it belongs on PD's face (``"placement"``).
+        """
         parse_fd, parse_pd = _parse_images(self.face_parser, [fd_image, pd_image])
         output.parse_fd, output.parse_pd = parse_fd, parse_pd
         for parse, name in ((parse_fd, "FD"), (parse_pd, "PD")):
@@ -405,7 +417,12 @@ class FreeCurePipeline:
                 output.notes.append(f"{name} image: {parse.note}")
         for attribute in output.parsed.localized:
             region_fd = torch.from_numpy(parse_fd.mask(attribute.parse_classes))
-            region_pd = torch.from_numpy(parse_pd.mask(attribute.parse_classes))
+            if self.config.pd_region == "placement":
+                region_pd = placement_region(
+                    lambda names: torch.from_numpy(parse_pd.mask(names)), attribute.category, attribute.parse_classes
+                )
+            else:
+                region_pd = torch.from_numpy(parse_pd.mask(attribute.parse_classes))
             missing = [name for name, region in (("FD", region_fd), ("PD", region_pd)) if not region.any()]
             if missing:
                 output.notes.append(

@@ -70,6 +70,13 @@ def add_model_arguments(parser) -> None:
         default=1.0,
         help="guidance of the expression inversion and re-denoising (default 1.0)",
     )
+    parser.add_argument(
+        "--pd-region",
+        choices=["placement", "literal"],
+        default="placement",
+        help="PD's factor of eq. 4: where the attribute belongs on PD's face (default), "
+        "or its own class in PD's image (literal eq. 4: an accessory PD did not draw is skipped)",
+    )
     parser.add_argument("--inject-step", type=int, default=None, help="override the backend's injection step")
     parser.add_argument(
         "--approximate-shared-uncond",
@@ -123,6 +130,7 @@ def build_freecure(args: argparse.Namespace):
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
+        pd_region=args.pd_region,
     )
     backend = BACKENDS[args.backend].from_cli(args)
     set_scheduler(backend.pipeline, args.scheduler)
