@@ -317,6 +317,24 @@ def test_an_accessory_pd_did_not_draw_is_restored_only_with_placement(tiny_sd15,
         FreeCureConfig(pd_region="everywhere")
 
 
+@pytest.mark.parametrize("aggregation", ["per_resolution", "per_layer"])
+def test_the_configured_aggregation_reaches_the_store(tiny_sd15, monkeypatch, aggregation):
+    import freecure.pipeline as pipeline_module
+
+    stores = []
+
+    class SpyStore(AttentionStore):
+        def __post_init__(self):
+            stores.append(self)
+
+    monkeypatch.setattr(pipeline_module, "AttentionStore", SpyStore)
+    out = run(freecure(tiny_sd15, 32, attention_aggregation=aggregation), prompt="a man with black curly hair", steps=2)
+    assert [store.aggregation for store in stores] == [aggregation]
+    assert out.settings["attention_aggregation"] == aggregation
+    with pytest.raises(InputError, match="attention_aggregation"):
+        FreeCureConfig(attention_aggregation="median")
+
+
 def test_approximate_shared_uncond_uses_three_rows_and_keeps_pd_exact(tiny_sd15):
     exact = run(freecure(tiny_sd15, 32), prompt="a man with black curly hair")
     approx = run(freecure(tiny_sd15, 32, approximate_shared_uncond=True), prompt="a man with black curly hair")

@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import AttentionStore, capture_cross_attention
+from .attention import AGGREGATIONS, AttentionStore, capture_cross_attention
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError
@@ -54,6 +54,9 @@ class FreeCureConfig:
             belongs on PD's face (:func:`freecure.masks.placement_region`), so an accessory
             PD failed to draw can be restored; ``"literal"``: the attribute's own class in PD's
             image, Ψ(I_p)_i as eq. 4 reads, which skips any attribute PD did not draw.
+        attention_aggregation: how H_i averages the captured layers: ``"per_resolution"``
+            (default; each resolution weighs the same) or ``"per_layer"`` (every layer the same,
+            so SDXL's 30 layers at 32² outweigh its 6 at 64²). See :class:`AttentionStore`.
     """
 
     gamma: float = 0.5
@@ -61,8 +64,13 @@ class FreeCureConfig:
     approximate_shared_uncond: bool = False
     attention_layers: tuple[str, ...] | None = None
     pd_region: str = "placement"
+    attention_aggregation: str = "per_resolution"
 
     def __post_init__(self):
+        if self.attention_aggregation not in AGGREGATIONS:
+            raise InputError(
+                f"attention_aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.attention_aggregation!r}"
+            )
         if self.pd_region not in PD_REGION_MODES:
             raise InputError(f"pd_region must be one of {', '.join(PD_REGION_MODES)}, got {self.pd_region!r}")
         if not 0.0 < self.gamma <= 1.0:
@@ -303,7 +311,7 @@ class FreeCurePipeline:
 
             # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
-            store = AttentionStore(columns, latent_size) if columns else None
+            store = AttentionStore(columns, latent_size, self.config.attention_aggregation) if columns else None
             with stages.run("same_pass"), self._bar(num_inference_steps, "SAME: FD+PD") as bar:
                 capture = (
                     capture_cross_attention(pipeline.unet, store, self.config.attention_layers)
@@ -401,6 +409,7 @@ class FreeCurePipeline:
             expression_guidance_scale=self.config.expression_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
             pd_region=self.config.pd_region,
+            attention_aggregation=self.config.attention_aggregation,
         )
         return output
 

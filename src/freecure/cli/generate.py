@@ -77,6 +77,12 @@ def add_model_arguments(parser) -> None:
         help="PD's factor of eq. 4: where the attribute belongs on PD's face (default), "
         "or its own class in PD's image (literal eq. 4: an accessory PD did not draw is skipped)",
     )
+    parser.add_argument(
+        "--attention-aggregation",
+        choices=["per_resolution", "per_layer"],
+        default="per_resolution",
+        help="average FD's cross-attention layers per resolution then across (default), or all at once",
+    )
     parser.add_argument("--inject-step", type=int, default=None, help="override the backend's injection step")
     parser.add_argument(
         "--approximate-shared-uncond",
@@ -131,6 +137,7 @@ def build_freecure(args: argparse.Namespace):
         expression_guidance_scale=args.expression_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
         pd_region=args.pd_region,
+        attention_aggregation=args.attention_aggregation,
     )
     backend = BACKENDS[args.backend].from_cli(args)
     set_scheduler(backend.pipeline, args.scheduler)
