@@ -324,7 +324,8 @@ def test_the_configured_aggregation_reaches_the_store(tiny_sd15, monkeypatch, ag
     stores = []
 
     class SpyStore(AttentionStore):
-        def __post_init__(self):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             stores.append(self)
 
     monkeypatch.setattr(pipeline_module, "AttentionStore", SpyStore)
