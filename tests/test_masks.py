@@ -13,6 +13,7 @@ from freecure.masks import (
     normalize_map,
     render_mask,
     render_mask_overlay,
+    resize_map,
     to_latent_resolution,
 )
 
@@ -75,6 +76,16 @@ def test_latent_resolution_averages_and_broadcasts():
     assert latent.shape == (1, 1, 8, 8)
     assert torch.all(latent[..., :4, :] == 1) and torch.all(latent[..., 4:, :] == 0)
     assert torch.isclose(latent.mean(), mask.mean())
+
+
+def test_latent_resolution_of_a_non_square_mask_keeps_rows_and_columns():
+    mask = torch.zeros(64, 96)  # 64 high, 96 wide
+    mask[:16, :24] = 1.0  # the top-left block
+    latent = to_latent_resolution(mask, (32, 48))
+    assert latent.shape == (1, 1, 32, 48)
+    assert torch.all(latent[0, 0, :8, :12] == 1) and latent[0, 0, 8:].sum() == 0 and latent[0, 0, :, 12:].sum() == 0
+    up = resize_map(latent[0, 0], (64, 96))
+    assert up.shape == (64, 96) and torch.all(up[:14, :22] == 1) and torch.all(up[18:] == 0)
 
 
 def test_overlay_tints_only_inside_mask():
