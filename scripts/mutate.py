@@ -42,7 +42,7 @@ SRC = ROOT / "src"
 # module → the tests that exercise it, fastest first (pytest stops at the first failure).
 TARGETS: dict[str, list[str]] = {
     "freecure.masks": ["tests/test_masks.py", "tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.sampling": ["tests/test_engine.py", "tests/test_wiring.py", "tests/test_inversion.py"],
+    "freecure.sampling": ["tests/test_inversion.py", "tests/test_engine.py", "tests/test_wiring.py"],
     "freecure.inversion": ["tests/test_inversion.py", "tests/test_wiring.py", "tests/test_engine.py"],
     "freecure.attention": ["tests/test_attention.py", "tests/test_engine.py", "tests/test_wiring.py"],
     "freecure.pipeline": ["tests/test_wiring.py", "tests/test_engine.py"],
@@ -58,6 +58,9 @@ TARGETS: dict[str, list[str]] = {
     "freecure.evaluation.metrics.identity": ["tests/test_evaluation_metrics.py"],
     "freecure.evaluation.metrics.diversity": ["tests/test_evaluation_metrics.py"],
 }
+
+# deselected in mutation runs: slow tests whose faults other tests also catch
+SLOW = "not same_seed_same_images and not lpips_value_is_pinned"
 
 COMPARE = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -334,6 +337,27 @@ def live_function(module, qualname):
     return obj
 
 
+def cache_tiny_pipelines() -> None:
+    """Build the tiny test pipelines once per process instead of once per pytest run; each
+    reuse gets back its original attention processors and a fresh scheduler."""
+    import freecure.tiny as tiny
+
+    for name in ("tiny_sd15_pipeline", "tiny_sdxl_pipeline"):
+        build = getattr(tiny, name)
+        cache = {}
+
+        def cached(directory=None, seed=0, build=build, cache=cache):
+            if seed not in cache:
+                pipe = build(directory, seed)
+                cache[seed] = (pipe, dict(pipe.unet.attn_processors), pipe.scheduler)
+            pipe, processors, scheduler = cache[seed]
+            pipe.unet.set_attn_processor(dict(processors))
+            pipe.scheduler = scheduler.__class__.from_config(scheduler.config)
+            return pipe
+
+        setattr(tiny, name, cached)
+
+
 class Timeout(Exception):
     pass
 
@@ -351,7 +375,7 @@ def run_tests(tests: list[str], timeout: int) -> tuple[int, float]:
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            code = pytest.main([*tests, "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore"])
+            code = pytest.main([*tests, "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-k", SLOW])
     except Timeout:
         code = -1
     finally:
@@ -368,6 +392,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per mutant (a timeout kills it)")
     parser.add_argument("--out", default="mutants.jsonl", help="results, one JSON line per mutant (appended)")
     parser.add_argument("--list", action="store_true", help="list the sampled mutants and exit")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the unmutated run of each test set (when the suite is known to pass)")
     parser.add_argument("--summary", metavar="JSONL", help="print the score of a results file and exit")
     args = parser.parse_args(argv)
     if args.summary:
@@ -390,6 +416,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(SRC))
     os.chdir(ROOT)
+    cache_tiny_pipelines()
     done = set()
     if os.path.exists(args.out):
         done = {(r["module"], r["index"]) for r in map(json.loads, open(args.out)) if r.get("index") is not None}
@@ -399,7 +426,7 @@ def main(argv=None) -> int:
             if (mutant.module, mutant.index) in done:
                 continue
             tests = TARGETS[mutant.module]
-            if tuple(tests) not in baseline:
+            if args.baseline and tuple(tests) not in baseline:
                 code, seconds = run_tests(tests, args.timeout * 3)
                 baseline[tuple(tests)] = code
                 print(f"baseline {' '.join(tests)}: exit {code} in {seconds:.0f}s", flush=True)

@@ -62,7 +62,7 @@ def test_each_stage_receives_the_previous_stages_output(tiny_sd15, monkeypatch):
     out = fc(HAIR_AND_LAUGH, [reference()], class_word="man", num_inference_steps=5, latents=z_T(tiny_sd15, 64, 64))
     (same_args, _, same_result), = same.calls
     (rofa_args, _, rofa_result), = rofa.calls
-    (expr_args, _, expr_result), = expression.calls
+    (expr_args, expr_kwargs, expr_result), = expression.calls
     backend, _, latents_in, conditions, *_ = same_args
     torch.testing.assert_close(latents_in, z_T(tiny_sd15, 64, 64))
     # ROFA restarts from the SAME pass's cache, with the mask the pipeline reports
@@ -73,6 +73,8 @@ def test_each_stage_receives_the_previous_stages_output(tiny_sd15, monkeypatch):
     assert expr_args[2] is conditions.template and expr_args[3] is conditions.expression
     assert expr_args[4] is conditions.uncond
     assert expr_args[6] == 5 and expr_args[7] == 0.4
+    # re-denoising guided at the run's scale, inversion unguided (the defaults)
+    assert expr_args[8] == 7.5 and expr_kwargs["inversion_guidance_scale"] == 1.0
     assert torch.equal(out.latents["freecure"], expr_result)
     assert torch.equal(out.latents["blended"], rofa_result)
     assert torch.equal(out.latents["fd"], same_result.z0[FD_LANE : FD_LANE + 1])
@@ -170,3 +172,32 @@ def test_capture_row_is_fds_conditional_row_at_every_step(tiny_sd15, approximate
         layout = same_layout(step, conditions, approximate)
         assert layout.rows[layout.capture_row] == (FD_LANE, FD)
         assert any(key == (PD if step >= conditions.inject_step else FD) for _, key in layout.rows)
+
+
+@pytest.mark.parametrize(
+    ("config", "inversion", "denoising"),
+    [({}, 1.0, 4.0), ({"expression_guidance_scale": 1.0}, 1.0, 1.0), ({"inversion_guidance_scale": 2.0}, 2.0, 4.0)],
+)
+def test_expression_halves_get_their_own_guidance(tiny_sd15, monkeypatch, config, inversion, denoising):
+    """Inversion: template prompt at the inversion scale (default 1); re-denoising: expression
+    prompt at the expression scale (default the run's); {expression 1.0} is the former behaviour."""
+    import freecure.inversion as inversion_module
+
+    restore = Recorder(monkeypatch, "expression_restore")
+    original, seen = inversion_module._run_steps, []
+
+    def spy(backend, scheduler, z, steps, cond, uncond, guidance_scale, *rest):
+        seen.append((type(scheduler).__name__, guidance_scale, cond))
+        return original(backend, scheduler, z, steps, cond, uncond, guidance_scale, *rest)
+
+    monkeypatch.setattr(inversion_module, "_run_steps", spy)
+    out = make(tiny_sd15, 32, **config)(
+        "a man laughing", [reference()], class_word="man", num_inference_steps=4, guidance_scale=4.0
+    )
+    (args, _, _), = restore.calls
+    assert [(name, scale) for name, scale, _ in seen] == [("DDIMInverseScheduler", inversion), ("DDIMScheduler", denoising)]
+    assert seen[0][2] is args[2] and seen[1][2] is args[3]  # the template, then the expression
+    rows = 2 * (1 if inversion == 1.0 else 2) + 2 * (1 if denoising == 1.0 else 2)
+    assert out.stage("expression").batch_items == rows
+    assert out.settings["expression_guidance_scale"] == denoising
+    assert out.settings["inversion_guidance_scale"] == inversion

@@ -43,8 +43,14 @@ class FreeCureConfig:
     Attributes:
         gamma: γ of §4.2: the expression stage inverts and re-denoises round(γ·T) of the T
             steps. Must lie in (0, 1].
-        expression_guidance_scale: guidance scale of both the inversion and the re-denoising;
-            1.0 (no CFG) keeps DDIM inversion closest to exact (see :mod:`freecure.inversion`).
+        inversion_guidance_scale: guidance scale of the expression stage's DDIM inversion with
+            the template prompt; 1.0 (no CFG, the default) keeps the inversion closest to exact
+            (see :mod:`freecure.inversion`).
+        expression_guidance_scale: guidance scale of the re-denoising with the expression
+            prompt; None (default) = the run's ``guidance_scale`` (the backend's, from the CLI):
+            the expression comes from the foundation model's guided controllability (§4.2).
+            ``inversion_guidance_scale=1.0, expression_guidance_scale=1.0`` is the former
+            single-setting behaviour.
         approximate_shared_uncond: after injection, evaluate the unconditional branch once, on
             PD's latent, for both lanes (3 batch rows instead of 4). PD stays exact; FD's
             guidance becomes approximate. Off by default.
@@ -60,7 +66,8 @@ class FreeCureConfig:
     """
 
     gamma: float = 0.5
-    expression_guidance_scale: float = 1.0
+    expression_guidance_scale: float | None = None
+    inversion_guidance_scale: float = 1.0
     approximate_shared_uncond: bool = False
     attention_layers: tuple[str, ...] | None = None
     pd_region: str = "placement"
@@ -75,8 +82,10 @@ class FreeCureConfig:
             raise InputError(f"pd_region must be one of {', '.join(PD_REGION_MODES)}, got {self.pd_region!r}")
         if not 0.0 < self.gamma <= 1.0:
             raise InputError(f"gamma must lie in (0, 1], got {self.gamma}")
-        if self.expression_guidance_scale < 1.0:
-            raise InputError(f"expression_guidance_scale must be ≥ 1, got {self.expression_guidance_scale}")
+        for name in ("expression_guidance_scale", "inversion_guidance_scale"):
+            value = getattr(self, name)
+            if value is not None and not 1.0 <= value < float("inf"):
+                raise InputError(f"{name} must be a finite number ≥ 1, got {value}")
 
 
 @dataclass
@@ -233,6 +242,11 @@ class FreeCurePipeline:
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
+    def expression_guidance(self, guidance_scale: float) -> float:
+        """Guidance of the expression re-denoising: the config's, else the run's."""
+        configured = self.config.expression_guidance_scale
+        return guidance_scale if configured is None else configured
+
     def default_size(self) -> tuple[int, int]:
         size = self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
         return size, size
@@ -307,7 +321,9 @@ class FreeCurePipeline:
             if latents is None:
                 shape = (1, pipeline.unet.config.in_channels, *latent_size)
                 latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            z_T = latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+            # the lanes are fp32 whatever the model's dtype (z_T is drawn in the model's dtype,
+            # as diffusers does, so a seed gives the same noise)
+            z_T = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
 
             # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
@@ -380,9 +396,10 @@ class FreeCurePipeline:
                         scheduler.config,
                         num_inference_steps,
                         self.config.gamma,
-                        self.config.expression_guidance_scale,
+                        self.expression_guidance(guidance_scale),
                         image_size,
                         on_step=lambda i: bar.update(),
+                        inversion_guidance_scale=self.config.inversion_guidance_scale,
                     )
                 output.images["freecure"] = decode_latents(pipeline, z_out)[0]
             else:
@@ -406,7 +423,8 @@ class FreeCurePipeline:
             inject_step=conditions.inject_step,
             scheduler=type(scheduler).__name__,
             gamma=self.config.gamma,
-            expression_guidance_scale=self.config.expression_guidance_scale,
+            expression_guidance_scale=self.expression_guidance(guidance_scale),
+            inversion_guidance_scale=self.config.inversion_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
             pd_region=self.config.pd_region,
             attention_aggregation=self.config.attention_aggregation,

@@ -15,7 +15,13 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--gamma", type=float, default=0.5)
     parser.add_argument("--inject-step", type=int, default=10)
-    parser.add_argument("--expression-guidance-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--expression-guidance-scale",
+        type=float,
+        default=None,
+        help="guidance of the expression re-denoising (default: the run's, 7.5)",
+    )
+    parser.add_argument("--inversion-guidance-scale", type=float, default=1.0)
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -38,6 +44,7 @@ def run(args) -> int:
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
+        inversion_guidance_scale=args.inversion_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
     )
     freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
@@ -55,4 +62,12 @@ def run(args) -> int:
     print(f"{'schedule':<12} {'UNet calls':>10} {'batch items':>12}")
     for name in ("plain_pd", "literal", "engine"):
         print(f"{name:<12} {result[name]['unet_calls']:>10} {result[name]['batch_items']:>12}")
+    for stage, counts in result["engine"]["stages"].items():
+        print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")
+    expression = result["engine"]["stages"].get("expression", {})
+    if expression.get("ran"):
+        print(
+            f"expression stage: inversion at w={settings['inversion_guidance_scale']}, re-denoising at "
+            f"w={settings['expression_guidance_scale']} ({expression['batch_items']} rows)"
+        )
     return 0

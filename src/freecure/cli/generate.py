@@ -67,8 +67,15 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--expression-guidance-scale",
         type=float,
+        default=None,
+        help="guidance of the expression re-denoising (default: the run's --guidance-scale)",
+    )
+    parser.add_argument(
+        "--inversion-guidance-scale",
+        type=float,
         default=1.0,
-        help="guidance of the expression inversion and re-denoising (default 1.0)",
+        help="guidance of the expression stage's DDIM inversion (default 1.0: closest to exact); "
+        "--inversion-guidance-scale 1 --expression-guidance-scale 1 is the former behaviour",
     )
     parser.add_argument(
         "--pd-region",
@@ -135,6 +142,7 @@ def build_freecure(args: argparse.Namespace):
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
+        inversion_guidance_scale=args.inversion_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
         pd_region=args.pd_region,
         attention_aggregation=args.attention_aggregation,
