@@ -201,3 +201,24 @@ def test_expression_halves_get_their_own_guidance(tiny_sd15, monkeypatch, config
     assert out.stage("expression").batch_items == rows
     assert out.settings["expression_guidance_scale"] == denoising
     assert out.settings["inversion_guidance_scale"] == inversion
+
+
+def test_a_half_precision_model_steps_fp32_lanes(tiny_sd15):
+    """The UNet sees its own dtype; the lanes, ε after guidance and every stage's latents are fp32."""
+    import copy
+
+    pipe = copy.deepcopy(tiny_sd15).to(torch.bfloat16)
+    fc = make(pipe, 32)
+    seen = []
+    predict = fc.backend.predict_noise
+
+    def spy(latents, *args):
+        eps = predict(latents, *args)
+        seen.append((latents.dtype, eps.dtype))
+        return eps
+
+    fc.backend.predict_noise = spy
+    out = fc(HAIR_AND_LAUGH, [reference()], class_word="man", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert all(stage.ran for stage in out.stages)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert {latent.dtype for latent in out.latents.values()} == {torch.float32}
