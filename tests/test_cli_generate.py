@@ -120,6 +120,14 @@ def test_cost_counts_by_running(capsys):
     assert result["plain_pd"] == {"unet_calls": 6, "batch_items": 12}
     # literal: FD and PD runs (2×6 calls), again in ROFA (2×6), inversion 3 + denoising 3 (with CFG)
     assert result["literal"] == {"unet_calls": 30, "batch_items": 12 + 12 + 24 + 3 + 6}
-    # engine: SAME 6 calls (2 rows before injection, 4 after), ROFA 4 calls ×2, expression 3+3 ×1
+    # engine: SAME 6 calls (2 rows before injection, 4 after), ROFA 4 calls ×2, expression:
+    # inversion 3 calls ×1 row (w = 1), re-denoising 3 calls ×2 rows (guided at the run's w)
     assert result["engine"]["unet_calls"] == 6 + 4 + 6
-    assert result["engine"]["batch_items"] == 2 * 2 + 4 * 4 + 4 * 2 + 6
+    assert result["engine"]["batch_items"] == 2 * 2 + 4 * 4 + 4 * 2 + 3 + 6
+    assert result["engine"]["stages"]["expression"]["batch_items"] == 3 + 6
+    assert result["settings"]["expression_guidance_scale"] == 7.5
+    assert result["settings"]["inversion_guidance_scale"] == 1.0
+    # the former behaviour, one unguided setting for both halves, is one flag away
+    assert main(["cost", "--steps", "6", "--inject-step", "2", "--json", "--expression-guidance-scale", "1"]) == 0
+    former = json.loads(capsys.readouterr().out)
+    assert former["engine"]["stages"]["expression"]["batch_items"] == 3 + 3

@@ -282,6 +282,60 @@ def test_attribute_missing_from_the_images_is_skipped_and_said(tiny_sd15):
     assert out.images["freecure"] is out.images["pd"]
 
 
+class SunglassesOnFDParser:
+    """The layout parse of both images, with sunglasses painted over FD's eyes only; it records
+    the images it is given (FD first, PD second is the pipeline's contract)."""
+
+    def __init__(self):
+        self.layout = LayoutFaceParser()
+        self.images = []
+
+    def parse_batch(self, images):
+        self.images.append(list(images))
+        fd, pd = (self.layout(image) for image in images)
+        eyes = fd.mask("eyes")
+        fd.labels[eyes] = 6  # eye_g
+        return [fd, pd]
+
+
+@pytest.mark.parametrize("pd_region", ["placement", "literal"])
+def test_an_accessory_pd_did_not_draw_is_restored_only_with_placement(tiny_sd15, pd_region):
+    parser = SunglassesOnFDParser()
+    out = run(freecure(tiny_sd15, 32, parser=parser, pd_region=pd_region), prompt="a man wearing sunglasses")
+    assert parser.images[0][0] is out.images["fd"] and parser.images[0][1] is out.images["pd"]
+    assert out.parse_fd.mask("eye_g").any() and not out.parse_pd.mask("eye_g").any()
+    if pd_region == "literal":
+        assert not out.stage("rofa").ran
+        assert any("'sunglasses'" in note and "PD image" in note for note in out.notes)
+    else:
+        assert out.stage("rofa").ran
+        mask = out.attribute_masks["sunglasses"]
+        # FD's factor stays literal: the mask lives on FD's sunglasses only
+        assert torch.all(mask[~torch.from_numpy(out.parse_fd.mask("eye_g"))] == 0) and mask.max() > 0
+    assert out.settings["pd_region"] == pd_region
+    with pytest.raises(InputError, match="pd_region"):
+        FreeCureConfig(pd_region="everywhere")
+
+
+@pytest.mark.parametrize("aggregation", ["per_resolution", "per_layer"])
+def test_the_configured_aggregation_reaches_the_store(tiny_sd15, monkeypatch, aggregation):
+    import freecure.pipeline as pipeline_module
+
+    stores = []
+
+    class SpyStore(AttentionStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    monkeypatch.setattr(pipeline_module, "AttentionStore", SpyStore)
+    out = run(freecure(tiny_sd15, 32, attention_aggregation=aggregation), prompt="a man with black curly hair", steps=2)
+    assert [store.aggregation for store in stores] == [aggregation]
+    assert out.settings["attention_aggregation"] == aggregation
+    with pytest.raises(InputError, match="attention_aggregation"):
+        FreeCureConfig(attention_aggregation="median")
+
+
 def test_approximate_shared_uncond_uses_three_rows_and_keeps_pd_exact(tiny_sd15):
     exact = run(freecure(tiny_sd15, 32), prompt="a man with black curly hair")
     approx = run(freecure(tiny_sd15, 32, approximate_shared_uncond=True), prompt="a man with black curly hair")

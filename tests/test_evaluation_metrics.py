@@ -317,3 +317,21 @@ def test_face_diversity_averages_every_pair(lpips, astronaut):
     same, _ = face_diversity([crops[0]] * 5, lpips)
     assert same == 0.0
     assert face_diversity(crops[:1], lpips) == (None, 0)
+
+
+def test_lpips_value_is_pinned_and_goes_through_the_linear_heads(lpips, astronaut):
+    """Pinned on the astronaut (CPU, 2026-11-30): a blurred and a mirrored face crop at 64 px.
+    A fault in the normalisation, the scaling layer, the slices or the learned "lin" heads
+    moves these values; zeroed heads give zero."""
+    import copy
+
+    from PIL import ImageFilter
+
+    face = astronaut.crop((150, 30, 310, 190))
+    others = [face.filter(ImageFilter.GaussianBlur(3)), ImageOps.mirror(face)]
+    distances = lpips.distance([face, face], others, size=64)
+    torch.testing.assert_close(distances, torch.tensor([0.192169, 0.148730]), rtol=0, atol=1e-4)
+    headless = copy.deepcopy(lpips)
+    for head in headless.heads:
+        head.weight.data.zero_()
+    assert headless.distance([face], others[:1], size=64).item() == 0.0

@@ -102,3 +102,34 @@ def test_inversion_step_count():
     assert inversion_steps(50, 0.5) == 25
     assert inversion_steps(50, 1.0) == 50
     assert inversion_steps(3, 0.1) == 1
+
+
+# --- precision: fp32 lanes under a half-precision model ------------------------------------
+class HalfPrecisionConstantBackend(ConstantNoiseBackend):
+    """The constant-field denoiser run "in" ``dtype``: its inputs must arrive in that dtype and its
+    field is rounded to it, as a half-precision UNet's output would be."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.input_dtypes = set()
+
+    def predict_noise(self, latents, timestep, rows, row_keys, step_index, image_size):
+        self.input_dtypes.add(latents.dtype)
+        return super().predict_noise(latents, timestep, rows, row_keys, step_index, image_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_round_trip_stays_exact_in_every_model_dtype(config, dtype, gamma):
+    backend = HalfPrecisionConstantBackend(dtype)
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # fp32 lanes
+    error = reconstruction_error(backend, z0, conditioning(0.1), conditioning(0.0), config, 20, gamma, 1.0, SIZE)
+    assert backend.input_dtypes == {dtype}
+    assert error < 1e-5
+    if dtype != torch.float32:
+        # the negative control: stepping the lanes in the model's dtype drifts (the old behaviour)
+        drift = reconstruction_error(
+            backend, z0.to(dtype), conditioning(0.1), conditioning(0.0), config, 20, gamma, 1.0, SIZE
+        )
+        assert drift > 100 * max(error, 1e-7)

@@ -13,6 +13,7 @@ from freecure.masks import (
     normalize_map,
     render_mask,
     render_mask_overlay,
+    resize_map,
     to_latent_resolution,
 )
 
@@ -77,6 +78,16 @@ def test_latent_resolution_averages_and_broadcasts():
     assert torch.isclose(latent.mean(), mask.mean())
 
 
+def test_latent_resolution_of_a_non_square_mask_keeps_rows_and_columns():
+    mask = torch.zeros(64, 96)  # 64 high, 96 wide
+    mask[:16, :24] = 1.0  # the top-left block
+    latent = to_latent_resolution(mask, (32, 48))
+    assert latent.shape == (1, 1, 32, 48)
+    assert torch.all(latent[0, 0, :8, :12] == 1) and latent[0, 0, 8:].sum() == 0 and latent[0, 0, :, 12:].sum() == 0
+    up = resize_map(latent[0, 0], (64, 96))
+    assert up.shape == (64, 96) and torch.all(up[:14, :22] == 1) and torch.all(up[18:] == 0)
+
+
 def test_overlay_tints_only_inside_mask():
     image = Image.fromarray(np.full((16, 16, 3), 100, np.uint8))
     mask = torch.zeros(16, 16)
@@ -86,3 +97,72 @@ def test_overlay_tints_only_inside_mask():
     assert np.all(out[:, :8, 0] > 100) and np.all(out[:, :8, 1] < 100)
     grey = render_mask(mask, size=(32, 32))
     assert grey.size == (32, 32) and grey.mode == "L"
+
+
+# --- PD-side placement regions (PD's factor of eq. 4) ------------------------------------
+from freecure.masks import PLACEMENTS, above_mask, dilate_mask, placement_region  # noqa: E402
+from freecure.parsing.labels import CLASS_TO_ID  # noqa: E402
+from freecure.tiny import LayoutFaceParser  # noqa: E402
+
+
+def layout_parse(size=(96, 128), extra=None):
+    """The synthetic portrait layout of the given (H, W), optionally with one class painted on."""
+    parse = LayoutFaceParser()(Image.new("RGB", (size[1], size[0])))
+    if extra is not None:
+        name, (top, bottom, left, right) = extra
+        parse.labels[top:bottom, left:right] = CLASS_TO_ID[name]
+    return parse
+
+
+def mask_of(parse):
+    return lambda names: torch.from_numpy(parse.mask(names))
+
+
+def test_dilate_grows_by_exactly_the_radius():
+    mask = torch.zeros(11, 13, dtype=torch.bool)
+    mask[5, 6] = True
+    grown = dilate_mask(mask, 2)
+    assert grown.sum() == 25 and grown[3:8, 4:9].all()
+    assert torch.equal(dilate_mask(mask, 0), mask)
+
+
+def test_above_is_strictly_above_the_topmost_pixel_of_each_column():
+    mask = torch.zeros(6, 4, dtype=torch.bool)
+    mask[3, 1] = mask[5, 1] = mask[2, 3] = True
+    expected = torch.zeros(6, 4, dtype=torch.bool)
+    expected[:3, 1] = True
+    expected[:2, 3] = True
+    assert torch.equal(above_mask(mask), expected)
+
+
+def test_eyewear_belongs_on_the_eyes_and_brows_dilated_even_when_pd_drew_none():
+    parse = layout_parse()
+    region = placement_region(mask_of(parse), "eyewear", ("eye_g",))
+    eyes_brows = torch.from_numpy(parse.mask(("eyes", "brows")))
+    assert not parse.mask("eye_g").any() and region.any()
+    assert region[eyes_brows].all() and region.sum() > eyes_brows.sum()
+    # dilated by 8% of the face's height, not more
+    face_rows = torch.nonzero(torch.from_numpy(parse.mask("face")).any(dim=1)).flatten()
+    radius = round(PLACEMENTS["eyewear"].dilate * int(face_rows[-1] - face_rows[0] + 1))
+    assert torch.equal(region, dilate_mask(eyes_brows, radius))
+    assert not region[torch.from_numpy(parse.mask("lips"))].any()
+
+
+def test_headwear_belongs_on_the_hair_and_above_the_head():
+    parse = layout_parse()
+    region = placement_region(mask_of(parse), "hat", ("hat",))
+    hair = torch.from_numpy(parse.mask("hair"))
+    assert region[hair].all()
+    assert region[0, 64] and not region[0, 0]  # above the head, not beside it
+    assert not region[torch.from_numpy(parse.mask("face"))].any()
+
+
+def test_own_class_is_always_kept_and_other_categories_are_literal():
+    parse = layout_parse(extra=("eye_g", (0, 4, 0, 4)))
+    region = placement_region(mask_of(parse), "eyewear", ("eye_g",))
+    assert region[:4, :4].all()
+    for category, classes in (("hair", ("hair",)), ("lips", ("lips",)), ("unknown", ("skin",))):
+        assert torch.equal(placement_region(mask_of(parse), category, classes), torch.from_numpy(parse.mask(classes)))
+    ears = torch.from_numpy(parse.mask(("ears", "ear_r")))
+    earrings = placement_region(mask_of(parse), "earrings", ("ear_r",))
+    assert earrings[ears].all() and earrings.sum() > ears.sum()

@@ -28,7 +28,7 @@ from freecure.parsing import (
 )
 from freecure.parsing import weights as weights_module
 from freecure.parsing.labels import CLASS_TO_ID
-from freecure.parsing.parser import IMAGENET_MEAN, IMAGENET_STD, labels_in_image, preprocess
+from freecure.parsing.parser import IMAGENET_MEAN, IMAGENET_STD, extend_hair, labels_in_image, preprocess
 from freecure.parsing.weights import (
     ENV_VAR,
     HUB_FILENAME,
@@ -537,3 +537,57 @@ def test_overlay_blends_only_labelled_pixels():
         overlay_labels(image, labels, alpha=1.5)
     with pytest.raises(InputError, match="label map is"):
         overlay_labels(np.zeros((3, 3, 3), np.uint8), labels)
+
+
+# --------------------------------------------------------------------------- hair beyond the crop
+
+
+def test_extend_hair_adds_only_connected_hair_outside_the_crop():
+    hair, skin, hat = CLASS_TO_ID["hair"], CLASS_TO_ID["skin"], CLASS_TO_ID["hat"]
+    tight = np.zeros((40, 40), np.uint8)
+    tight[10:20, 10:20] = skin
+    tight[10:12, 10:20] = hair  # hair at the top of the crop (10:20, 10:20)
+    wide = np.zeros_like(tight)
+    wide[10:20, 10:20] = CLASS_TO_ID["nose"]  # the wide crop's face classes are never used
+    wide[10:35, 8:10] = hair  # long hair falling along the left of the crop, touching it
+    wide[2:5, 10:20] = hat
+    wide[35:39, 30:39] = hair  # a stray "hair" patch on the background, not connected
+    out = extend_hair(tight, wide, (10, 10, 20, 20))
+    assert np.array_equal(out[10:20, 10:20], tight[10:20, 10:20])
+    assert np.all(out[10:35, 8:10] == hair)
+    assert np.all(out[35:39, 30:39] == 0)
+    assert np.all(out[2:5, 10:20] == 0)  # the hat floats apart from the head here
+    wide[5:10, 12:14] = hat  # … unless it touches the head
+    assert np.all(extend_hair(tight, wide, (10, 10, 20, 20))[2:5, 10:20] == hat)
+    bald = np.where(tight == hair, skin, tight).astype(np.uint8)
+    assert np.array_equal(extend_hair(bald, wide, (10, 10, 20, 20)), bald)
+
+
+@needs_weights
+@needs_mtcnn
+def test_hair_crop_recovers_hair_beyond_a_tight_crop_on_a_real_photo(parser, astronaut, astronaut_result):
+    """With a crop tighter than the head, the hair crop finds the hair the tight crop cut off,
+    and it is hair in the default (2×) parse too; inside the tight crop nothing changes."""
+    tight = BiSeNetFaceParser(parser.model, parser.detector, "cpu", crop_scale=1.2, hair_crop_scale=None)
+    extended = BiSeNetFaceParser(parser.model, parser.detector, "cpu", crop_scale=1.2, hair_crop_scale=3.0)
+    before, after = tight(astronaut), extended(astronaut)
+    left, top, right, bottom = before.crop_box
+    outside = np.ones(before.labels.shape, dtype=bool)
+    outside[top:bottom, left:right] = False
+    hair = CLASS_TO_ID["hair"]
+    assert not np.any(before.labels[outside])  # the old parser: background beyond the crop
+    found = (after.labels == hair) & outside
+    assert found.sum() > 500
+    assert np.mean(astronaut_result.labels[found] == hair) > 0.95
+    assert np.array_equal(after.labels[~outside], before.labels[~outside])
+    assert after.hair_box is not None and after.hair_box != after.crop_box
+
+
+@needs_weights
+@needs_mtcnn
+def test_hair_crop_invents_no_hair_on_the_astronaut(parser, astronaut, astronaut_result):
+    """Her short hair lies inside the 2× crop: the hair crop must add nothing on the suit,
+    flag or background, and the face classes are the tight crop's."""
+    plain = BiSeNetFaceParser(parser.model, parser.detector, "cpu", hair_crop_scale=None)
+    assert np.array_equal(astronaut_result.labels, plain(astronaut).labels)
+    assert "its hair in" in astronaut_result.note

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+AGGREGATIONS = ("per_resolution", "per_layer")
+
 
 @dataclass
 class AttentionStore:
@@ -36,10 +38,16 @@ class AttentionStore:
         token_indices: columns of the text sequence to keep (the attribute tokens).
         latent_size: (h, w) of the latent grid; maps of every layer are reshaped to their own
             grid of the same aspect ratio and resized to this size when aggregated.
+        aggregation: how :meth:`aggregate` weighs the layers. ``"per_resolution"`` (default):
+            mean over the layers of each resolution, then mean over resolutions, so every
+            resolution counts equally; ``"per_layer"``: one mean over all layers. They agree
+            when every resolution has as many layers (SD1.5: 3 each); on SDXL's up blocks
+            (30 layers at 32², 6 at 64² for 1024²) per-layer lets the coarse layers dominate.
     """
 
     token_indices: tuple[int, ...]
     latent_size: tuple[int, int]
+    aggregation: str = "per_resolution"
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     steps_seen: set[int] = field(default_factory=set)
@@ -69,14 +77,22 @@ class AttentionStore:
         return mean.reshape(h, w, -1)
 
     def aggregate(self) -> torch.Tensor:
-        """Mean over heads, steps and layers at latent resolution: (tokens, h, w)."""
+        """Mean over heads, steps and layers at latent resolution: (tokens, h, w).
+
+        Layers are averaged per resolution, then across resolutions (``aggregation=
+        "per_resolution"``), or all together (``"per_layer"``).
+        """
         if not self.sums:
             raise RuntimeError("no cross-attention was captured: no capture layer ran with a capture row set")
-        maps = []
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        groups: dict[tuple[int, int], list[torch.Tensor]] = {}
         for layer in self.sums:
-            grid = self.layer_map(layer).permute(2, 0, 1)[None]  # (1, tokens, h, w)
-            maps.append(F.interpolate(grid, size=self.latent_size, mode="bilinear", align_corners=False)[0])
-        return torch.stack(maps).mean(dim=0)
+            grid = self.layer_map(layer)
+            key = tuple(grid.shape[:2]) if self.aggregation == "per_resolution" else (0, 0)
+            resized = F.interpolate(grid.permute(2, 0, 1)[None], size=self.latent_size, mode="bilinear", align_corners=False)
+            groups.setdefault(key, []).append(resized[0])
+        return torch.stack([torch.stack(maps).mean(dim=0) for maps in groups.values()]).mean(dim=0)
 
     def token_map(self, columns: Sequence[int]) -> torch.Tensor:
         """H_i: the aggregated map averaged over the given prompt columns, shape (h, w)."""

@@ -3,8 +3,10 @@
 A prompt ``c`` holds attributes ``A = {A_1, ..., A_n}`` of two kinds:
 
 * **localized** attributes (hair, eyes, eyewear, earrings, hats, ...) are restored by noise
-  blending inside SAME masks (eq. 4–6); each needs the face-parser classes that cover it and
-  the columns of its tokens in the foundation prompt, whose cross-attention maps ``H_i`` it uses;
+  blending inside SAME masks (eq. 4–6); each needs the face-parser classes that cover it (in
+  FD's image; PD's side may instead use where its category belongs on the face, see
+  :func:`freecure.masks.placement_region`) and the columns of its tokens in the foundation
+  prompt, whose cross-attention maps ``H_i`` it uses;
 * **abstract** attributes (expressions) are restored by inverting with a template prompt
   ("a man") and denoising with the expression prompt ("a man laughing happily"), §4.2.
 
@@ -174,7 +176,8 @@ class Attribute:
         text: the phrase as written in the prompt ("black curly hair").
         kind: ``"localized"`` (restored by noise blending) or ``"abstract"`` (by inversion).
         category: "hair", "eyes", "eyewear", "earrings", "hat", "expression", ...
-        parse_classes: face-parser classes/groups covering it; empty for abstract attributes.
+        parse_classes: face-parser classes/groups covering it where it is drawn; empty for
+            abstract attributes.
         words: the prompt words that make it up.
         token_indices: columns of its tokens in the tokenized foundation prompt (BOS is
             column 0); empty when no tokenizer was given.

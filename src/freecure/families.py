@@ -216,7 +216,7 @@ class UNetFamily(ModelFamily):
         if latents is None:
             shape = (1, pipeline.unet.config.in_channels, *latent_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        return latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma  # fp32 lanes
 
     def model_inputs(self, backend, latents, timestep, rows, image_size) -> dict:
         embeds = torch.cat([row.prompt_embeds for row in rows])
@@ -399,7 +399,7 @@ class FluxFamily(ModelFamily):
             latents = randn_tensor((1, channels, *latent_size), generator=generator, device=device, dtype=dtype)
         if latents.ndim == 4:
             latents = pack_latents(latents)
-        return latents.to(device=device, dtype=dtype)  # flow matching starts at σ = 1: z_T = ε
+        return latents.to(device=device, dtype=torch.float32)  # flow matching starts at σ = 1: z_T = ε; fp32 lanes
 
     def model_mask(self, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """ℳ (1, 1, h, w) repeated over the latent channels and packed like the latents:

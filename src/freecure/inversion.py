@@ -12,11 +12,13 @@ The blended latent is inverted directly (no VAE decode/encode round trip) for th
 
 Guidance. DDIM inversion is exact only if the noise prediction along the way does not
 change between the step's two ends; classifier-free guidance amplifies the change by w, so
-inversion with w > 1 drifts (the observation behind null-text inversion). Inversion and
-denoising therefore use the *same* guidance scale, ``expression_guidance_scale``, default
-1.0 (conditional branch only): then inverting and denoising with one prompt retraces the
-same ε-function in both directions, and the reconstruction error is the DDIM linearisation
-error alone (``freecure.inversion.reconstruction_error`` measures it; see docs/engine.md).
+inversion with w > 1 drifts (the observation behind null-text inversion). The inversion
+therefore defaults to w = 1 (conditional branch only). The re-denoising is a different
+matter: it is *meant* to move the image towards the expression prompt, which is what
+guidance does, so :func:`expression_restore` takes its own scale for each half (the pipeline
+defaults the re-denoising to the run's guidance scale; see docs/engine.md).
+``reconstruction_error`` uses one scale in both directions, where one prompt retraces the
+same ε-function and the error is the DDIM linearisation error alone.
 """
 
 from __future__ import annotations
@@ -118,10 +120,16 @@ def expression_restore(
     guidance_scale: float,
     image_size: tuple[int, int],
     on_step: Callable[[int], None] | None = None,
+    inversion_guidance_scale: float | None = None,
 ) -> torch.Tensor:
-    """Invert with the template prompt, re-denoise with the expression prompt (§4.2)."""
+    """Invert with the template prompt, re-denoise with the expression prompt (§4.2).
+
+    ``guidance_scale`` guides the re-denoising; ``inversion_guidance_scale`` the inversion
+    (None: the same scale for both).
+    """
+    inversion_scale = guidance_scale if inversion_guidance_scale is None else inversion_guidance_scale
     z = ddim_invert(
-        backend, z0, template, uncond, scheduler_config, num_inference_steps, gamma, guidance_scale, image_size, on_step
+        backend, z0, template, uncond, scheduler_config, num_inference_steps, gamma, inversion_scale, image_size, on_step
     )
     return ddim_denoise_from(
         backend,

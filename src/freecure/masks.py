@@ -2,11 +2,23 @@
 
 Every function here is pure: tensors in, tensors out, no model calls. Masks are float
 tensors in [0, 1]; parse masks are boolean or {0, 1} tensors.
+
+PD's factor of eq. 4. Read literally, Ψ(I_p)_i is the attribute's own class in PD's image:
+if PD drew no sunglasses — the very failure FreeCure exists to cure — the product is empty
+and the attribute can never come back. The paper's figures show accessories restored, so by
+default (``pd_region="placement"``) PD's factor is :func:`placement_region`: *where the
+attribute belongs on PD's face* (eyewear: the eyes and brows, dilated; headwear: the hair and
+the space above the head; earrings: around the ears; necklaces: around the neck), always
+including the attribute's own class. Attributes that change the colour or style of a part
+PD already has (hair, lips, eyes, …) keep their own class, i.e. the literal reading. FD's
+factor Ψ(I_f)_i stays literal in both modes: FD drew the attribute, so its class is where it
+is. ``pd_region="literal"`` restores the plain eq. 4 everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +65,79 @@ def attribute_mask(attention: torch.Tensor, parse_pd: torch.Tensor, parse_fd: to
         )
     heat = normalize_map(resize_map(attention, tuple(parse_pd.shape)))
     return heat * parse_pd.float() * parse_fd.float()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an attribute category belongs on a face, in parser classes.
+
+    Attributes:
+        classes: classes/groups (of :mod:`freecure.parsing.labels`) the attribute sits on.
+        dilate: grow that region by this fraction of the face height (0: not at all).
+        above: also take every pixel above the head (hair, hat and face) in its columns.
+    """
+
+    classes: tuple[str, ...]
+    dilate: float = 0.0
+    above: bool = False
+
+
+PLACEMENTS: dict[str, Placement] = {
+    "eyewear": Placement(("eyes", "brows"), dilate=0.08),
+    "hat": Placement(("hair",), above=True),
+    "earrings": Placement(("ears",), dilate=0.08),
+    "necklace": Placement(("neck",), dilate=0.05),
+}
+"""PD-side placement per attribute category; categories not listed keep their own class."""
+
+PD_REGION_MODES = ("placement", "literal")
+HEAD_CLASSES = ("hair", "hat", "face")
+
+
+def dilate_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grow a boolean (H, W) mask by ``radius`` pixels (square structuring element)."""
+    if radius <= 0:
+        return mask.bool()
+    grown = F.max_pool2d(mask.float()[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius)
+    return grown[0, 0] > 0
+
+
+def above_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels strictly above the topmost pixel of ``mask`` in their column (boolean (H, W))."""
+    seen = mask.bool().int().cumsum(dim=0) > 0  # at or below the first pixel of the column
+    return ~seen & mask.bool().any(dim=0, keepdim=True)
+
+
+def face_height(labels_mask: Callable[[Sequence[str]], torch.Tensor]) -> int:
+    """Rows spanned by the face classes; the image height when there is no face."""
+    face = labels_mask(("face",))
+    rows = torch.nonzero(face.any(dim=1)).flatten()
+    return int(rows[-1] - rows[0] + 1) if len(rows) else face.shape[0]
+
+
+def placement_region(
+    labels_mask: Callable[[Sequence[str]], torch.Tensor], category: str, parse_classes: Sequence[str]
+) -> torch.Tensor:
+    """R_p: where an attribute of ``category`` belongs on a parsed face (PD's factor of eq. 4).
+
+    Args:
+        labels_mask: class/group names → boolean (H, W) tensor of the parsed image.
+        category: the attribute's category ("eyewear", "hat", …).
+        parse_classes: the attribute's own classes; always part of the region.
+
+    Returns:
+        Boolean (H, W): the own classes, plus the category's :data:`PLACEMENTS` entry.
+    """
+    own = labels_mask(tuple(parse_classes)).bool()
+    placement = PLACEMENTS.get(category)
+    if placement is None:
+        return own
+    region = labels_mask(placement.classes).bool()
+    if placement.dilate > 0:
+        region = dilate_mask(region, round(placement.dilate * face_height(labels_mask)))
+    if placement.above:
+        region = region | above_mask(labels_mask(HEAD_CLASSES))
+    return own | region
 
 
 def merge_masks(masks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import AttentionStore
+from .attention import AGGREGATIONS, AttentionStore
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError, check_number
 from .families import family_of
 from .images import ImageInput, load_reference
 from .inversion import expression_restore, inversion_steps
-from .masks import attribute_mask, merge_masks, to_latent_resolution
+from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
 from .parsing import FaceParser, ParseResult
 from .sampling import FD_LANE, PD_LANE, check_scheduler, rofa_pass, same_pass
 
@@ -45,24 +45,48 @@ class FreeCureConfig:
     Attributes:
         gamma: γ of §4.2: the expression stage inverts and re-denoises round(γ·T) of the T
             steps. Must lie in (0, 1].
-        expression_guidance_scale: guidance scale of both the inversion and the re-denoising;
-            1.0 (no CFG) keeps DDIM inversion closest to exact (see :mod:`freecure.inversion`).
+        inversion_guidance_scale: guidance scale of the expression stage's DDIM inversion with
+            the template prompt; 1.0 (no CFG, the default) keeps the inversion closest to exact
+            (see :mod:`freecure.inversion`).
+        expression_guidance_scale: guidance scale of the re-denoising with the expression
+            prompt; None (default) = the run's ``guidance_scale`` (the backend's, from the CLI):
+            the expression comes from the foundation model's guided controllability (§4.2).
+            ``inversion_guidance_scale=1.0, expression_guidance_scale=1.0`` is the former
+            single-setting behaviour.
         approximate_shared_uncond: after injection, evaluate the unconditional branch once, on
             PD's latent, for both lanes (3 batch rows instead of 4). PD stays exact; FD's
             guidance becomes approximate. Off by default.
         attention_layers: names of the attention processors to capture; None = every
             cross-attention layer of the UNet's up-sampling blocks (the paper's choice), or
             for FLUX every double-stream block's joint attention (docs/engine.md).
+        pd_region: PD's factor of eq. 4. ``"placement"`` (default): where the attribute
+            belongs on PD's face (:func:`freecure.masks.placement_region`), so an accessory
+            PD failed to draw can be restored; ``"literal"``: the attribute's own class in PD's
+            image, Ψ(I_p)_i as eq. 4 reads, which skips any attribute PD did not draw.
+        attention_aggregation: how H_i averages the captured layers: ``"per_resolution"``
+            (default; each resolution weighs the same) or ``"per_layer"`` (every layer the same,
+            so SDXL's 30 layers at 32² outweigh its 6 at 64²). See :class:`AttentionStore`.
     """
 
     gamma: float = 0.5
-    expression_guidance_scale: float = 1.0
+    expression_guidance_scale: float | None = None
+    inversion_guidance_scale: float = 1.0
     approximate_shared_uncond: bool = False
     attention_layers: tuple[str, ...] | None = None
+    pd_region: str = "placement"
+    attention_aggregation: str = "per_resolution"
 
     def __post_init__(self):
+        if self.attention_aggregation not in AGGREGATIONS:
+            raise InputError(
+                f"attention_aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.attention_aggregation!r}"
+            )
+        if self.pd_region not in PD_REGION_MODES:
+            raise InputError(f"pd_region must be one of {', '.join(PD_REGION_MODES)}, got {self.pd_region!r}")
         check_number("gamma", self.gamma, 0.0, 1.0, open_minimum=True)
-        check_number("expression_guidance_scale", self.expression_guidance_scale, 1.0)
+        if self.expression_guidance_scale is not None:
+            check_number("expression_guidance_scale", self.expression_guidance_scale, 1.0)
+        check_number("inversion_guidance_scale", self.inversion_guidance_scale, 1.0)
 
 
 @dataclass
@@ -206,6 +230,11 @@ class FreeCurePipeline:
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
+    def expression_guidance(self, guidance_scale: float) -> float:
+        """Guidance of the expression re-denoising: the config's, else the run's."""
+        configured = self.config.expression_guidance_scale
+        return guidance_scale if configured is None else configured
+
     def default_size(self) -> tuple[int, int]:
         return self.backend.family.default_size(self.pipeline)
 
@@ -290,11 +319,13 @@ class FreeCurePipeline:
                 conditions = replace(conditions, inject_step=inject_step)
             scheduler = pipeline.scheduler
             family.set_timesteps(scheduler, num_inference_steps, device, latent_size)
+            # the lanes are fp32 whatever the model's dtype (z_T is drawn in the model's dtype,
+            # as diffusers does, so a seed gives the same noise)
             z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, device, dtype, latents)
 
             # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
-            store = AttentionStore(columns, latent_size) if columns else None
+            store = AttentionStore(columns, latent_size, self.config.attention_aggregation) if columns else None
             with stages.run("same_pass"), self._bar(num_inference_steps, "SAME: FD+PD") as bar:
                 capture = (
                     family.attention_capture(self.backend.denoiser, store, self.config.attention_layers)
@@ -363,9 +394,10 @@ class FreeCurePipeline:
                         scheduler.config,
                         num_inference_steps,
                         self.config.gamma,
-                        self.config.expression_guidance_scale,
+                        self.expression_guidance(guidance_scale),
                         image_size,
                         on_step=lambda i: bar.update(),
+                        inversion_guidance_scale=self.config.inversion_guidance_scale,
                     )
                 output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
             else:
@@ -391,13 +423,20 @@ class FreeCurePipeline:
             inject_step=conditions.inject_step,
             scheduler=type(scheduler).__name__,
             gamma=self.config.gamma,
-            expression_guidance_scale=self.config.expression_guidance_scale,
+            expression_guidance_scale=self.expression_guidance(guidance_scale),
+            inversion_guidance_scale=self.config.inversion_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
+            pd_region=self.config.pd_region,
+            attention_aggregation=self.config.attention_aggregation,
         )
         return output
 
     def _build_masks(self, output: FreeCureOutput, fd_image, pd_image, latent_size) -> None:
-        """Eq. (4) for every localized attribute found in both images, eq. (5) to merge."""
+        """Eq. (4) for every localized attribute with a region in both images, eq. (5) to merge.
+
+        FD's factor is the attribute's own class in FD's image; PD's factor is its own class
+        (``pd_region="literal"``) or where it belongs on PD's face (``"placement"``).
+        """
         parse_fd, parse_pd = _parse_images(self.face_parser, [fd_image, pd_image])
         output.parse_fd, output.parse_pd = parse_fd, parse_pd
         for parse, name in ((parse_fd, "FD"), (parse_pd, "PD")):
@@ -405,7 +444,12 @@ class FreeCurePipeline:
                 output.notes.append(f"{name} image: {parse.note}")
         for attribute in output.parsed.localized:
             region_fd = torch.from_numpy(parse_fd.mask(attribute.parse_classes))
-            region_pd = torch.from_numpy(parse_pd.mask(attribute.parse_classes))
+            if self.config.pd_region == "placement":
+                region_pd = placement_region(
+                    lambda names: torch.from_numpy(parse_pd.mask(names)), attribute.category, attribute.parse_classes
+                )
+            else:
+                region_pd = torch.from_numpy(parse_pd.mask(attribute.parse_classes))
             missing = [name for name, region in (("FD", region_fd), ("PD", region_pd)) if not region.any()]
             if missing:
                 output.notes.append(

@@ -13,6 +13,10 @@ or guidance-distilled FLUX whose scale is an embedding) or two (classifier-free 
 FLUX's true CFG). Guidance and the blend are affine in the prediction, so they hold for ε, v
 and velocity alike.
 
+Precision: the lanes (latents, ε, guidance, ROFA's blend, the scheduler's state) are fp32
+whatever the model's dtype; :func:`predict_guided` casts the model's input to its dtype and
+its output back, so half-precision models do not make the stepping drift.
+
 Where classifier-free guidance meets the blend: ROFA (eq. 6) mixes the *guided* noise
 predictions, ε̂ = ε_u + w·(ε_c − ε_u), after guidance (and guidance rescale), i.e. exactly
 the tensor the scheduler steps with. CFG is linear, so with plain CFG this equals blending the
@@ -164,11 +168,16 @@ def predict_guided(
     guidance: Guidance,
     image_size: tuple[int, int],
 ) -> torch.Tensor:
-    """One denoiser call on the layout's rows, then guidance: the guided prediction per lane."""
+    """One denoiser call on the layout's rows, then guidance: the guided prediction per lane.
+
+    The model sees its own dtype (``backend.dtype``); its prediction comes back in the lanes'
+    dtype, so guidance and the scheduler's arithmetic stay in fp32 under a half-precision model.
+    """
     model_input = scale_model_input(scheduler, layout.gather(z), t)
     rows = [conditionings(key) for key in layout.keys]
-    eps = backend.predict_noise(model_input, t, rows, layout.keys, step, image_size)
-    return layout.guide(eps, guidance.scale, guidance.rescale)
+    model_dtype = getattr(backend, "dtype", model_input.dtype)
+    eps = backend.predict_noise(model_input.to(model_dtype), t, rows, layout.keys, step, image_size)
+    return layout.guide(eps.to(z.dtype), guidance.scale, guidance.rescale)
 
 
 @dataclass

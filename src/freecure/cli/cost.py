@@ -16,7 +16,13 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=options.steps, default=None, help="denoising steps (default: 50; FLUX 28)")
     parser.add_argument("--gamma", type=options.finite_float(0.0, 1.0, open_minimum=True), default=0.5)
     parser.add_argument("--inject-step", type=options.non_negative_int, default=10)
-    parser.add_argument("--expression-guidance-scale", type=options.finite_float(1.0, 100.0), default=1.0)
+    parser.add_argument(
+        "--expression-guidance-scale",
+        type=options.finite_float(1.0, 100.0),
+        default=None,
+        help="guidance of the expression re-denoising (default: the run's guidance scale)",
+    )
+    parser.add_argument("--inversion-guidance-scale", type=options.finite_float(1.0, 100.0), default=1.0)
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15")
     parser.add_argument(
@@ -37,8 +43,6 @@ def run(args) -> int:
 
     if args.steps is None:
         args.steps = 28 if args.family == "flux" else 50
-    if args.steps < 2:
-        raise InputError(f"--steps must be at least 2, got {args.steps}")
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
     pipeline = tiny_pipeline(args.family)
@@ -46,6 +50,7 @@ def run(args) -> int:
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
+        inversion_guidance_scale=args.inversion_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
     )
     freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
@@ -70,4 +75,12 @@ def run(args) -> int:
     print(f"{'schedule':<12} {'calls':>10} {'batch items':>12}")
     for name in ("plain_pd", "literal", "engine"):
         print(f"{name:<12} {result[name]['unet_calls']:>10} {result[name]['batch_items']:>12}")
+    for stage, counts in result["engine"]["stages"].items():
+        print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")
+    expression = result["engine"]["stages"].get("expression", {})
+    if expression.get("ran"):
+        print(
+            f"expression stage: inversion at w={settings['inversion_guidance_scale']}, re-denoising at "
+            f"w={settings['expression_guidance_scale']} ({expression['batch_items']} rows)"
+        )
     return 0

@@ -83,8 +83,28 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--expression-guidance-scale",
         type=options.finite_float(minimum=1.0, maximum=100.0),
+        default=None,
+        help="guidance of the expression re-denoising (default: the run's --guidance-scale)",
+    )
+    parser.add_argument(
+        "--inversion-guidance-scale",
+        type=options.finite_float(minimum=1.0, maximum=100.0),
         default=1.0,
-        help="guidance of the expression inversion and re-denoising (default 1.0)",
+        help="guidance of the expression stage's DDIM inversion (default 1.0: closest to exact); "
+        "--inversion-guidance-scale 1 --expression-guidance-scale 1 is the former behaviour",
+    )
+    parser.add_argument(
+        "--pd-region",
+        choices=["placement", "literal"],
+        default="placement",
+        help="PD's factor of eq. 4: where the attribute belongs on PD's face (default), "
+        "or its own class in PD's image (literal eq. 4: an accessory PD did not draw is skipped)",
+    )
+    parser.add_argument(
+        "--attention-aggregation",
+        choices=["per_resolution", "per_layer"],
+        default="per_resolution",
+        help="average FD's cross-attention layers per resolution then across (default), or all at once",
     )
     parser.add_argument(
         "--inject-step", type=options.non_negative_int, default=None, help="override the backend's injection step"
@@ -196,7 +216,10 @@ def build_freecure(args: argparse.Namespace):
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
+        inversion_guidance_scale=args.inversion_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
+        pd_region=args.pd_region,
+        attention_aggregation=args.attention_aggregation,
     )
     backend = BACKENDS[args.backend].from_cli(args)
     family = backend.family

@@ -7,7 +7,17 @@ normalised with the ImageNet mean and standard deviation. Post-processing return
 at the input's resolution: the 512×512 logits are bilinearly resized to the crop's size
 and the argmax is taken there (smoother borders than resizing a label map). Crops larger
 than :data:`LOGIT_RESIZE_LIMIT` take the argmax at that size and are enlarged
-nearest-neighbour, which bounds memory. Pixels outside the crop are labelled background.
+nearest-neighbour, which bounds memory.
+
+Hair beyond the crop. The 2×-face-box crop matches the training framing of CelebAMask-HQ and
+gives the most accurate face classes, but long hair falls outside it. A second, larger crop
+(``hair_crop_scale``, default 3× the face box, centred on the face) is parsed as well, and
+only its hair and hat labels are used, only outside the tight crop, and only where they are
+connected to the hair or hat the tight crop found (:func:`extend_hair`): hair is one large
+region that the network still recognises with the face smaller in view, whereas eyes, lips
+and earrings need the tight crop's resolution; the connectivity rule drops stray "hair"
+that the wider, less familiar framing may report on backgrounds. Inside the tight crop the
+labels are exactly the tight crop's. Other pixels outside both crops are background.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ class ParseResult:
         crop_box: (left, top, right, bottom) of the region that was parsed.
         face_found: whether a face was detected (otherwise the whole image was parsed).
         note: a human-readable account, e.g. "no face detected; parsed the whole image".
+        hair_box: the larger crop whose hair and hat extend the labels beyond ``crop_box``,
+            or None.
     """
 
     labels: np.ndarray
@@ -63,6 +75,7 @@ class ParseResult:
     crop_box: Box
     face_found: bool
     note: str
+    hair_box: Box | None = None
 
     def mask(self, names: Iterable[str] | str) -> np.ndarray:
         """Binary mask Ψ(I)_i of eq. (4): pixels whose class is one of ``names``.
@@ -100,6 +113,7 @@ class _Region:
     face_box: Box | None
     crop_box: Box
     note: str
+    hair_box: Box | None = None
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
@@ -118,6 +132,8 @@ class BiSeNetFaceParser:
         input_size: side of the square the network sees (512 for the release).
         crop_scale: face-crop side as a multiple of the face box (see :func:`face_crop_box`).
         crop_lift: upward shift of the crop, as a fraction of the face height.
+        hair_crop_scale: side of the second, hair-only crop as a multiple of the face box
+            (centred on the face); None parses the tight crop only. See :func:`extend_hair`.
         weights: where the model's checkpoint came from (reported by the CLI).
         no_detector_note: why there is no detector, used in results when ``detector`` is None.
     """
@@ -131,6 +147,7 @@ class BiSeNetFaceParser:
         input_size: int = INPUT_SIZE,
         crop_scale: float = 2.0,
         crop_lift: float = 0.1,
+        hair_crop_scale: float | None = 3.0,
         weights: WeightsLocation | None = None,
         no_detector_note: str = "face detection is off",
     ) -> None:
@@ -142,6 +159,7 @@ class BiSeNetFaceParser:
         self.input_size = input_size
         self.crop_scale = crop_scale
         self.crop_lift = crop_lift
+        self.hair_crop_scale = hair_crop_scale
         self.weights = weights
         self.no_detector_note = no_detector_note
 
@@ -201,9 +219,14 @@ class BiSeNetFaceParser:
         results: list[ParseResult] = []
         for start in range(0, len(pictures), batch_size):
             chunk = slice(start, start + batch_size)
-            logits = self._logits(pictures[chunk], regions[chunk])
+            logits = self._logits(pictures[chunk], [region.crop_box for region in regions[chunk]])
+            wide = [(p, r) for p, r in zip(pictures[chunk], regions[chunk]) if r.hair_box is not None]
+            wide_logits = iter(self._logits([p for p, _ in wide], [r.hair_box for _, r in wide]) if wide else ())
             for picture, region, logit in zip(pictures[chunk], regions[chunk], logits):
                 labels = labels_in_image(logit, region.crop_box, picture.size)
+                if region.hair_box is not None:
+                    wide_labels = labels_in_image(next(wide_logits), region.hair_box, picture.size)
+                    labels = extend_hair(labels, wide_labels, region.crop_box)
                 results.append(
                     ParseResult(
                         labels=labels,
@@ -211,6 +234,7 @@ class BiSeNetFaceParser:
                         crop_box=region.crop_box,
                         face_found=region.face_box is not None,
                         note=region.note,
+                        hair_box=region.hair_box,
                     )
                 )
         return results
@@ -228,16 +252,18 @@ class BiSeNetFaceParser:
         face_box = clamp_box(detected, image.size)
         crop_box = face_crop_box(face_box, image.size, self.crop_scale, self.crop_lift)
         note = f"face detected at {face_box}; parsed the square crop {crop_box}"
-        return _Region(face_box, crop_box, note)
+        hair_box = None
+        if self.hair_crop_scale is not None:
+            hair_box = face_crop_box(face_box, image.size, self.hair_crop_scale, lift=0.0)
+            if hair_box == crop_box:
+                hair_box = None
+            else:
+                note += f" and its hair in {hair_box}"
+        return _Region(face_box, crop_box, note, hair_box)
 
-    def _logits(self, images: Sequence[Image.Image], regions: Sequence[_Region]) -> torch.Tensor:
+    def _logits(self, images: Sequence[Image.Image], boxes: Sequence[Box]) -> torch.Tensor:
         """Steps 2–3: normalised crops → BiSeNet logits, (N, 19, input_size, input_size)."""
-        batch = torch.stack(
-            [
-                preprocess(image, region.crop_box, self.input_size)
-                for image, region in zip(images, regions)
-            ]
-        )
+        batch = torch.stack([preprocess(image, box, self.input_size) for image, box in zip(images, boxes)])
         return self.model(batch.to(self.device)).float().cpu()
 
 
@@ -280,6 +306,49 @@ def labels_in_image(logits: torch.Tensor, crop_box: Box, image_size: tuple[int, 
     labels = np.zeros((height, width), dtype=np.uint8)
     labels[top:bottom, left:right] = crop_labels
     return labels
+
+
+HAIR_CLASSES = ("hair", "hat")
+_GROW_GRID = 128
+
+
+def extend_hair(labels: np.ndarray, wide_labels: np.ndarray, crop_box: Box) -> np.ndarray:
+    """The tight crop's labels, plus the wide crop's hair and hat outside the tight crop where
+    they connect to the tight crop's own hair or hat.
+
+    Connectivity is geodesic growth (repeated 3×3 dilation inside the allowed region) on a
+    grid of at most 128 cells per side: it follows hair down the shoulders, and it drops
+    "hair" the wide crop reports on a background that does not touch the head.
+
+    Args:
+        labels, wide_labels: (H, W) label maps of the whole image from the two crops.
+        crop_box: the tight crop; inside it ``labels`` are returned unchanged.
+    """
+    hair_ids = list(class_ids(HAIR_CLASSES))
+    left, top, right, bottom = crop_box
+    outside = np.ones(labels.shape, dtype=bool)
+    outside[top:bottom, left:right] = False
+    seed = np.isin(labels, hair_ids)
+    candidate = np.isin(wide_labels, hair_ids) & outside
+    if not seed.any() or not candidate.any():
+        return labels
+    height, width = labels.shape
+    grid = (min(height, _GROW_GRID), min(width, _GROW_GRID))
+
+    def coarse(mask: np.ndarray) -> torch.Tensor:
+        return F.adaptive_max_pool2d(torch.from_numpy(mask).float()[None, None], grid)
+
+    allowed, reached = coarse(seed | candidate), coarse(seed)
+    while True:
+        grown = F.max_pool2d(reached, 3, stride=1, padding=1) * allowed
+        if torch.equal(grown, reached):
+            break
+        reached = grown
+    connected = F.interpolate(reached, size=labels.shape, mode="nearest")[0, 0].numpy() > 0
+    extended = labels.copy()
+    keep = candidate & connected
+    extended[keep] = wide_labels[keep]
+    return extended
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
