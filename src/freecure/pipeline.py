@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,6 +27,7 @@ from .attention import AttentionStore, capture_cross_attention
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError
+from .fasa import FasaConfig, fasa_layers, fasa_stage
 from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import attribute_mask, merge_masks, to_latent_resolution
@@ -34,6 +35,9 @@ from .parsing import FaceParser, ParseResult
 from .sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, rofa_pass, same_pass
 
 logger = logging.getLogger(__name__)
+
+#: Correction methods after the SAME pass (``FreeCureConfig.method``).
+METHODS = ("rofa", "fasa")
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,22 @@ class FreeCureConfig:
             guidance becomes approximate. Off by default.
         attention_layers: names of the attention processors to capture; None = every
             cross-attention layer of the UNet's up-sampling blocks (the paper's choice).
+        method: the correction after the SAME pass: ``"rofa"`` (the paper: ROFA + expression
+            restore) or ``"fasa"`` (the authors' released code: foundation-aware
+            self-attention, :mod:`freecure.fasa`).
+        fasa: settings of the FASA method.
     """
 
     gamma: float = 0.5
     expression_guidance_scale: float = 1.0
     approximate_shared_uncond: bool = False
     attention_layers: tuple[str, ...] | None = None
+    method: str = "rofa"
+    fasa: FasaConfig = FasaConfig()
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0.0 < self.gamma <= 1.0:
             raise InputError(f"gamma must lie in (0, 1], got {self.gamma}")
         if self.expression_guidance_scale < 1.0:
@@ -91,6 +103,7 @@ class FreeCureOutput:
         stages: one :class:`StageRecord` per stage, in order.
         notes: what was skipped or adjusted, in words.
         latents: final latents per image name.
+        fasa_mask: the mask FASA used on the latent grid (method ``"fasa"``), else None.
     """
 
     images: dict[str, Image.Image]
@@ -105,6 +118,7 @@ class FreeCureOutput:
     notes: list[str] = field(default_factory=list)
     latents: dict[str, torch.Tensor] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    fasa_mask: torch.Tensor | None = None
 
     @property
     def unet_calls(self) -> int:
@@ -206,6 +220,8 @@ class FreeCurePipeline:
         self.backend = backend
         self.face_parser = face_parser
         self.config = config
+        if config.method == "fasa":
+            fasa_layers(backend.unet, config.fasa.layers)  # a layer choice matching nothing fails now
         self.progress = True
 
     @property
@@ -329,8 +345,11 @@ class FreeCurePipeline:
             else:
                 stages.skip("masks", "the prompt names no localized attribute")
 
+            # 3 (method "fasa"). The authors' FASA regeneration instead of ROFA + expression.
+            if self.config.method == "fasa":
+                z_out = fasa_stage(self, output, same, conditions, guidance, image_size, stages)
             # 3. ROFA noise blending from the injection step, with the cached ε_f.
-            if output.latent_mask is None:
+            elif output.latent_mask is None:
                 stages.skip(
                     "rofa",
                     "no localized attribute was found in both the FD and the PD image"
@@ -353,7 +372,9 @@ class FreeCurePipeline:
                 output.latents["blended"] = z_out
 
             # 4. Expression restore: invert with the template prompt, denoise with the expression.
-            if parsed.abstract:
+            if self.config.method == "fasa":
+                stages.skip("expression", "method fasa: the authors' FASA schedule has no expression stage")
+            elif parsed.abstract:
                 n = inversion_steps(num_inference_steps, self.config.gamma)
                 with stages.run("expression"), self._bar(2 * n, "Expression: invert+denoise") as bar:
                     z_out = expression_restore(
@@ -393,6 +414,8 @@ class FreeCurePipeline:
             gamma=self.config.gamma,
             expression_guidance_scale=self.config.expression_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
+            method=self.config.method,
+            fasa=asdict(self.config.fasa) if self.config.method == "fasa" else None,
         )
         return output
 

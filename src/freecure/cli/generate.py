@@ -77,6 +77,7 @@ def add_model_arguments(parser) -> None:
         help="3 batch rows instead of 4 after injection (FD guidance approximate)",
     )
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    add_method_arguments(parser)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--base-model", default=None, help="Hub id or folder of the base pipeline")
@@ -97,6 +98,47 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
     for name, backend in sorted(BACKENDS.items()):
         backend.add_cli_arguments(parser.add_argument_group(f"{name} backend"))
+
+
+def add_method_arguments(parser) -> None:
+    """``--method`` and the FASA options (docs/engine.md, "FASA")."""
+    from ..fasa import LAYER_PRESETS, MASK_SOURCES
+
+    parser.add_argument(
+        "--method",
+        choices=["rofa", "fasa"],
+        default="rofa",
+        help="correction after the SAME pass: rofa (the paper: ROFA + expression restore, default) or "
+        "fasa (the authors' released code: foundation-aware self-attention)",
+    )
+    group = parser.add_argument_group("FASA (--method fasa)")
+    group.add_argument(
+        "--fasa-layers",
+        nargs="+",
+        default=["up"],
+        metavar="NAME",
+        help=f"a preset ({', '.join(LAYER_PRESETS)}) or attention-processor name patterns (fnmatch) "
+        "of the self-attention layers to change (default: up)",
+    )
+    group.add_argument("--fasa-mask", choices=MASK_SOURCES, default="fd-parse", help="mask on FD's keys")
+    group.add_argument("--fasa-mask-weight", type=float, default=1.5, help="logit offset w inside the mask (1.5)")
+    group.add_argument(
+        "--fasa-uncond", action="store_true", help="also change PD's unconditional row (the authors' code does not)"
+    )
+
+
+def fasa_config(args: argparse.Namespace):
+    """The :class:`freecure.fasa.FasaConfig` of the parsed options."""
+    from ..fasa import LAYER_PRESETS, FasaConfig
+
+    layers = args.fasa_layers
+    preset = len(layers) == 1 and layers[0] in LAYER_PRESETS
+    return FasaConfig(
+        layers=layers[0] if preset else tuple(layers),
+        mask_source=args.fasa_mask,
+        mask_weight=args.fasa_mask_weight,
+        uncond=args.fasa_uncond,
+    )
 
 
 def build_face_parser(args):
@@ -123,6 +165,8 @@ def build_freecure(args: argparse.Namespace):
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
         approximate_shared_uncond=args.approximate_shared_uncond,
+        method=args.method,
+        fasa=fasa_config(args),
     )
     backend = BACKENDS[args.backend].from_cli(args)
     set_scheduler(backend.pipeline, args.scheduler)
