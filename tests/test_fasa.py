@@ -257,3 +257,54 @@ def test_generate_rejects_bad_fasa_options(tmp_path, capsys, grey_image):
     assert code == 2 and "mask weight" in capsys.readouterr().err
     code = main([*base, "--fasa-layers", "nothing.*", "--out", str(tmp_path / "y")])
     assert code == 2 and "no self-attention layer" in capsys.readouterr().err
+
+
+def test_cost_counts_the_authors_schedule_and_the_engines_reuse(tiny_sd15):
+    from freecure.cost import count_fasa_costs
+
+    backend = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32))
+    fc = FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig())
+    steps, inject = 4, 1
+    result = count_fasa_costs(fc, num_inference_steps=steps, inject_step=inject)
+    # theirs: two whole generations of a 4-row batch
+    assert result["literal_fasa"] == {"unet_calls": 2 * steps, "batch_items": 8 * steps}
+    # ours: the SAME pass (2 rows before injection, 4 after), then 3 rows per step (FD replayed)
+    engine = result["engine_fasa"]
+    assert engine["stages"]["same_pass"]["batch_items"] == 2 * inject + 4 * (steps - inject)
+    assert engine["stages"]["fasa"] == {"ran": True, "unet_calls": steps, "batch_items": 3 * steps}
+    assert engine["batch_items"] < result["literal_fasa"]["batch_items"]
+
+
+def test_tables_label_runs_by_correction_method():
+    from freecure.evaluation.tables import table1
+
+    def row(digest, method=None):
+        metrics = {m: {"pc": 20.0, "if": None, "face_found": False} for m in ("fd", "pd", "freecure")}
+        extra = {} if method is None else {"method": method}
+        return {"backend": "token-fusion", "settings_hash": digest, "metrics": metrics, "n_attributes": 1, **extra}
+
+    both = table1([row("aaa"), row("bbb", "fasa")])  # an old row without "method" is ROFA
+    labels = [e["label"] for e in both]
+    assert "token-fusion [ROFA] + FreeCure" in labels and "token-fusion [FASA] + FreeCure" in labels
+    assert {e["correction"] for e in both} == {"rofa", "fasa"}
+    alone = table1([row("bbb", "fasa")])
+    assert [e["label"] for e in alone][-1] == "token-fusion + FreeCure (FASA)"
+
+
+def test_eval_both_methods_in_one_report(tmp_path):
+    pytest.importorskip("dlib")
+    pytest.importorskip("facenet_pytorch")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\na <S> with black curly hair\n")
+    out = tmp_path / "eval"
+    base = ["eval", "--tiny", "--identities", "examples/identities", "--prompts", str(prompts), "--num-seeds", "1",
+            "--steps", "3", "--out", str(out), "--no-progress"]
+    assert main(base) == 0
+    assert main([*base, "--method", "fasa"]) == 0
+    from freecure.evaluation.store import read_jsonl, shard_paths
+
+    rows = [row for path in shard_paths(out) for row in read_jsonl(path)]
+    assert sorted(row["method"] for row in rows) == ["fasa", "rofa"]
+    table = json.loads((out / "report" / "table1.json").read_text())
+    labels = {e["label"] for e in table}
+    assert {"token-fusion [ROFA] + FreeCure", "token-fusion [FASA] + FreeCure", "token-fusion [FASA] (PD)"} <= labels

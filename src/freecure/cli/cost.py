@@ -18,6 +18,12 @@ def register(subparsers) -> None:
     parser.add_argument("--expression-guidance-scale", type=float, default=1.0)
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument(
+        "--method",
+        choices=["rofa", "fasa", "both"],
+        default="rofa",
+        help="which correction to count: the paper's ROFA (default), the authors' FASA, or both",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -44,6 +50,10 @@ def run(args) -> int:
     freecure.set_progress_bar_config(disable=True)
     pipeline.set_progress_bar_config(disable=True)
     result = count_costs(freecure, num_inference_steps=args.steps, inject_step=args.inject_step)
+    if args.method in ("fasa", "both"):
+        from ..cost import count_fasa_costs
+
+        result.update(count_fasa_costs(freecure, num_inference_steps=args.steps, inject_step=args.inject_step))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -53,6 +63,8 @@ def run(args) -> int:
         f"γ={settings['gamma']} (prompt: {settings['prompt']!r})"
     )
     print(f"{'schedule':<12} {'UNet calls':>10} {'batch items':>12}")
-    for name in ("plain_pd", "literal", "engine"):
+    names = {"rofa": ("literal", "engine"), "fasa": ("literal_fasa", "engine_fasa")}
+    shown = ("plain_pd", *[n for m in ("rofa", "fasa") if args.method in (m, "both") for n in names[m]])
+    for name in shown:
         print(f"{name:<12} {result[name]['unet_calls']:>10} {result[name]['batch_items']:>12}")
     return 0
