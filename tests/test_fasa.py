@@ -308,3 +308,16 @@ def test_eval_both_methods_in_one_report(tmp_path):
     table = json.loads((out / "report" / "table1.json").read_text())
     labels = {e["label"] for e in table}
     assert {"token-fusion [ROFA] + FreeCure", "token-fusion [FASA] + FreeCure", "token-fusion [FASA] (PD)"} <= labels
+
+
+def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
+    class SeparateCalls(TokenFusionBackend):
+        name = "separate-calls"
+
+        def predict_noise(self, *args):  # PD by its own model calls, as Face-diffuser does
+            return super().predict_noise(*args)
+
+    backend = SeparateCalls(tiny_sd15, RandomProjectionIdentityEncoder(32))
+    with pytest.raises(InputError, match="one UNet call"):
+        FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig(method="fasa"))
+    FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig())  # ROFA does not care

@@ -105,6 +105,22 @@ def fasa_layers(unet, layers: str | Sequence[str] = "up") -> list[str]:
     return chosen
 
 
+def check_one_batch(backend, what: str = "FASA") -> None:
+    """Refuse backends whose PD rows are not rows of the engine's one UNet call.
+
+    FASA (and the attention studies) address FD's and PD's rows by their index in the batch
+    the engine builds; a backend that overrides :meth:`Backend.predict_noise` to evaluate PD
+    with its own models in separate calls (Face-diffuser's TDM/SDM) breaks that mapping.
+    """
+    from .backends.base import Backend as _Base
+
+    if type(backend).predict_noise is not _Base.predict_noise:
+        raise InputError(
+            f"{what} needs FD's and PD's rows in one UNet call, but the {backend.name} backend evaluates PD "
+            "with its own models in separate calls; use --method rofa / another backend"
+        )
+
+
 def key_bias(mask: torch.Tensor, weight: float) -> torch.Tensor:
     """b_j = w·M_j where M_j > 0, −∞ where M_j = 0: the logit offset of FD's keys."""
     mask = mask.float()

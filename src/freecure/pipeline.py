@@ -27,7 +27,7 @@ from .attention import AttentionStore, capture_cross_attention
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError
-from .fasa import FasaConfig, fasa_layers, fasa_stage
+from .fasa import FasaConfig, check_one_batch, fasa_layers, fasa_stage
 from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import attribute_mask, merge_masks, to_latent_resolution
@@ -220,8 +220,9 @@ class FreeCurePipeline:
         self.backend = backend
         self.face_parser = face_parser
         self.config = config
-        if config.method == "fasa":
-            fasa_layers(backend.unet, config.fasa.layers)  # a layer choice matching nothing fails now
+        if config.method == "fasa":  # fail now, not after the SAME pass
+            check_one_batch(backend)
+            fasa_layers(backend.unet, config.fasa.layers)
         self.progress = True
 
     @property

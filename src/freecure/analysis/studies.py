@@ -16,6 +16,7 @@ from PIL import Image
 from ..attributes import ParsedPrompt, detect_class_word, parse_prompt
 from ..backends.base import Conditions
 from ..errors import InputError
+from ..fasa import check_one_batch
 from ..images import load_image
 from ..sampling import Guidance, check_scheduler, same_pass
 from .interpolate import InterpolationState, interpolate_identity
@@ -54,6 +55,7 @@ def prepare(
 ) -> StudySetup:
     """Parse, encode and draw z_T as :class:`freecure.pipeline.FreeCurePipeline` does."""
     backend, pipeline = freecure.backend, freecure.pipeline
+    check_one_batch(backend, "the attention studies")
     if num_inference_steps < 2:
         raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
     check_scheduler(pipeline.scheduler)
