@@ -183,8 +183,23 @@ def test_grid_layout_puts_each_cell_in_its_row_and_column():
 # --- the command line -------------------------------------------------------------------------
 def _analyze(tmp_path, study, out, *extra):
     return main(
-        ["analyze", study, "--tiny", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png"), "--steps", "3",
-         "--out", str(out), "--no-progress", "--cell", "32", *extra]
+        [
+            "analyze",
+            study,
+            "--tiny",
+            "--prompt",
+            PROMPT,
+            "--ref",
+            str(tmp_path / "ref.png"),
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--cell",
+            "32",
+            *extra,
+        ]
     )
 
 

@@ -149,8 +149,10 @@ def test_processors_are_restored_even_when_the_block_raises(tiny_sd15):
     with pytest.raises(ZeroDivisionError):
         with foundation_aware_self_attention(unet, state, layers):
             assert all(isinstance(unet.attn_processors[n], FoundationAwareSelfAttention) for n in layers)
-            assert not any(isinstance(p, FoundationAwareSelfAttention) for n, p in unet.attn_processors.items() if n not in layers)
-            1 / 0
+            assert not any(
+                isinstance(p, FoundationAwareSelfAttention) for n, p in unet.attn_processors.items() if n not in layers
+            )
+            raise ZeroDivisionError
     assert all(type(unet.attn_processors[n]) is type(p) for n, p in before.items())
 
 
@@ -222,10 +224,18 @@ def test_pipeline_method_fasa_stages_and_work(tiny_sd15, mask_source):
     fc.set_progress_bar_config(disable=True)
     from PIL import Image
 
-    out = fc(PROMPT, [Image.new("RGB", (32, 32))], class_word="man", num_inference_steps=4,
-             generator=torch.Generator().manual_seed(0))
+    out = fc(
+        PROMPT,
+        [Image.new("RGB", (32, 32))],
+        class_word="man",
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert [(s.name, s.ran) for s in out.stages] == [
-        ("same_pass", True), ("masks", True), ("fasa", True), ("expression", False)
+        ("same_pass", True),
+        ("masks", True),
+        ("fasa", True),
+        ("expression", False),
     ]
     # FD replayed: PD's two rows plus FD's conditional row at every step
     assert out.stage("fasa").unet_calls == 4 and out.stage("fasa").batch_items == 3 * 4
@@ -240,8 +250,23 @@ def test_generate_tiny_method_fasa(tmp_path, astronaut, family):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"
     code = main(
-        ["generate", "--tiny", "--tiny-family", family, "--method", "fasa", "--prompt", PROMPT,
-         "--ref", str(tmp_path / "ref.png"), "--steps", "3", "--out", str(out), "--no-progress"]
+        [
+            "generate",
+            "--tiny",
+            "--tiny-family",
+            family,
+            "--method",
+            "fasa",
+            "--prompt",
+            PROMPT,
+            "--ref",
+            str(tmp_path / "ref.png"),
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
     )
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -297,8 +322,21 @@ def test_eval_both_methods_in_one_report(tmp_path):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt\na <S> with black curly hair\n")
     out = tmp_path / "eval"
-    base = ["eval", "--tiny", "--identities", "examples/identities", "--prompts", str(prompts), "--num-seeds", "1",
-            "--steps", "3", "--out", str(out), "--no-progress"]
+    base = [
+        "eval",
+        "--tiny",
+        "--identities",
+        "examples/identities",
+        "--prompts",
+        str(prompts),
+        "--num-seeds",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(base) == 0
     assert main([*base, "--method", "fasa"]) == 0
     from freecure.evaluation.store import read_jsonl, shard_paths

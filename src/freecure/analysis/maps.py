@@ -163,4 +163,3 @@ def record_token_maps(model, store: TokenMapStore, layers: Sequence[str]) -> Ite
         yield store
     finally:
         model.set_attn_processor(original)
-

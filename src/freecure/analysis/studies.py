@@ -77,8 +77,12 @@ def prepare(
         conditions = replace(conditions, inject_step=inject_step)
     latent_size = (height // factor, width // factor)
     generator = torch.Generator().manual_seed(seed)
-    z_T = randn_tensor((1, pipeline.unet.config.in_channels, *latent_size), generator=generator, device=backend.device,
-                       dtype=backend.dtype)
+    z_T = randn_tensor(
+        (1, pipeline.unet.config.in_channels, *latent_size),
+        generator=generator,
+        device=backend.device,
+        dtype=backend.dtype,
+    )
     settings = dict(
         backend=backend.name,
         prompt=prompt,
@@ -139,7 +143,9 @@ def _groups(freecure, groups: Sequence[str] | None) -> dict[str, list[str]]:
         elif group in available:
             chosen[group] = available[group]
         else:
-            raise InputError(f"block group {group!r} has no cross-attention here; choose from {', '.join(available)} or all")
+            raise InputError(
+                f"block group {group!r} has no cross-attention here; choose from {', '.join(available)} or all"
+            )
     return chosen
 
 
@@ -213,9 +219,7 @@ def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict) ->
     """How much attention mass (mean over pixels of a token's map) each token gets in FD and
     PD, per block group: the identity token(s) and every attribute, and PD − FD."""
     index = {column: k for k, column in enumerate(alignment.fd_columns)}
-    groups: dict[str, dict] = {}
-    for (lane, group) in full:
-        groups.setdefault(group, {})
+    groups: dict[str, dict] = {group: {} for _, group in full}
     for group in groups:
         fd_map, pd_map = full["fd", group], full["pd", group]
 
@@ -310,4 +314,3 @@ def interpolation_study(
             if on_run is not None:
                 on_run(group, alpha)
     return InterpolationStudy(images, fd_image, pairs)
-

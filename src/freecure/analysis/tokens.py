@@ -44,9 +44,7 @@ class TokenAlignment:
     @property
     def identity_pairs(self) -> tuple[tuple[int, int], ...]:
         """(m, n) of eq. 3: each PD identity column with the FD column it corresponds to."""
-        return tuple(
-            (m, n) for n in self.identity_fd for m in self.pd_columns[self.fd_columns.index(n)]
-        )
+        return tuple((m, n) for n in self.identity_fd for m in self.pd_columns[self.fd_columns.index(n)])
 
 
 def identity_in_prompt(backend) -> bool:

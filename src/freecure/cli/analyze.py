@@ -1,8 +1,8 @@
 """`freecure analyze`: the paper's motivation studies (§3) on any backend and prompt.
 
-    freecure analyze attention   --prompt P --ref IMG --out DIR     (Figure 3)
-    freecure analyze interpolate --prompt P --ref IMG --out DIR --alpha 0 0.5 1 --blocks down mid up
-                                                                     (eq. 3, Figures 4 and 10)
+freecure analyze attention   --prompt P --ref IMG --out DIR     (Figure 3)
+freecure analyze interpolate --prompt P --ref IMG --out DIR --alpha 0 0.5 1 --blocks down mid up
+                                                                 (eq. 3, Figures 4 and 10)
 """
 
 from __future__ import annotations
@@ -35,9 +35,16 @@ def register(subparsers) -> None:
     )
     _common(attention)
     attention.add_argument(
-        "--analysis-steps", type=int, nargs="+", default=None, metavar="I", help="step indices to average (default: all)"
+        "--analysis-steps",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="I",
+        help="step indices to average (default: all)",
     )
-    attention.add_argument("--heads", type=int, nargs="+", default=None, metavar="H", help="heads to average (default: all)")
+    attention.add_argument(
+        "--heads", type=int, nargs="+", default=None, metavar="H", help="heads to average (default: all)"
+    )
     attention.add_argument(
         "--groups", nargs="+", default=None, metavar="G", help="block groups (down mid up, or all; default: each group)"
     )
@@ -53,16 +60,22 @@ def register(subparsers) -> None:
     )
     _common(interpolate)
     interpolate.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="A")
-    interpolate.add_argument("--blocks", nargs="+", default=["down", "mid", "up"], metavar="G", help="block groups, or all")
+    interpolate.add_argument(
+        "--blocks", nargs="+", default=["down", "mid", "up"], metavar="G", help="block groups, or all"
+    )
     interpolate.set_defaults(func=run_interpolate)
 
 
 def _common(parser) -> None:
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--ref", action="append", default=[], type=Path, metavar="IMAGE", help="reference photo (repeatable)")
+    parser.add_argument(
+        "--ref", action="append", default=[], type=Path, metavar="IMAGE", help="reference photo (repeatable)"
+    )
     parser.add_argument("--class-word", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: outputs/analyze-…)")
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="output folder (default: outputs/analyze-…)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--cell", type=int, default=128, help="grid cell size in pixels (default 128)")
@@ -78,7 +91,9 @@ def _out_dir(args) -> Path:
 
 def _setup(args):
     if args.tiny:
-        print("freecure: --tiny: tiny random-weight components; the images and maps are noise and show only the machinery")
+        print(
+            "freecure: --tiny: tiny random-weight components; the images and maps are noise and show only the machinery"
+        )
     freecure = build_freecure(args)
     freecure.set_progress_bar_config(disable=True)
     freecure.pipeline.set_progress_bar_config(disable=True)
@@ -142,7 +157,11 @@ def run_attention(args: argparse.Namespace) -> int:
             freecure, setup, args.analysis_steps, args.heads, args.groups, on_step=lambda i: bar.update()
         )
     groups = list(dict.fromkeys(group for _, group in study.maps))
-    labels = setup.alignment.labels
+    alignment = setup.alignment
+    labels = [
+        f"{label} / S*" if column in alignment.identity_fd else label
+        for label, column in zip(alignment.labels, alignment.fd_columns)
+    ]
     cells, col_labels = [], [f"{lane.upper()} {group}" for group in groups for lane in ("fd", "pd")]
     for k in range(len(labels)):
         row = []
@@ -167,8 +186,12 @@ def run_attention(args: argparse.Namespace) -> int:
     tensors.update({f"full.{lane}.{group}": t.contiguous().cpu() for (lane, group), t in study.full.items()})
     save_file(tensors, str(out / "maps.safetensors"), metadata={"tokens": json.dumps(list(labels))})
     (out / "summary.json").write_text(json.dumps(study.summary, indent=2) + "\n")
-    extra = {"analysis_steps": args.analysis_steps, "heads": args.heads, "groups": groups,
-             "maps": {name: list(t.shape) for name, t in tensors.items()}}
+    extra = {
+        "analysis_steps": args.analysis_steps,
+        "heads": args.heads,
+        "groups": groups,
+        "maps": {name: list(t.shape) for name, t in tensors.items()},
+    }
     (out / "manifest.json").write_text(json.dumps(_manifest(args, setup, names, extra), indent=2, default=str) + "\n")
     print(f"freecure: wrote {len(names)} files to {out}")
     for group in groups:
