@@ -90,10 +90,6 @@ class FasaConfig:
                 "or give processor-name patterns"
             )
 
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return LAYER_PRESETS[self.layers] if isinstance(self.layers, str) else tuple(self.layers)
-
 
 def fasa_layers(unet, layers: str | Sequence[str] = "up") -> list[str]:
     """Names of the self-attention (``attn1``) processors FASA replaces, chosen by name."""
