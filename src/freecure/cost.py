@@ -20,7 +20,7 @@ import torch
 from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
 from .inversion import ddim_denoise_from, ddim_invert
 from .pipeline import UNetCounter
-from .sampling import Guidance, plain_pass, predict_guided, rofa_blend, single_lane_layout
+from .sampling import FD_LANE, PD_LANE, Guidance, plain_pass, predict_guided, rofa_blend, single_lane_layout
 
 
 @dataclass
@@ -173,3 +173,96 @@ def _gray_reference():
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (128, 128, 128))
+
+
+# --------------------------------------------------------------------------- FASA (method "fasa")
+@torch.no_grad()
+def literal_fasa(
+    backend: Backend,
+    scheduler,
+    z_T: torch.Tensor,
+    conditions: Conditions,
+    mask: torch.Tensor,
+    guidance: Guidance,
+    image_size: tuple[int, int],
+    layers,
+    weight: float = 1.5,
+) -> torch.Tensor:
+    """The authors' released schedule: two full generations of one 4-row batch
+    [uncond@PD, uncond@FD, PD, FD] per step; the second with FASA on (PD's conditional row
+    attends to FD's). Returns PD's z_0 of the second generation."""
+    from .fasa import FasaState, foundation_aware_self_attention
+    from .sampling import BatchLayout
+
+    def layout(i):
+        key = PD if i >= conditions.inject_step else FD
+        rows = ((PD_LANE, PD_UNCOND), (FD_LANE, UNCOND), (PD_LANE, key), (FD_LANE, FD))
+        return BatchLayout(rows=rows, lanes=((1, 3), (0, 2)))
+
+    state = FasaState(mask, weight, tuple(z_T.shape[-2:]))
+    for generation in range(2):
+        run = copy.deepcopy(scheduler)
+        z = z_T.expand(2, *z_T.shape[1:]).clone()
+        with foundation_aware_self_attention(backend.unet, state, layers if generation else []):
+            state.set_pairs(((2, 3),) if generation else ())
+            for i, t in enumerate(run.timesteps):
+                eps = predict_guided(backend, run, layout(i), z, t, i, conditions.get, guidance, image_size)
+                z = run.step(eps, t, z, return_dict=False)[0]
+    return z[PD_LANE : PD_LANE + 1]
+
+
+def count_fasa_costs(
+    freecure_pipeline,
+    prompt: str = "a man with black curly hair, laughing happily",
+    class_word: str = "man",
+    num_inference_steps: int = 50,
+    inject_step: int = 10,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Run the authors' FASA schedule and this engine's ``method="fasa"`` and count their work.
+
+    Returns ``literal_fasa`` and ``engine_fasa`` entries (calls, items; the engine's per stage).
+    """
+    from .attributes import parse_prompt
+    from .fasa import fasa_layers
+    from .pipeline import _to
+
+    backend = freecure_pipeline.backend
+    pipeline = backend.pipeline
+    config = replace(freecure_pipeline.config, method="fasa")
+    parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
+    references = [_gray_reference()]
+    conditions = backend.conditions(parsed, references, num_inference_steps)
+    conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
+    height, width = freecure_pipeline.default_size()
+    factor = pipeline.vae_scale_factor
+    generator = torch.Generator().manual_seed(seed)
+    z_T = torch.randn((1, pipeline.unet.config.in_channels, height // factor, width // factor), generator=generator)
+    z_T = z_T.to(backend.device, backend.dtype)
+    scheduler = copy.deepcopy(pipeline.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=backend.device)
+    mask = torch.zeros(z_T.shape[-2:], device=z_T.device)
+    mask[: mask.shape[0] // 2] = 1.0
+    counter = UNetCounter()
+    with counter.attached(backend.unets()):
+        literal_fasa(
+            backend, scheduler, z_T, conditions, mask, Guidance(scale=7.5), (height, width),
+            fasa_layers(backend.unet, config.fasa.layers), config.fasa.mask_weight,
+        )
+    results = {"literal_fasa": asdict(Cost(counter.calls, counter.items))}
+    engine = type(freecure_pipeline)(backend, freecure_pipeline.face_parser, config)
+    engine.set_progress_bar_config(disable=True)
+    output = engine(
+        prompt,
+        references,
+        class_word=class_word,
+        num_inference_steps=num_inference_steps,
+        inject_step=inject_step,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    results["engine_fasa"] = asdict(Cost(output.unet_calls, output.batch_items))
+    results["engine_fasa"]["stages"] = {
+        stage.name: {"ran": stage.ran, "unet_calls": stage.unet_calls, "batch_items": stage.batch_items}
+        for stage in output.stages
+    }
+    return results

@@ -55,6 +55,8 @@ def planned_files(output: FreeCureOutput) -> dict[str, Image.Image]:
     if output.mask is not None:
         files["mask.png"] = render_mask(output.mask)
         files["mask_overlay.png"] = render_mask_overlay(pd_image, output.mask)
+    if output.fasa_mask is not None:  # method "fasa": the mask on FD's keys
+        files["fasa_mask_overlay.png"] = render_mask_overlay(output.images["fd"], output.fasa_mask)
     for text, mask in output.attribute_masks.items():
         files[f"mask_{slug(text)}.png"] = render_mask_overlay(pd_image, mask)
     for text, heat in output.attention_maps.items():

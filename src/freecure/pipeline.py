@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from PIL import Image
@@ -29,6 +29,7 @@ from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError, check_number
 from .families import family_of
+from .fasa import FasaConfig, check_one_batch, fasa_layers, fasa_stage
 from .images import ImageInput, load_reference
 from .inversion import expression_restore, inversion_steps
 from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
@@ -36,6 +37,9 @@ from .parsing import FaceParser, ParseResult
 from .sampling import FD_LANE, PD_LANE, check_scheduler, rofa_pass, same_pass
 
 logger = logging.getLogger(__name__)
+
+#: Correction methods after the SAME pass (``FreeCureConfig.method``).
+METHODS = ("rofa", "fasa")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class FreeCureConfig:
         attention_aggregation: how H_i averages the captured layers: ``"per_resolution"``
             (default; each resolution weighs the same) or ``"per_layer"`` (every layer the same,
             so SDXL's 30 layers at 32² outweigh its 6 at 64²). See :class:`AttentionStore`.
+        method: the correction after the SAME pass: ``"rofa"`` (the paper: ROFA + expression
+            restore) or ``"fasa"`` (the authors' released code: foundation-aware
+            self-attention, :mod:`freecure.fasa`).
+        fasa: settings of the FASA method.
     """
 
     gamma: float = 0.5
@@ -75,8 +83,12 @@ class FreeCureConfig:
     attention_layers: tuple[str, ...] | None = None
     pd_region: str = "placement"
     attention_aggregation: str = "per_resolution"
+    method: str = "rofa"
+    fasa: FasaConfig = FasaConfig()
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.attention_aggregation not in AGGREGATIONS:
             raise InputError(
                 f"attention_aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.attention_aggregation!r}"
@@ -116,6 +128,7 @@ class FreeCureOutput:
         stages: one :class:`StageRecord` per stage, in order.
         notes: what was skipped or adjusted, in words.
         latents: final latents per image name.
+        fasa_mask: the mask FASA used on the latent grid (method ``"fasa"``), else None.
     """
 
     images: dict[str, Image.Image]
@@ -130,6 +143,7 @@ class FreeCureOutput:
     notes: list[str] = field(default_factory=list)
     latents: dict[str, torch.Tensor] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    fasa_mask: torch.Tensor | None = None
 
     @property
     def unet_calls(self) -> int:
@@ -218,6 +232,9 @@ class FreeCurePipeline:
         self.backend = backend
         self.face_parser = face_parser
         self.config = config
+        if config.method == "fasa":  # fail now, not after the SAME pass
+            check_one_batch(backend)
+            fasa_layers(backend.unet, config.fasa.layers)
         self.progress = True
 
     @property
@@ -358,8 +375,11 @@ class FreeCurePipeline:
             else:
                 stages.skip("masks", "the prompt names no localized attribute")
 
+            # 3 (method "fasa"). The authors' FASA regeneration instead of ROFA + expression.
+            if self.config.method == "fasa":
+                z_out = fasa_stage(self, output, same, conditions, guidance, image_size, stages)
             # 3. ROFA noise blending from the injection step, with the cached ε_f.
-            if output.latent_mask is None:
+            elif output.latent_mask is None:
                 stages.skip(
                     "rofa",
                     "no localized attribute was found in both the FD and the PD image"
@@ -382,7 +402,9 @@ class FreeCurePipeline:
                 output.latents["blended"] = z_out
 
             # 4. Expression restore: invert with the template prompt, denoise with the expression.
-            if parsed.abstract:
+            if self.config.method == "fasa":
+                stages.skip("expression", "method fasa: the authors' FASA schedule has no expression stage")
+            elif parsed.abstract:
                 n = inversion_steps(num_inference_steps, self.config.gamma)
                 with stages.run("expression"), self._bar(2 * n, "Expression: invert+denoise") as bar:
                     z_out = expression_restore(
@@ -428,6 +450,8 @@ class FreeCurePipeline:
             approximate_shared_uncond=self.config.approximate_shared_uncond,
             pd_region=self.config.pd_region,
             attention_aggregation=self.config.attention_aggregation,
+            method=self.config.method,
+            fasa=asdict(self.config.fasa) if self.config.method == "fasa" else None,
         )
         return output
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -189,12 +189,14 @@ class SamePassResult:
         eps_f: FD's guided prediction at every step from injection on (ROFA's ε_f).
         injection_latents: both lanes at the injection step, before it is taken.
         injection_scheduler: a copy of the scheduler's state at the injection step.
+        fd_latents: FD's latent at the start of every step (FASA replays FD from them).
     """
 
     z0: torch.Tensor
     eps_f: dict[int, torch.Tensor]
     injection_latents: torch.Tensor
     injection_scheduler: object
+    fd_latents: list[torch.Tensor] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -216,8 +218,10 @@ def same_pass(
     """
     z = z_T.expand(2, *z_T.shape[1:]).clone()  # lanes [FD, PD] start from the same z_T
     eps_f: dict[int, torch.Tensor] = {}
+    fd_latents: list[torch.Tensor] = []
     snapshot = None
     for i, t in enumerate(scheduler.timesteps):
+        fd_latents.append(z[FD_LANE : FD_LANE + 1].clone())
         if i == conditions.inject_step:
             snapshot = (z.clone(), copy.deepcopy(scheduler))
         layout = same_layout(i, conditions, approximate_shared_uncond, guided=guidance.cfg)
@@ -232,7 +236,9 @@ def same_pass(
     if store is not None:
         store.set_context(-1, None)
     assert snapshot is not None
-    return SamePassResult(z0=z, eps_f=eps_f, injection_latents=snapshot[0], injection_scheduler=snapshot[1])
+    return SamePassResult(
+        z0=z, eps_f=eps_f, injection_latents=snapshot[0], injection_scheduler=snapshot[1], fd_latents=fd_latents
+    )
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import traceback
 from ..errors import FreeCureError
 
 # Sub-command modules, in the order `freecure --help` lists them.
-COMMANDS = ("generate", "attributes", "parse", "cost", "eval", "report")
+COMMANDS = ("generate", "attributes", "parse", "cost", "eval", "report", "analyze")
 
 
 class ArgumentParser(argparse.ArgumentParser):

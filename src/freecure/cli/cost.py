@@ -29,6 +29,12 @@ def register(subparsers) -> None:
         "--guidance-scale", type=options.finite_float(0.0, 100.0), default=None, help="default: 7.5 SD1.5, 5.0 SDXL, 3.5 (embedded) FLUX"
     )
     parser.add_argument("--true-cfg-scale", type=options.finite_float(0.0, 100.0), default=1.0, help="FLUX's true CFG (two rows per lane)")
+    parser.add_argument(
+        "--method",
+        choices=["rofa", "fasa", "both"],
+        default="rofa",
+        help="which correction to count: the paper's ROFA (default), the authors' FASA, or both",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -45,6 +51,8 @@ def run(args) -> int:
         args.steps = 28 if args.family == "flux" else 50
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
+    if args.method != "rofa" and args.family == "flux":
+        raise InputError("--method fasa is not implemented for FLUX yet (its joint attention has no FASA processor); use --method rofa")
     pipeline = tiny_pipeline(args.family)
     backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(text_dim(pipeline)))
     config = FreeCureConfig(
@@ -63,6 +71,10 @@ def run(args) -> int:
         guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale,
     )
+    if args.method in ("fasa", "both"):
+        from ..cost import count_fasa_costs
+
+        result.update(count_fasa_costs(freecure, num_inference_steps=args.steps, inject_step=args.inject_step))
     if args.json:
         print(json_text(result), end="")
         return 0
@@ -73,7 +85,9 @@ def run(args) -> int:
         f"γ={settings['gamma']} (prompt: {settings['prompt']!r})"
     )
     print(f"{'schedule':<12} {'calls':>10} {'batch items':>12}")
-    for name in ("plain_pd", "literal", "engine"):
+    names = {"rofa": ("literal", "engine"), "fasa": ("literal_fasa", "engine_fasa")}
+    shown = ("plain_pd", *[n for m in ("rofa", "fasa") if args.method in (m, "both") for n in names[m]])
+    for name in shown:
         print(f"{name:<12} {result[name]['unet_calls']:>10} {result[name]['batch_items']:>12}")
     for stage, counts in result["engine"]["stages"].items():
         print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")

@@ -146,7 +146,17 @@ def eval_settings(args: argparse.Namespace, dtype: str) -> dict:
         "face_parser": args.parser or ("layout" if args.tiny else "bisenet"),
         "clip_model": args.clip_model,
         "identity_model": args.identity_model,
+        # only when not the default, so that the hashes of earlier ROFA runs stay valid
+        **({"method": "fasa", "fasa": _fasa_settings(args)} if args.method == "fasa" else {}),
     }
+
+
+def _fasa_settings(args: argparse.Namespace) -> dict:
+    from dataclasses import asdict
+
+    from .generate import fasa_config
+
+    return asdict(fasa_config(args))
 
 
 def _prompt_consistency(args, device):

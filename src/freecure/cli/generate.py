@@ -120,6 +120,7 @@ def add_model_arguments(parser) -> None:
         default=None,
         help="default: ddim for Stable Diffusion, flow-euler for FLUX",
     )
+    add_method_arguments(parser)
     size_help = "image {} in pixels, a multiple of 64 for SD/SDXL, 16 for FLUX (default: the model's)"
     parser.add_argument("--height", type=options.image_size, default=None, help=size_help.format("height"))
     parser.add_argument("--width", type=options.image_size, default=None, help=size_help.format("width"))
@@ -193,6 +194,47 @@ def check_model_arguments(args: argparse.Namespace) -> None:
             raise InputError(f"{option} would be ignored: {why}; drop it")
 
 
+def add_method_arguments(parser) -> None:
+    """``--method`` and the FASA options (docs/engine.md, "FASA")."""
+    from ..fasa import LAYER_PRESETS, MASK_SOURCES
+
+    parser.add_argument(
+        "--method",
+        choices=["rofa", "fasa"],
+        default="rofa",
+        help="correction after the SAME pass: rofa (the paper: ROFA + expression restore, default) or "
+        "fasa (the authors' released code: foundation-aware self-attention)",
+    )
+    group = parser.add_argument_group("FASA (--method fasa)")
+    group.add_argument(
+        "--fasa-layers",
+        nargs="+",
+        default=["up"],
+        metavar="NAME",
+        help=f"a preset ({', '.join(LAYER_PRESETS)}) or attention-processor name patterns (fnmatch) "
+        "of the self-attention layers to change (default: up)",
+    )
+    group.add_argument("--fasa-mask", choices=MASK_SOURCES, default="fd-parse", help="mask on FD's keys")
+    group.add_argument("--fasa-mask-weight", type=options.finite_float(0.0, 100.0), default=1.5, help="logit offset w inside the mask (1.5)")
+    group.add_argument(
+        "--fasa-uncond", action="store_true", help="also change PD's unconditional row (the authors' code does not)"
+    )
+
+
+def fasa_config(args: argparse.Namespace):
+    """The :class:`freecure.fasa.FasaConfig` of the parsed options."""
+    from ..fasa import LAYER_PRESETS, FasaConfig
+
+    layers = args.fasa_layers
+    preset = len(layers) == 1 and layers[0] in LAYER_PRESETS
+    return FasaConfig(
+        layers=layers[0] if preset else tuple(layers),
+        mask_source=args.fasa_mask,
+        mask_weight=args.fasa_mask_weight,
+        uncond=args.fasa_uncond,
+    )
+
+
 def build_face_parser(args):
     from ..tiny import LayoutFaceParser
 
@@ -220,6 +262,8 @@ def build_freecure(args: argparse.Namespace):
         approximate_shared_uncond=args.approximate_shared_uncond,
         pd_region=args.pd_region,
         attention_aggregation=args.attention_aggregation,
+        method=args.method,
+        fasa=fasa_config(args),
     )
     backend = BACKENDS[args.backend].from_cli(args)
     family = backend.family

@@ -203,6 +203,7 @@ class Evaluator:
             "n_attributes": len(output.parsed.attributes),
             "attributes": [attribute.text for attribute in output.parsed.attributes],
             "seed": item.seed,
+            "method": getattr(getattr(self.freecure, "config", None), "method", "rofa"),  # stand-ins: ROFA
             "metrics": metrics,
             "images": paths,
             "faces": faces,

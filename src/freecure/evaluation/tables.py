@@ -41,24 +41,45 @@ def relative_change(new: float | None, old: float | None) -> float | None:
     return 100.0 * (new - old) / abs(old)
 
 
+def run_corrections(rows: Iterable[dict]) -> dict[tuple[str, str], str]:
+    """(backend, settings hash) → the run's correction method ("rofa" for rows written before
+    ``--method`` existed)."""
+    return {(row["backend"], row["settings_hash"]): row.get("method", "rofa") for row in rows}
+
+
 def run_labels(rows: Iterable[dict]) -> dict[tuple[str, str], str]:
-    """(backend, settings hash) → a row label: the backend name, plus the hash when a backend
-    was run with several settings."""
-    runs = sorted({(row["backend"], row["settings_hash"]) for row in rows})
-    per_backend = defaultdict(int)
-    for backend, _ in runs:
-        per_backend[backend] += 1
-    return {run: run[0] if per_backend[run[0]] == 1 else f"{run[0]} [{run[1]}]" for run in runs}
+    """(backend, settings hash) → a row label: the backend name; when a backend was run with
+    several settings, plus the correction method ("[FASA]") if that tells the runs apart, else
+    plus the hash."""
+    corrections = run_corrections(rows)
+    runs = sorted(corrections)
+    per_backend, per_correction = defaultdict(int), defaultdict(int)
+    for run in runs:
+        per_backend[run[0]] += 1
+        per_correction[run[0], corrections[run]] += 1
+
+    def label(run):
+        if per_backend[run[0]] == 1:
+            return run[0]
+        if per_correction[run[0], corrections[run]] == 1:
+            return f"{run[0]} [{corrections[run].upper()}]"
+        return f"{run[0]} [{run[1]}]"
+
+    return {run: label(run) for run in runs}
 
 
-def method_label(run_label: str, method: str) -> str:
-    """ "token-fusion (FD)", "token-fusion (PD)", "token-fusion + FreeCure" (the paper's style)."""
-    return f"{run_label} + FreeCure" if method == "freecure" else f"{run_label} ({METHOD_LABELS[method]})"
+def method_label(run_label: str, method: str, correction: str = "rofa") -> str:
+    """ "token-fusion (FD)", "token-fusion (PD)", "token-fusion + FreeCure" (the paper's style);
+    a FASA run's corrected row reads "… + FreeCure (FASA)"."""
+    if method != "freecure":
+        return f"{run_label} ({METHOD_LABELS[method]})"
+    suffix = " (FASA)" if correction == "fasa" and "[FASA]" not in run_label else ""
+    return f"{run_label} + FreeCure{suffix}"
 
 
 def table1(rows: Sequence[dict], diversity: Sequence[dict] = ()) -> list[dict]:
     """Table 1 rows: one per run and method, with counts and the change over PD."""
-    labels = run_labels(rows)
+    labels, corrections = run_labels(rows), run_corrections(rows)
     out = []
     for run, label in labels.items():
         items = [row for row in rows if (row["backend"], row["settings_hash"]) == run]
@@ -74,7 +95,8 @@ def table1(rows: Sequence[dict], diversity: Sequence[dict] = ()) -> list[dict]:
                 "backend": run[0],
                 "settings_hash": run[1],
                 "method": method,
-                "label": method_label(label, method),
+                "correction": corrections[run],
+                "label": method_label(label, method, corrections[run]),
                 "pc": pc,
                 "if": fidelity,
                 "face_div": _mean(d["face_div"] for d in div),
@@ -100,7 +122,7 @@ def attribute_counts(rows: Iterable[dict]) -> list[int]:
 
 def table2(rows: Sequence[dict]) -> list[dict]:
     """Table 2 rows: PC by number of attributes, one per run and method."""
-    labels = run_labels(rows)
+    labels, corrections = run_labels(rows), run_corrections(rows)
     counts = attribute_counts(rows)
     out = []
     for run, label in labels.items():
@@ -113,7 +135,8 @@ def table2(rows: Sequence[dict]) -> list[dict]:
                 "backend": run[0],
                 "settings_hash": run[1],
                 "method": method,
-                "label": method_label(label, method),
+                "correction": corrections[run],
+                "label": method_label(label, method, corrections[run]),
                 "pc": {str(n): _mean(values) for n, values in by_count.items()},
                 "n_images": {str(n): len(values) for n, values in by_count.items()},
                 "change": {},

@@ -1,0 +1,30 @@
+"""The paper's motivation studies (§3): per-token cross-attention maps of FD and PD
+(Figure 3) and the identity-column interpolation of eq. 3 (Figures 4 and 10)."""
+
+from .grids import GridLayout, labelled_grid
+from .interpolate import IdentityInterpolation, InterpolationState, interpolate_identity, interpolate_scores
+from .maps import TokenMapRecorder, TokenMapStore, block_group, cross_attention_groups, record_token_maps
+from .studies import AttentionStudy, InterpolationStudy, attention_study, interpolation_study, prepare
+from .tokens import TokenAlignment, align_tokens, identity_in_prompt
+
+__all__ = [
+    "AttentionStudy",
+    "GridLayout",
+    "IdentityInterpolation",
+    "InterpolationState",
+    "InterpolationStudy",
+    "TokenAlignment",
+    "TokenMapRecorder",
+    "TokenMapStore",
+    "align_tokens",
+    "attention_study",
+    "block_group",
+    "cross_attention_groups",
+    "identity_in_prompt",
+    "interpolate_identity",
+    "interpolate_scores",
+    "interpolation_study",
+    "labelled_grid",
+    "prepare",
+    "record_token_maps",
+]

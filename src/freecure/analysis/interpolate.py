@@ -1,0 +1,110 @@
+"""Eq. 3 of the paper (§3.3, Figures 4 and 10): inject a portion α of FD's cross-attention
+into PD's for the identity token's column.
+
+    A^p_{:,m} ← Softmax(α·A^f_{:,n} + (1 − α)·A^p_{:,m})                                (3)
+
+How the softmax is read (the paper leaves it open): A denotes the cross-attention *scores*
+QKᵀ/√d before the attention's softmax, and the Softmax of eq. 3 is that same softmax over
+the key tokens, taken after the identity column's scores are interpolated. So PD's row of
+scores S^p has its columns m replaced by α·S^f_{:,n} + (1 − α)·S^p_{:,m} and is then
+normalised over the keys as usual. This reading makes α = 0 leave PD unchanged, keeps every
+row a distribution over the keys, and at α = 1 gives the identity column exactly FD's
+placeholder scores. (Mixing probabilities and applying a *further* softmax over the spatial
+positions, the literal alternative, would flatten every map to ≈1/(h·w) and not give PD back
+at α = 0.)
+
+Exactness: the processor leaves the layer's own output untouched and adds the change,
+(softmax(S') − softmax(S))·V projected by ``to_out``; at α = 0, S' = S bit for bit, so the
+change is exactly zero and PD is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..sampling import same_layout
+from .maps import attention_logits, pd_row
+
+
+def interpolate_scores(
+    scores_p: torch.Tensor, scores_f: torch.Tensor, pairs: Sequence[tuple[int, int]], alpha: float
+) -> torch.Tensor:
+    """S^p with S^p_{:,m} ← α·S^f_{:,n} + (1 − α)·S^p_{:,m} for each (m, n) (eq. 3 before its softmax).
+
+    Shapes: (..., queries, keys) for both.
+    """
+    out = scores_p.clone()
+    for m, n in pairs:
+        out[..., m] = alpha * scores_f[..., n] + (1 - alpha) * scores_p[..., m]
+    return out
+
+
+@dataclass
+class InterpolationState:
+    """α, the (m, n) column pairs, and which rows are PD and FD in the current UNet call."""
+
+    conditions: object
+    alpha: float
+    pairs: tuple[tuple[int, int], ...]
+    approximate_shared_uncond: bool = False
+    rows: tuple[int, int] | None = None  # (PD row, FD row)
+
+    def set_context(self, step: int, row: int | None) -> None:
+        """Called by the SAME loop: active from the injection step on (PD has no identity before)."""
+        self.rows = None
+        if row is None or step < self.conditions.inject_step:
+            return
+        layout = same_layout(step, self.conditions, self.approximate_shared_uncond)
+        pd = pd_row(layout.rows, fallback=row)
+        if pd != row:
+            self.rows = (pd, row)
+
+
+class IdentityInterpolation:
+    """Cross-attention processor: the layer's own output, plus the change eq. 3 makes to PD's row."""
+
+    def __init__(self, inner, state: InterpolationState, name: str):
+        self.inner, self.state, self.name = inner, state, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if self.state.rows is None or encoder_hidden_states is None:
+            return out
+        if hidden_states.ndim != 3:
+            raise ValueError(f"{self.name}: eq. 3 interpolation expects (batch, tokens, channels) hidden states")
+        pd, fd = self.state.rows
+        with torch.no_grad():
+            out = out.clone()
+            out[pd] = out[pd] + self.change(attn, hidden_states, encoder_hidden_states, pd, fd)
+        return out
+
+    def change(self, attn, hidden_states, text, pd: int, fd: int) -> torch.Tensor:
+        """to_out-projected (softmax(S') − softmax(S))·V_p for PD's row, (queries, channels)."""
+        text = text[0] if isinstance(text, tuple) else text
+        scores_p = attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
+        scores_f = attention_logits(attn, hidden_states[fd : fd + 1], text[fd : fd + 1])
+        mixed = interpolate_scores(scores_p, scores_f, self.state.pairs, self.state.alpha)
+        delta = mixed.softmax(dim=-1) - scores_p.softmax(dim=-1)  # (heads, queries, keys)
+        context = attn.norm_encoder_hidden_states(text[pd : pd + 1]) if attn.norm_cross else text[pd : pd + 1]
+        value = attn.head_to_batch_dim(attn.to_v(context)).float()
+        change = attn.batch_to_head_dim(delta @ value)[0]  # (queries, heads·d)
+        projected = change.to(attn.to_out[0].weight.dtype) @ attn.to_out[0].weight.T  # linear, no bias
+        return (projected / attn.rescale_output_factor).to(hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def interpolate_identity(model, state: InterpolationState, layers: Sequence[str]) -> Iterator[InterpolationState]:
+    """Install :class:`IdentityInterpolation` on ``layers``; originals restored in ``finally``."""
+    original = dict(model.attn_processors)
+    processors = dict(original)
+    for name in layers:
+        processors[name] = IdentityInterpolation(original[name], state, name)
+    model.set_attn_processor(processors)
+    try:
+        yield state
+    finally:
+        model.set_attn_processor(original)

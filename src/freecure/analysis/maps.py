@@ -1,0 +1,165 @@
+"""Per-token cross-attention maps of FD and PD by block group (paper §3.2, Figure 3).
+
+A :class:`TokenMapRecorder` processor wraps a cross-attention layer's own processor (which
+still computes the output) and, for FD's and PD's conditional rows, adds softmax(QKᵀ/√d) over
+*every* key column, averaged over the chosen heads, to a :class:`TokenMapStore`. The store
+averages over the chosen steps and over the layers of a block group (UNet: down, mid, up;
+FLUX: double, single), on the latent grid. Every map is an attention distribution: at each
+pixel, the maps of all key columns sum to 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import _grid_for
+from ..backends.base import FD, PD
+from ..sampling import PD_LANE, same_layout
+
+LANES = ("fd", "pd")
+#: Block groups in the order the model runs them (UNet, then FLUX).
+GROUP_ORDER = ("down", "mid", "up", "double", "single")
+
+
+def block_group(name: str) -> str | None:
+    """The block group of an attention-processor name: down, mid, up (UNet); double, single (FLUX)."""
+    for prefix, group in (
+        ("down_blocks.", "down"),
+        ("mid_block.", "mid"),
+        ("up_blocks.", "up"),
+        ("single_transformer_blocks.", "single"),
+        ("transformer_blocks.", "double"),
+    ):
+        if name.startswith(prefix):
+            return group
+    return None
+
+
+def cross_attention_groups(model) -> dict[str, list[str]]:
+    """Cross-attention (``attn2``) processor names of a UNet, by block group, in model order."""
+    groups: dict[str, list[str]] = {group: [] for group in GROUP_ORDER}
+    for name in model.attn_processors:
+        group = block_group(name)
+        if group is not None and ".attn2." in name:
+            groups[group].append(name)
+    return {group: names for group, names in groups.items() if names}
+
+
+@dataclass
+class TokenMapStore:
+    """Running sums of FD's and PD's attention over every key column, per layer.
+
+    Args:
+        conditions: the run's conditions (to know PD's row at each step).
+        latent_size: (h, w) of the latent grid.
+        steps: step indices to record; None = every step.
+        heads: head indices to average; None = every head.
+        approximate_shared_uncond: the SAME layout option of the run.
+    """
+
+    conditions: object
+    latent_size: tuple[int, int]
+    steps: frozenset[int] | None = None
+    heads: tuple[int, ...] | None = None
+    approximate_shared_uncond: bool = False
+    sums: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def set_context(self, step: int, row: int | None) -> None:
+        """Called by the SAME loop before each UNet call (``row``: FD's conditional row)."""
+        self.rows = {}
+        if row is None or (self.steps is not None and step not in self.steps):
+            return
+        layout = same_layout(step, self.conditions, self.approximate_shared_uncond)
+        self.rows = {"fd": row, "pd": pd_row(layout.rows, fallback=row)}
+
+    def add(self, lane: str, layer: str, probs: torch.Tensor) -> None:
+        key = (lane, layer)
+        probs = probs.detach().float()
+        if key in self.sums:
+            self.sums[key] += probs
+            self.counts[key] += 1
+        else:
+            self.sums[key], self.counts[key] = probs.clone(), 1
+
+    def group_map(self, lane: str, layers: Sequence[str]) -> torch.Tensor:
+        """Mean over steps and the given layers at latent resolution: (keys, h, w)."""
+        maps = []
+        for layer in layers:
+            if (lane, layer) not in self.sums:
+                continue
+            mean = self.sums[lane, layer] / self.counts[lane, layer]
+            h, w = _grid_for(mean.shape[0], self.latent_size)
+            grid = mean.T.reshape(1, -1, h, w)
+            maps.append(F.interpolate(grid, size=self.latent_size, mode="bilinear", align_corners=False)[0])
+        if not maps:
+            raise RuntimeError(f"no {lane.upper()} cross-attention was recorded in layers {list(layers)[:3]}…")
+        return torch.stack(maps).mean(dim=0)
+
+
+def pd_row(rows: Sequence[tuple[int, str]], fallback: int) -> int:
+    """PD's conditional row of a layout; before injection with a shared batch, FD's row."""
+    for index, (lane, key) in enumerate(rows):
+        if lane == PD_LANE and key in (PD, FD):
+            return index
+    return fallback
+
+
+class TokenMapRecorder:
+    """Attention processor: delegate the output to ``inner``; record FD's and PD's maps."""
+
+    def __init__(self, inner, store: TokenMapStore, name: str):
+        self.inner, self.store, self.name = inner, store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if self.store.rows and encoder_hidden_states is not None:
+            self._record(attn, hidden_states, encoder_hidden_states)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    @torch.no_grad()
+    def _record(self, attn, hidden_states, encoder_hidden_states) -> None:
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        for lane, row in self.store.rows.items():
+            probs = attention_probs(attn, hidden_states[row : row + 1], text[row : row + 1])
+            heads = self.store.heads
+            if heads is not None:
+                probs = probs[list(heads)]
+            self.store.add(lane, self.name, probs.mean(dim=0))
+
+
+def attention_logits(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """QKᵀ·scale of one row, (heads, queries, keys), as the layer computes it."""
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states)).float()
+    key = attn.head_to_batch_dim(attn.to_k(text)).float()
+    return query @ key.transpose(-1, -2) * attn.scale
+
+
+def attention_probs(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ·scale) of one row over the keys, (heads, queries, keys)."""
+    return attention_logits(attn, hidden_states, text).softmax(dim=-1)
+
+
+@contextlib.contextmanager
+def record_token_maps(model, store: TokenMapStore, layers: Sequence[str]) -> Iterator[TokenMapStore]:
+    """Install :class:`TokenMapRecorder` on ``layers``; originals restored in ``finally``."""
+    original = dict(model.attn_processors)
+    processors = dict(original)
+    for name in layers:
+        processors[name] = TokenMapRecorder(original[name], store, name)
+    model.set_attn_processor(processors)
+    try:
+        yield store
+    finally:
+        model.set_attn_processor(original)

@@ -1,0 +1,316 @@
+"""The two motivation studies of §3 as functions: ``attention_study`` (Figure 3) and
+``interpolation_study`` (eq. 3, Figures 4 and 10). Both run FD and PD from one z_T with the
+engine's SAME pass, so PD and FD are exactly the images ``freecure generate`` makes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from ..attributes import ParsedPrompt, detect_class_word, parse_prompt
+from ..backends.base import Conditions
+from ..errors import InputError
+from ..fasa import check_one_batch
+from ..images import load_image
+from ..sampling import Guidance, check_scheduler, same_pass
+from .interpolate import InterpolationState, interpolate_identity
+from .maps import LANES, TokenMapStore, cross_attention_groups, record_token_maps
+from .tokens import TokenAlignment, align_tokens
+
+
+@dataclass
+class StudySetup:
+    """One prompt, identity and seed, encoded and ready to denoise."""
+
+    parsed: ParsedPrompt
+    conditions: Conditions
+    z_T: torch.Tensor
+    guidance: Guidance
+    image_size: tuple[int, int]
+    latent_size: tuple[int, int]
+    steps: int
+    alignment: TokenAlignment
+    settings: dict = field(default_factory=dict)
+
+
+def prepare(
+    freecure,
+    prompt: str,
+    references: Sequence = (),
+    class_word: str | None = None,
+    trigger_word: str | None = None,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    inject_step: int | None = None,
+) -> StudySetup:
+    """Parse, encode and draw z_T as :class:`freecure.pipeline.FreeCurePipeline` does."""
+    backend, pipeline = freecure.backend, freecure.pipeline
+    check_one_batch(backend, "the attention studies")
+    if num_inference_steps < 2:
+        raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
+    check_scheduler(pipeline.scheduler)
+    height, width = height or freecure.default_size()[0], width or freecure.default_size()[1]
+    factor = pipeline.vae_scale_factor
+    if height % (factor * 8) or width % (factor * 8):
+        raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
+    references = [load_image(image) for image in references]
+    class_word = class_word or detect_class_word(prompt)
+    parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=backend.tokenizer)
+    backend.guidance_scale = guidance_scale
+    conditions = backend.conditions(parsed, references, num_inference_steps, negative_prompt)
+    from ..pipeline import _to
+
+    conditions = _to(conditions, backend.device, backend.dtype)
+    if inject_step is not None:
+        if not 0 <= inject_step < num_inference_steps:
+            raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
+        conditions = replace(conditions, inject_step=inject_step)
+    latent_size = (height // factor, width // factor)
+    generator = torch.Generator().manual_seed(seed)
+    z_T = randn_tensor(
+        (1, pipeline.unet.config.in_channels, *latent_size),
+        generator=generator,
+        device=backend.device,
+        dtype=backend.dtype,
+    )
+    settings = dict(
+        backend=backend.name,
+        prompt=prompt,
+        foundation_prompt=parsed.foundation_prompt,
+        class_word=parsed.class_word,
+        trigger_word=trigger_word,
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        seed=seed,
+        inject_step=conditions.inject_step,
+        scheduler=type(pipeline.scheduler).__name__,
+    )
+    return StudySetup(
+        parsed,
+        conditions,
+        z_T,
+        Guidance(scale=guidance_scale),
+        (height, width),
+        latent_size,
+        num_inference_steps,
+        align_tokens(backend, parsed, len(references)),
+        settings,
+    )
+
+
+def _joint_run(freecure, setup: StudySetup, store, on_step) -> torch.Tensor:
+    """The SAME pass (FD and PD from one z_T) with ``store`` told each step's rows; z_0 of both."""
+    scheduler = copy.deepcopy(freecure.pipeline.scheduler)
+    scheduler.set_timesteps(setup.steps, device=freecure.backend.device)
+    z_T = setup.z_T * scheduler.init_noise_sigma
+    same = same_pass(
+        freecure.backend,
+        scheduler,
+        z_T,
+        setup.conditions,
+        setup.guidance,
+        setup.image_size,
+        store,
+        freecure.config.approximate_shared_uncond,
+        on_step=on_step,
+    )
+    return same.z0
+
+
+def _groups(freecure, groups: Sequence[str] | None) -> dict[str, list[str]]:
+    available = cross_attention_groups(freecure.pipeline.unet)
+    if not available:
+        raise InputError("this model has no cross-attention layers to analyse")
+    if groups is None:
+        return available
+    chosen: dict[str, list[str]] = {}
+    for group in groups:
+        if group == "all":
+            chosen["all"] = [name for names in available.values() for name in names]
+        elif group in available:
+            chosen[group] = available[group]
+        else:
+            raise InputError(
+                f"block group {group!r} has no cross-attention here; choose from {', '.join(available)} or all"
+            )
+    return chosen
+
+
+@dataclass
+class AttentionStudy:
+    """Figure 3: FD and PD images and their per-token maps by block group.
+
+    Attributes:
+        images: ``"fd"`` and ``"pd"``.
+        maps: ``(lane, group)`` → (tokens, h, w): each word token's map (PD: summed over the
+            token's columns, e.g. several identity tokens), latent grid.
+        full: ``(lane, group)`` → (keys, h, w) over every key column (rows sum to 1).
+        summary: JSON-ready attention-mass summary.
+    """
+
+    images: dict[str, Image.Image]
+    maps: dict[tuple[str, str], torch.Tensor]
+    full: dict[tuple[str, str], torch.Tensor]
+    summary: dict
+
+
+def attention_study(
+    freecure,
+    setup: StudySetup,
+    steps: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    groups: Sequence[str] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> AttentionStudy:
+    """Record FD's and PD's cross-attention over every token (Figure 3)."""
+    from ..pipeline import decode_latents
+
+    if steps is not None and any(not 0 <= s < setup.steps for s in steps):
+        raise InputError(f"analysed steps must lie in 0..{setup.steps - 1}, got {list(steps)}")
+    chosen = _groups(freecure, groups)
+    store = TokenMapStore(
+        setup.conditions,
+        setup.latent_size,
+        None if steps is None else frozenset(steps),
+        None if heads is None else tuple(heads),
+        freecure.config.approximate_shared_uncond,
+    )
+    layers = sorted({name for names in chosen.values() for name in names})
+    if heads is not None:
+        counts = {_heads(freecure.pipeline.unet, name) for name in layers}
+        if not heads or any(not 0 <= h < min(counts) for h in heads):
+            raise InputError(f"head indices must lie in 0..{min(counts) - 1}, got {list(heads)}")
+    with record_token_maps(freecure.pipeline.unet, store, layers):
+        z0 = _joint_run(freecure, setup, store, on_step)
+    fd_image, pd_image = decode_latents(freecure.pipeline, z0)
+    alignment = setup.alignment
+    full, maps = {}, {}
+    for group, names in chosen.items():
+        for lane in LANES:
+            grid = store.group_map(lane, names)
+            full[lane, group] = grid
+            columns = [(c,) for c in alignment.fd_columns] if lane == "fd" else alignment.pd_columns
+            maps[lane, group] = torch.stack([grid[list(cols)].sum(dim=0) for cols in columns])
+    summary = mass_summary(setup.parsed, alignment, full)
+    return AttentionStudy({"fd": fd_image, "pd": pd_image}, maps, full, summary)
+
+
+def _heads(unet, name: str) -> int:
+    module = unet
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+    return module.heads
+
+
+def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict) -> dict:
+    """How much attention mass (mean over pixels of a token's map) each token gets in FD and
+    PD, per block group: the identity token(s) and every attribute, and PD − FD."""
+    index = {column: k for k, column in enumerate(alignment.fd_columns)}
+    groups: dict[str, dict] = {group: {} for _, group in full}
+    for group in groups:
+        fd_map, pd_map = full["fd", group], full["pd", group]
+
+        def mass(grid, columns):
+            return float(grid[list(columns)].sum(dim=0).mean()) if columns else None
+
+        def pd_columns(fd_columns):
+            return sorted({c for column in fd_columns for c in alignment.pd_columns[index[column]]})
+
+        entry: dict = {"identity": None, "attributes": {}}
+        if alignment.identity_in_prompt:
+            fd_mass, pd_mass = mass(fd_map, alignment.identity_fd), mass(pd_map, alignment.identity_pd)
+            entry["identity"] = {
+                "fd_columns": list(alignment.identity_fd),
+                "pd_columns": list(alignment.identity_pd),
+                "fd": fd_mass,
+                "pd": pd_mass,
+                "gain": pd_mass - fd_mass,
+            }
+        for attribute in parsed.attributes:
+            fd_mass = mass(fd_map, attribute.token_indices)
+            pd_mass = mass(pd_map, pd_columns(attribute.token_indices))
+            entry["attributes"][attribute.text] = {
+                "kind": attribute.kind,
+                "fd": fd_mass,
+                "pd": pd_mass,
+                "change": None if fd_mass is None else pd_mass - fd_mass,
+                "relative_change": None if not fd_mass else (pd_mass - fd_mass) / fd_mass,
+            }
+        groups[group] = entry
+    return {
+        "tokens": [
+            {"label": label, "fd_column": fd, "pd_columns": list(pd)}
+            for label, fd, pd in zip(alignment.labels, alignment.fd_columns, alignment.pd_columns)
+        ],
+        "identity_in_prompt": alignment.identity_in_prompt,
+        "groups": groups,
+        "reading": "mass = mean over the latent grid of the token's attention probability (PD: summed over "
+        "its columns); change = PD − FD; identity gain = PD's identity columns − FD's class-word columns",
+    }
+
+
+@dataclass
+class InterpolationStudy:
+    """Figures 4 and 10: PD's image for every (block group, α), and FD's image."""
+
+    images: dict[tuple[str, float], Image.Image]
+    fd_image: Image.Image
+    pairs: tuple[tuple[int, int], ...]
+
+
+def interpolation_study(
+    freecure,
+    setup: StudySetup,
+    alphas: Sequence[float],
+    groups: Sequence[str] = ("down", "mid", "up"),
+    on_run: Callable[[str, float], None] | None = None,
+) -> InterpolationStudy:
+    """PD with eq. 3 applied to the identity column(s) in each block group, for each α.
+
+    α = 0 changes nothing, so it is run once and shared by every group.
+    """
+    from ..pipeline import decode_latents
+
+    if not setup.alignment.identity_in_prompt:
+        raise InputError(
+            f"eq. 3 interpolates the cross-attention column of the identity token, but the "
+            f"{freecure.backend.name} backend injects identity through its own adapter, not a prompt token; "
+            "use `freecure analyze attention` to compare its text tokens' maps instead"
+        )
+    if any(not (0.0 <= a <= 1.0) for a in alphas):
+        raise InputError(f"every α must lie in [0, 1], got {list(alphas)}")
+    chosen = _groups(freecure, groups)
+    pairs = setup.alignment.identity_pairs
+    images: dict[tuple[str, float], Image.Image] = {}
+    fd_image = None
+    shared_zero = None
+    for group, layers in chosen.items():
+        for alpha in alphas:
+            if alpha == 0.0 and shared_zero is not None:
+                images[group, alpha] = shared_zero
+                continue
+            state = InterpolationState(setup.conditions, float(alpha), pairs, freecure.config.approximate_shared_uncond)
+            context = interpolate_identity(freecure.pipeline.unet, state, layers) if alpha else contextlib.nullcontext()
+            with context:
+                z0 = _joint_run(freecure, setup, state, None)
+            fd, pd = decode_latents(freecure.pipeline, z0)
+            fd_image = fd_image or fd
+            images[group, alpha] = pd
+            if alpha == 0.0:
+                shared_zero = pd
+            if on_run is not None:
+                on_run(group, alpha)
+    return InterpolationStudy(images, fd_image, pairs)
