@@ -3,6 +3,8 @@
 from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
 from .fastcomposer import FastComposerBackend
+from .instantid import InstantIDBackend
+from .ip_adapter_faceid import IPAdapterFaceIDBackend
 from .photomaker import PhotoMakerBackend
 from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
 
@@ -12,6 +14,8 @@ BACKENDS: dict[str, type[Backend]] = {
     FastComposerBackend.name: FastComposerBackend,
     FaceDiffuserBackend.name: FaceDiffuserBackend,
     PhotoMakerBackend.name: PhotoMakerBackend,
+    IPAdapterFaceIDBackend.name: IPAdapterFaceIDBackend,
+    InstantIDBackend.name: InstantIDBackend,
 }
 
 __all__ = [
@@ -20,6 +24,8 @@ __all__ = [
     "Conditions",
     "FaceDiffuserBackend",
     "FastComposerBackend",
+    "IPAdapterFaceIDBackend",
+    "InstantIDBackend",
     "PhotoMakerBackend",
     "RandomProjectionIdentityEncoder",
     "TextConditioning",

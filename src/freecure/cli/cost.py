@@ -18,6 +18,17 @@ def register(subparsers) -> None:
     parser.add_argument("--expression-guidance-scale", type=float, default=1.0)
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument(
+        "--backend",
+        choices=["token-fusion", "ip-adapter-faceid", "instantid"],
+        default="token-fusion",
+        help="tiny backend to count (instantid is SDXL-only; its IdentityNet calls are counted as UNet calls)",
+    )
+    parser.add_argument(
+        "--faceid-fd-lora", choices=["keep", "off"], default="keep",
+        help="ip-adapter-faceid: FD without the LoRA costs a separate FD call per step",
+    )
+    parser.add_argument("--instantid-fd", choices=["zero-identity", "no-identitynet"], default="zero-identity")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -33,8 +44,19 @@ def run(args) -> int:
         raise InputError(f"--steps must be at least 2, got {args.steps}")
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
-    pipeline = tiny_sdxl_pipeline() if args.family == "sdxl" else tiny_sd15_pipeline()
-    backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(pipeline.unet.config.cross_attention_dim))
+    if args.backend == "ip-adapter-faceid":
+        from ..backends import IPAdapterFaceIDBackend
+
+        backend = IPAdapterFaceIDBackend.tiny(args.family, fd_lora=args.faceid_fd_lora == "keep")
+        pipeline = backend.pipeline
+    elif args.backend == "instantid":
+        from ..backends import InstantIDBackend
+
+        backend = InstantIDBackend.tiny(fd_identitynet=args.instantid_fd == "zero-identity")
+        pipeline = backend.pipeline
+    else:
+        pipeline = tiny_sdxl_pipeline() if args.family == "sdxl" else tiny_sd15_pipeline()
+        backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(pipeline.unet.config.cross_attention_dim))
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
