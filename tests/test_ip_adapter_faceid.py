@@ -303,7 +303,7 @@ def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys, family, ext
 def test_cost_counts_the_separate_fd_call(capsys):
     results = []
     for option in ("keep", "off"):
-        args = ["cost", "--backend", "ip-adapter-faceid", "--steps", "3", "--inject-step", "0", "--json"]
+        args = ["cost", "--backend", "ip-adapter-faceid", "--steps", "2", "--inject-step", "0", "--json"]
         assert main([*args, "--faceid-fd-lora", option]) == 0
         results.append(json.loads(capsys.readouterr().out))
     keep, off = results

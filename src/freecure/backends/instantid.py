@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import checkpoints
 from ..errors import InputError, WeightsNotFoundError
-from .base import Backend, Conditions
+from .base import PD, Backend, Conditions
 from .face_embedding import (
     FACE_EMBEDDING_DIM,
     INSIGHTFACE_LICENCE,
@@ -300,10 +300,11 @@ class InstantIDBackend(Backend):
         personal = identity_rows(row_keys)
         embeds = torch.cat([row.prompt_embeds for row in rows])
         faces = []
-        for row, carries in zip(rows, personal):
-            if carries and not isinstance(row, IdentityConditioning):
+        for row, key, carries in zip(rows, row_keys, personal):
+            if key == PD and not isinstance(row, IdentityConditioning):
                 raise TypeError("instantid: PD rows need the IdentityConditioning of conditions()")
-            faces.append(row.face_embeds if carries else embeds.new_zeros(1, FACE_EMBEDDING_DIM))
+            real = carries and isinstance(row, IdentityConditioning)  # PD's negative row: the zero embedding
+            faces.append(row.face_embeds if real else embeds.new_zeros(1, FACE_EMBEDDING_DIM))
         face_embeds = torch.cat(faces).to(embeds.dtype)[:, None, None]  # (rows, images, 1, 512)
         added = self.added_cond_kwargs(rows, *image_size)
         use_net = [carries or self.fd_identitynet for carries in personal]
