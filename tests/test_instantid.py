@@ -178,3 +178,14 @@ def test_cost_with_and_without_identitynet_for_fd(capsys):
     # only on PD's two rows after injection
     assert (same_zero["unet_calls"], same_zero["batch_items"]) == (4, 12)
     assert (same_off["unet_calls"], same_off["batch_items"]) == (3, 10)
+
+
+def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\na <S> with black curly hair, laughing happily\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--tiny", "--backend", "instantid", "--identities", "examples/identities"]
+    assert main([*args, "--prompts", str(prompts), "--num-seeds", "1", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "instantid (PD)" in printed and "instantid + FreeCure" in printed

@@ -310,3 +310,14 @@ def test_cost_counts_the_separate_fd_call(capsys):
     assert off["engine"]["stages"]["same_pass"]["unet_calls"] == 2 * keep["engine"]["stages"]["same_pass"]["unet_calls"]
     assert keep["engine"]["stages"]["same_pass"]["batch_items"] == off["engine"]["stages"]["same_pass"]["batch_items"]
     assert keep["settings"]["backend"] == "ip-adapter-faceid"
+
+
+def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\na <S> with black curly hair, laughing happily\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--tiny", "--backend", "ip-adapter-faceid", "--identities", "examples/identities"]
+    assert main([*args, "--prompts", str(prompts), "--num-seeds", "1", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ip-adapter-faceid (PD)" in printed and "ip-adapter-faceid + FreeCure" in printed
