@@ -17,7 +17,7 @@ from freecure.backends.instantid import ReleasedInstantIDLayout, check_instantid
 from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.pipeline import UNetCounter
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
+from freecure.sampling import FD_LANE, PD_LANE, Guidance, rofa_pass, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -107,17 +107,29 @@ def test_pd_is_instantids_loop_and_fd_the_zero_identity(backend, astronaut):
     assert not torch.allclose(pd, fd, atol=1e-3)
 
 
-def test_fd_without_identitynet(astronaut):
-    backend = InstantIDBackend.tiny(fd_identitynet=False)
-    conditions = conditions_for(backend, astronaut)
-    assert not conditions.shares_uncond  # PD's negative row keeps IdentityNet, FD's does not
-    z_T = latent(2)
-    same = same_pass(backend, scheduler_for(backend.pipeline), z_T, conditions, Guidance(W), SIZE)
+def test_fd_without_identitynet(backend, astronaut):
+    backend.fd_identitynet = False
+    try:
+        conditions = conditions_for(backend, astronaut)
+        assert not conditions.shares_uncond  # PD's negative row keeps IdentityNet, FD's does not
+        z_T = latent(2)
+        same = same_pass(backend, scheduler_for(backend.pipeline), z_T, conditions, Guidance(W), SIZE)
+    finally:
+        backend.fd_identitynet = True
     face = conditions.pd.face_embeds
     fd = instantid_loop(backend, conditions, z_T, torch.zeros_like(face), identitynet=False)
     torch.testing.assert_close(same.z0[FD_LANE : FD_LANE + 1], fd, rtol=1e-4, atol=1e-4)
     pd = instantid_loop(backend, conditions, z_T, face)
     torch.testing.assert_close(same.z0[PD_LANE : PD_LANE + 1], pd, rtol=1e-4, atol=1e-4)
+
+
+def test_rofa_masks_zero_and_one_give_pd_and_fd(backend, astronaut):
+    conditions = replace(conditions_for(backend, astronaut), inject_step=1)
+    same = same_pass(backend, scheduler_for(backend.pipeline), latent(3), conditions, Guidance(W), SIZE)
+    pd = rofa_pass(backend, same, conditions, torch.zeros(1, 1, 32, 32), Guidance(W), SIZE)
+    torch.testing.assert_close(pd, same.z0[PD_LANE : PD_LANE + 1], rtol=1e-4, atol=1e-4)
+    fd = rofa_pass(backend, same, conditions, torch.ones(1, 1, 32, 32), Guidance(W), SIZE)
+    assert torch.equal(fd, same.z0[FD_LANE : FD_LANE + 1])
 
 
 def test_keypoint_image_colours_and_scaling():

@@ -23,8 +23,8 @@ from freecure.backends.ip_adapter_faceid import (
 from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.pipeline import UNetCounter
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_layout, same_pass
-from freecure.tiny_adapters import TINY_CLIP_DIM, faceid_state_dict, tiny_faceid_pipeline
+from freecure.sampling import FD_LANE, PD_LANE, Guidance, rofa_pass, same_layout, same_pass
+from freecure.tiny_adapters import TINY_CLIP_DIM, faceid_state_dict
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -41,9 +41,23 @@ def sd15_backend():
 
 
 @pytest.fixture(scope="module")
-def reference_sd15():
-    """The same tiny model loaded independently: the original method through diffusers alone."""
-    return tiny_faceid_pipeline("sd15", "plain")
+def faceid_file(tmp_path_factory, sd15_backend):
+    """The tiny backend's FaceID file (same seed, released layout), saved as a local .bin."""
+    path = tmp_path_factory.mktemp("faceid") / "ip-adapter-faceid_sd15.bin"
+    torch.save(faceid_state_dict(sd15_backend.unet, "plain", seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_sd15(faceid_file):
+    """The original method through diffusers alone: the tiny base pipeline and diffusers'
+    ``load_ip_adapter`` reading the locally saved file."""
+    from freecure.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(faceid_file.parent), subfolder="", weight_name=faceid_file.name, image_encoder_folder=None)
+    return pipe
 
 
 def conditions_for(backend, image, steps=STEPS, **changes):
@@ -189,8 +203,8 @@ def test_pd_is_diffusers_load_ip_adapter_pipeline_and_fd_its_scale_zero(sd15_bac
 
 def test_sdxl_plusv2_pd_is_diffusers_pipeline(astronaut):
     backend = IPAdapterFaceIDBackend.tiny("sdxl", "plusv2")
-    reference = tiny_faceid_pipeline("sdxl", "plusv2")
-    reference.unet.encoder_hid_proj.image_projection_layers[0].shortcut = True
+    reference = backend.pipeline  # driven by diffusers' own __call__ (the backend's gate is not installed)
+    assert reference.unet.encoder_hid_proj.image_projection_layers[0].shortcut  # PlusV2
     conditions = conditions_for(backend, astronaut)
     assert conditions.pd.clip_embeds.shape == (1, 5, TINY_CLIP_DIM)
     z_T = latent(4)
@@ -200,13 +214,17 @@ def test_sdxl_plusv2_pd_is_diffusers_pipeline(astronaut):
     torch.testing.assert_close(same.z0[PD_LANE : PD_LANE + 1], pd, rtol=1e-4, atol=1e-4)
 
 
-def test_fd_without_lora_is_the_base_model_at_one_extra_call_per_step(tiny_sd15, astronaut):
-    backend = IPAdapterFaceIDBackend.tiny("sd15", "plain", fd_lora=False)
+def test_fd_without_lora_is_the_base_model_at_one_extra_call_per_step(sd15_backend, tiny_sd15, astronaut):
+    backend = sd15_backend
     conditions = conditions_for(backend, astronaut)
     z_T = latent(5)
     counter = UNetCounter()
-    with counter.attached(backend.unets()):
-        same = same_pass(backend, scheduler_for(backend.pipeline), z_T, conditions, Guidance(7.5), SIZE)
+    backend.fd_lora = False
+    try:
+        with counter.attached(backend.unets()):
+            same = same_pass(backend, scheduler_for(backend.pipeline), z_T, conditions, Guidance(7.5), SIZE)
+    finally:
+        backend.fd_lora = True
     assert counter.calls == 2 * STEPS and counter.items == 4 * STEPS
     base = tiny_sd15(  # the plain base model (same seed as the tiny FaceID pipeline's base)
         prompt_embeds=conditions.fd.prompt_embeds,
@@ -218,6 +236,37 @@ def test_fd_without_lora_is_the_base_model_at_one_extra_call_per_step(tiny_sd15,
         width=SIZE[1],
     ).images
     torch.testing.assert_close(same.z0[FD_LANE : FD_LANE + 1], base, rtol=1e-4, atol=1e-4)
+
+
+def test_rofa_masks_zero_and_one_give_pd_and_fd(sd15_backend, astronaut):
+    backend = sd15_backend
+    conditions = conditions_for(backend, astronaut, inject_step=1)
+    same = same_pass(backend, scheduler_for(backend.pipeline), latent(8), conditions, Guidance(7.5), SIZE)
+    pd = rofa_pass(backend, same, conditions, torch.zeros(1, 1, 32, 32), Guidance(7.5), SIZE)
+    torch.testing.assert_close(pd, same.z0[PD_LANE : PD_LANE + 1], rtol=1e-4, atol=1e-4)
+    fd = rofa_pass(backend, same, conditions, torch.ones(1, 1, 32, 32), Guidance(7.5), SIZE)
+    assert torch.equal(fd, same.z0[FD_LANE : FD_LANE + 1])
+
+
+def test_from_pretrained_reads_local_base_model_file_and_embedding(tmp_path, faceid_file, astronaut):
+    from freecure.tiny import tiny_sd15_pipeline
+
+    tiny_sd15_pipeline(tmp_path / "base", seed=0)
+    save_face_embedding(tmp_path / "face.safetensors", FaceEmbedding(torch.ones(512)))
+    backend = IPAdapterFaceIDBackend.from_pretrained(
+        "sd15", "plain", base_model=str(tmp_path / "base"), weights=faceid_file, device="cpu",
+        dtype=torch.float32, face_embedding=tmp_path / "face.safetensors",
+    )
+    state = torch.load(faceid_file, weights_only=True)
+    assert torch.equal(backend.projection.norm.weight, state["image_proj"]["norm.weight"])
+    assert backend.analyzer is None  # no insightface needed with an embedding file
+    conditions = conditions_for(backend, astronaut)
+    assert torch.equal(conditions.pd.face_embeds, torch.ones(1, 512))
+    with pytest.raises(WeightsNotFoundError, match="--faceid-variant"):
+        IPAdapterFaceIDBackend.from_pretrained(
+            "sd15", "plus", base_model=str(tmp_path / "base"), weights=faceid_file, device="cpu",
+            dtype=torch.float32, face_embedding=tmp_path / "face.safetensors",
+        )
 
 
 # --- SAME's attention with the adapter active --------------------------------------------------------

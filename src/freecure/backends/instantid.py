@@ -210,7 +210,7 @@ class InstantIDBackend(Backend):
         try:
             source = controlnet or REPO_ID
             identitynet = ControlNetModel.from_pretrained(
-                source, subfolder=None if controlnet else CONTROLNET_FOLDER, torch_dtype=dtype
+                source, subfolder=None if controlnet else CONTROLNET_FOLDER, dtype=dtype
             )
         except (OSError, ValueError) as error:
             raise WeightsNotFoundError(
