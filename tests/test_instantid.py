@@ -18,6 +18,7 @@ from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.pipeline import UNetCounter
 from freecure.sampling import FD_LANE, PD_LANE, Guidance, rofa_pass, same_pass
+from freecure.backends.ip_adapter_faceid import split_adapter_state
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -84,7 +85,7 @@ def test_released_layout_is_checked_strictly():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
     assert layout["image_proj.latents"] == (1, 16, 1280) and layout["ip_adapter.1.to_k_ip.weight"] == (640, 2048)
     flat = meta_state_dict(layout)
-    state = {p: {k[len(p) + 1 :]: v for k, v in flat.items() if k.startswith(p + ".")} for p in ("image_proj", "ip_adapter")}
+    state = split_adapter_state(flat)
     check_instantid_state_dict(unet, state)
     del state["image_proj"]["norm_out.bias"]
     with pytest.raises(WeightsNotFoundError, match=r"image_proj\.norm_out\.bias"):
@@ -198,6 +199,7 @@ def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
     prompts.write_text("prompt\na <S> with black curly hair, laughing happily\n")
     out = tmp_path / "eval"
     args = ["eval", "--tiny", "--backend", "instantid", "--identities", "examples/identities"]
-    assert main([*args, "--prompts", str(prompts), "--num-seeds", "1", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    args += ["--prompts", str(prompts), "--num-seeds", "1", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "instantid (PD)" in printed and "instantid + FreeCure" in printed

@@ -19,6 +19,7 @@ from freecure.backends.ip_adapter_faceid import (
     ReleasedFaceIDLayout,
     check_faceid_state_dict,
     identity_rows,
+    split_adapter_state,
 )
 from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
@@ -98,7 +99,7 @@ def test_released_layouts_are_checked_strictly(family, variant, keys):
         model = ReleasedFaceIDLayout(unet.config, list(unet.attn_processors), variant)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
     flat = meta_state_dict(layout)
-    state = {p: {k[len(p) + 1 :]: v for k, v in flat.items() if k.startswith(p + ".")} for p in ("image_proj", "ip_adapter")}
+    state = split_adapter_state(flat)
     check_faceid_state_dict(unet, state, variant)  # passes
     wrong = dict(state["ip_adapter"])
     wrong["1.to_k_ip.weight_renamed"] = wrong.pop("1.to_k_ip.weight")
@@ -111,7 +112,7 @@ def test_released_layouts_are_checked_strictly(family, variant, keys):
 
 def test_sd15_file_on_sdxl_is_refused_with_a_named_key():
     state = meta_state_dict(read_layout("ip_adapter_faceid_sd15_keys.txt"))
-    parts = {p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")} for p in ("image_proj", "ip_adapter")}
+    parts = split_adapter_state(state)
     with pytest.raises(WeightsNotFoundError, match="missing keys|shape mismatches"):
         check_faceid_state_dict(full_unet("sdxl"), parts, "plain")
 
@@ -279,7 +280,8 @@ def test_captured_attention_is_the_text_softmax_whatever_the_identity(sd15_backe
         with capture_cross_attention(backend.unet, store):
             processors = list(backend.unet.attn_processors.values())
             assert any(type(p.inner).__name__ == "IPAdapterAttnProcessor2_0" for p in processors if hasattr(p, "inner"))
-            same = same_pass(backend, scheduler_for(backend.pipeline, 3), latent(6), conditions, Guidance(7.5), SIZE, store)
+            scheduler = scheduler_for(backend.pipeline, 3)
+            same = same_pass(backend, scheduler, latent(6), conditions, Guidance(7.5), SIZE, store)
         captured.append((store.aggregate(), same.z0))
     # FD's maps and lane do not depend on the identity; PD's lane does
     assert torch.equal(captured[0][0], captured[1][0])
@@ -333,7 +335,9 @@ def test_registered_with_its_licence():
     assert "NON-COMMERCIAL" in IPAdapterFaceIDBackend.license
 
 
-@pytest.mark.parametrize("family, extra", [("sd15", []), ("sdxl", ["--faceid-variant", "plusv2", "--faceid-fd-lora", "off"])])
+@pytest.mark.parametrize(
+    "family, extra", [("sd15", []), ("sdxl", ["--faceid-variant", "plusv2", "--faceid-fd-lora", "off"])]
+)
 def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys, family, extra):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"
@@ -367,6 +371,7 @@ def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
     prompts.write_text("prompt\na <S> with black curly hair, laughing happily\n")
     out = tmp_path / "eval"
     args = ["eval", "--tiny", "--backend", "ip-adapter-faceid", "--identities", "examples/identities"]
-    assert main([*args, "--prompts", str(prompts), "--num-seeds", "1", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    args += ["--prompts", str(prompts), "--num-seeds", "1", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "ip-adapter-faceid (PD)" in printed and "ip-adapter-faceid + FreeCure" in printed

@@ -28,7 +28,7 @@ def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 
 def faceid_state_dict(unet, variant: str = "plain", rank: int = 4, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """A random IP-Adapter-FaceID file for ``unet`` in the released layout (LoRA rank ``rank``)."""
-    from .backends.ip_adapter_faceid import ReleasedFaceIDLayout
+    from .backends.ip_adapter_faceid import ReleasedFaceIDLayout, split_adapter_state
 
     if variant != "plain" and unet.config.cross_attention_dim < 64:
         raise InputError(
@@ -37,8 +37,7 @@ def faceid_state_dict(unet, variant: str = "plain", rank: int = 4, seed: int = 0
         )
     layout = ReleasedFaceIDLayout(unet.config, list(unet.attn_processors), variant, rank, TINY_CLIP_DIM)
     _randomize(layout, seed)
-    state = layout.state_dict()
-    return {part: {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")} for part in ("image_proj", "ip_adapter")}
+    return split_adapter_state(layout.state_dict())
 
 
 def tiny_faceid_pipeline(family: str = "sd15", variant: str = "plain", seed: int = 0, scale: float = 1.0):
@@ -55,11 +54,11 @@ def tiny_faceid_pipeline(family: str = "sd15", variant: str = "plain", seed: int
 def instantid_state_dict(unet, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """A random InstantID ``ip-adapter.bin`` for ``unet`` with the tiny Resampler."""
     from .backends.instantid import ReleasedInstantIDLayout
+    from .backends.ip_adapter_faceid import split_adapter_state
 
     layout = ReleasedInstantIDLayout(unet.config, list(unet.attn_processors), TINY_RESAMPLER)
     _randomize(layout, seed)
-    state = layout.state_dict()
-    return {part: {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")} for part in ("image_proj", "ip_adapter")}
+    return split_adapter_state(layout.state_dict())
 
 
 def tiny_identitynet(unet, seed: int = 0):

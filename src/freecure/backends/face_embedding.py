@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -233,9 +233,7 @@ def reference_face(
         raise InputError(how_to_supply(method, keypoints=need_keypoints))
     if keypoints_file is not None:
         size = face.image_size or (references[0].size if references else None)
-        face = FaceEmbedding(
-            face.id_embedding, load_face_keypoints(keypoints_file), size, face.clip_embedding, face.negative_clip_embedding
-        )
+        face = replace(face, keypoints=load_face_keypoints(keypoints_file), image_size=size)
     if need_keypoints and face.keypoints is None:
         raise InputError(f"{method} needs the face's 5 keypoints: pass --face-keypoints FILE.json (5 [x, y] pairs)")
     return face
@@ -268,7 +266,9 @@ KEYPOINT_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 
 KEYPOINT_LIMBS = ((0, 2), (1, 2), (3, 2), (4, 2))
 
 
-def draw_keypoints(size: tuple[int, int], keypoints: torch.Tensor, stick_width: int = 4, radius: int = 10) -> Image.Image:
+def draw_keypoints(
+    size: tuple[int, int], keypoints: torch.Tensor, stick_width: int = 4, radius: int = 10
+) -> Image.Image:
     """InstantID's control image: on black, a filled ellipse (half-width ``stick_width``)
     from each of eyes and mouth corners to the nose, at 60 % of its keypoint's colour, then
     a disc of radius ``radius`` in full colour on each keypoint.

@@ -103,7 +103,9 @@ def check_instantid_state_dict(unet, state, resampler: dict | None = None) -> No
     the release's; its width is read from the file's ``latents`` otherwise."""
     if not isinstance(state, dict) or set(state) != {"image_proj", "ip_adapter"}:
         found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise WeightsNotFoundError(f"InstantID's ip-adapter.bin holds exactly 'image_proj' and 'ip_adapter', not {found}")
+        raise WeightsNotFoundError(
+            f"InstantID's ip-adapter.bin holds exactly 'image_proj' and 'ip_adapter', not {found}"
+        )
     with torch.device("meta"):
         layout = ReleasedInstantIDLayout(unet.config, list(unet.attn_processors), resampler)
     flat = {f"{part}.{key}": value for part in ("image_proj", "ip_adapter") for key, value in state[part].items()}
@@ -205,7 +207,9 @@ class InstantIDBackend(Backend):
         dtype = dtype or resolve_dtype(None, device)
         analyzer = None
         if kwargs.get("face_embedding") is None:
-            analyzer = InsightFaceAnalyzer("antelopev2", normed=False, device=device)
+            analyzer = InsightFaceAnalyzer("antelopev2", normed=False, device=device)  # warns about the licence
+        else:
+            logger.warning("%s; an embedding computed with them carries that licence", INSIGHTFACE_LICENCE)
         state = read_adapter_file(resolve_file(REPO_ID, ADAPTER_FILE, ADAPTER_SIZE, weights, "--instantid-weights"))
         try:
             source = controlnet or REPO_ID
@@ -230,13 +234,18 @@ class InstantIDBackend(Backend):
 
     @classmethod
     def add_cli_arguments(cls, group) -> None:
-        group.add_argument("--instantid-weights", metavar="PATH", help="instantid: local ip-adapter.bin (or its folder)")
+        group.add_argument(
+            "--instantid-weights", metavar="PATH", help="instantid: local ip-adapter.bin (or its folder)"
+        )
         group.add_argument("--instantid-controlnet", metavar="FOLDER", help="instantid: local IdentityNet folder")
         group.add_argument(
             "--instantid-ip-scale", type=float, default=IP_ADAPTER_SCALE, help="instantid: identity scale (0.8)"
         )
         group.add_argument(
-            "--instantid-controlnet-scale", type=float, default=CONTROLNET_SCALE, help="instantid: IdentityNet scale (0.8)"
+            "--instantid-controlnet-scale",
+            type=float,
+            default=CONTROLNET_SCALE,
+            help="instantid: IdentityNet scale (0.8)",
         )
         group.add_argument(
             "--instantid-fd", choices=["zero-identity", "no-identitynet"], default="zero-identity",
@@ -276,7 +285,8 @@ class InstantIDBackend(Backend):
             references, self.face_embedding, self.face_keypoints, self.analyzer, "InstantID", need_keypoints=True
         )
         self._face, self._kps = face, {}
-        return IdentityConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, face.id_embedding[None]), self.inject_step
+        pd = IdentityConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, face.id_embedding[None])
+        return pd, self.inject_step
 
     def conditions(self, parsed, references, num_inference_steps, negative_prompt=None) -> Conditions:
         """With IdentityNet off for FD, PD's negative branch (zero identity *with* IdentityNet)

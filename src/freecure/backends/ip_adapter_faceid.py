@@ -62,7 +62,10 @@ from .face_embedding import (
 logger = logging.getLogger(__name__)
 
 REPO_ID = "h94/IP-Adapter-FaceID"
-BASE_MODELS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+BASE_MODELS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
 #: CLIP ViT-H/14 image encoder of the Plus variants (``h94/IP-Adapter``, ``models/image_encoder``).
 CLIP_VIT_H = dict(hidden_size=1280, tokens=257)
 LORA_RANK = 128
@@ -211,8 +214,18 @@ def check_faceid_state_dict(unet, state: Mapping[str, Mapping[str, torch.Tensor]
         layout,
         flat,
         f"the file does not match IP-Adapter-FaceID {variant} for this base model",
-        hint="Check --faceid-variant (plain, plus, plusv2) and that the base model's family (SD1.5/SDXL) is the file's.",
+        hint="Check --faceid-variant (plain, plus, plusv2) and that the base model's family (SD1.5/SDXL) "
+        "is the file's.",
     )
+
+
+def split_adapter_state(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"image_proj.x": …, "ip_adapter.y": …}`` → ``{"image_proj": {"x": …}, "ip_adapter": {"y": …}}``."""
+    state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in flat.items():
+        part, _, name = key.partition(".")
+        state.setdefault(part, {})[name] = tensor
+    return state
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -223,11 +236,7 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, dict[str, torch.Tens
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = {"image_proj": {}, "ip_adapter": {}}
-            for key, tensor in load_file(str(path)).items():
-                part, _, name = key.partition(".")
-                state.setdefault(part, {})[name] = tensor
-            return state
+            return split_adapter_state(load_file(str(path)))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise WeightsNotFoundError(f"cannot read the adapter file {path}: {error}") from None
@@ -430,9 +439,9 @@ class IPAdapterFaceIDBackend(Backend):
         dtype = dtype or resolve_dtype(None, device)
         analyzer = None
         if face_embedding is None:
-            analyzer = InsightFaceAnalyzer("buffalo_l", normed=True, device=device)
-        elif variant != "plain":
-            logger.info("Plus variants read clip_embedding / negative_clip_embedding from %s", face_embedding)
+            analyzer = InsightFaceAnalyzer("buffalo_l", normed=True, device=device)  # warns about the licence
+        else:
+            logger.warning("%s; an embedding computed with them carries that licence", INSIGHTFACE_LICENCE)
         state = read_adapter_file(resolve_file(REPO_ID, release.filename, release.size, weights, "--faceid-weights"))
         pipeline = load_base_pipeline(base_model or BASE_MODELS[family], device, dtype, sdxl=family == "sdxl")
         load_faceid_adapter(pipeline, state, variant, scale, s_scale)
@@ -456,8 +465,12 @@ class IPAdapterFaceIDBackend(Backend):
             "--faceid-family", choices=["sd15", "sdxl"], default=None,
             help="ip-adapter-faceid: SD1.5 or SDXL file (default sd15; with --tiny: --tiny-family)",
         )
-        group.add_argument("--faceid-weights", metavar="PATH", help="ip-adapter-faceid: local FaceID .bin (or its folder)")
-        group.add_argument("--faceid-scale", type=float, default=1.0, help="ip-adapter-faceid: identity scale (default 1.0)")
+        group.add_argument(
+            "--faceid-weights", metavar="PATH", help="ip-adapter-faceid: local FaceID .bin (or its folder)"
+        )
+        group.add_argument(
+            "--faceid-scale", type=float, default=1.0, help="ip-adapter-faceid: identity scale (default 1.0)"
+        )
         group.add_argument(
             "--faceid-s-scale", type=float, default=1.0, help="ip-adapter-faceid plusv2: shortcut scale (default 1.0)"
         )

@@ -56,7 +56,8 @@ def run(args) -> int:
         pipeline = backend.pipeline
     else:
         pipeline = tiny_sdxl_pipeline() if args.family == "sdxl" else tiny_sd15_pipeline()
-        backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(pipeline.unet.config.cross_attention_dim))
+        encoder = RandomProjectionIdentityEncoder(pipeline.unet.config.cross_attention_dim)
+        backend = TokenFusionBackend(pipeline, encoder)
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
