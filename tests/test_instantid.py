@@ -166,9 +166,15 @@ def test_registered_with_its_licence():
 
 
 def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys):
+    """With a precomputed embedding and keypoints, as a run without insightface would."""
+    from freecure.backends.face_embedding import FaceEmbedding, save_face_embedding
+
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    save_face_embedding(tmp_path / "face.safetensors", FaceEmbedding(torch.linspace(-1, 1, 512)))
+    (tmp_path / "kps.json").write_text(json.dumps([[20, 24], [44, 24], [32, 34], [24, 46], [40, 46]]))
     out = tmp_path / "run"
     args = ["generate", "--tiny", "--backend", "instantid", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png")]
+    args += ["--face-embedding", str(tmp_path / "face.safetensors"), "--face-keypoints", str(tmp_path / "kps.json")]
     assert main([*args, "--steps", "3", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["license"] == InstantIDBackend.license
@@ -203,3 +209,27 @@ def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "instantid (PD)" in printed and "instantid + FreeCure" in printed
+
+
+@pytest.mark.parametrize("backend_name", ["instantid", "ip-adapter-faceid"])
+def test_without_insightface_the_cli_says_what_to_install_or_pass(monkeypatch, tmp_path, capsys, backend_name):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "insightface", None)  # as if not installed
+    args = ["generate", "--backend", backend_name, "--prompt", PROMPT, "--ref", "x.png", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "freecure[insightface]" in error and "--face-embedding" in error and "Traceback" not in error
+
+
+def test_captured_attention_is_text_only_with_identity_tokens_active(backend, astronaut):
+    from freecure.attention import AttentionStore, capture_cross_attention
+
+    store = AttentionStore(tuple(range(77)), (32, 32))
+    conditions = conditions_for(backend, astronaut, steps=2)
+    with capture_cross_attention(backend.unet, store):
+        same_pass(backend, scheduler_for(backend.pipeline, 2), latent(5), conditions, Guidance(W), SIZE, store)
+    assert store.sums
+    for layer in store.sums:  # text softmax rows: the 16 identity tokens are not among the columns
+        mean = store.sums[layer] / store.counts[layer]
+        torch.testing.assert_close(mean.sum(-1), torch.ones(mean.shape[0]), rtol=1e-5, atol=1e-5)
