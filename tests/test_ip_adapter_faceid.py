@@ -202,8 +202,13 @@ def test_pd_is_diffusers_load_ip_adapter_pipeline_and_fd_its_scale_zero(sd15_bac
     assert not torch.allclose(pd, fd, atol=1e-3)
 
 
-def test_sdxl_plusv2_pd_is_diffusers_pipeline(astronaut):
-    backend = IPAdapterFaceIDBackend.tiny("sdxl", "plusv2")
+@pytest.fixture(scope="module")
+def plusv2_backend():
+    return IPAdapterFaceIDBackend.tiny("sdxl", "plusv2")
+
+
+def test_sdxl_plusv2_pd_is_diffusers_pipeline(plusv2_backend, astronaut):
+    backend = plusv2_backend
     reference = backend.pipeline  # driven by diffusers' own __call__ (the backend's gate is not installed)
     assert reference.unet.encoder_hid_proj.image_projection_layers[0].shortcut  # PlusV2
     conditions = conditions_for(backend, astronaut)
@@ -213,6 +218,28 @@ def test_sdxl_plusv2_pd_is_diffusers_pipeline(astronaut):
     clip = torch.cat([conditions.pd_uncond.clip_embeds, conditions.pd.clip_embeds])[:, None]
     pd = diffusers_run(reference, conditions, conditions.pd.face_embeds, z_T, 5.0, sdxl=True, clip=clip)
     torch.testing.assert_close(same.z0[PD_LANE : PD_LANE + 1], pd, rtol=1e-4, atol=1e-4)
+
+
+def test_plus_clip_states_are_the_encoders_penultimate_layer_of_face_and_zero_image(plusv2_backend, astronaut):
+    from transformers import CLIPVisionModelWithProjection
+
+    from freecure.backends.face_embedding import ClipFaceEncoder
+    from freecure.backends.photomaker import tiny_vision_config
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(tiny_vision_config(TINY_CLIP_DIM)).eval()
+    face = astronaut.crop((150, 50, 330, 230)).resize((224, 224))
+    analyzer = lambda image: FaceEmbedding(torch.ones(512), aligned_face=face)  # noqa: E731 (insightface stand-in)
+    backend = IPAdapterFaceIDBackend(
+        plusv2_backend.pipeline, "plusv2", analyzer=analyzer, clip_encoder=ClipFaceEncoder(encoder)
+    )
+    conditions = conditions_for(backend, astronaut)
+    pixels = ClipFaceEncoder(encoder).processor(images=face, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        clip = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        negative = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(conditions.pd.clip_embeds, clip) and torch.equal(conditions.pd_uncond.clip_embeds, negative)
+    assert conditions.pd.clip_embeds.shape == (1, 50, TINY_CLIP_DIM)
 
 
 def test_fd_without_lora_is_the_base_model_at_one_extra_call_per_step(sd15_backend, tiny_sd15, astronaut):

@@ -66,6 +66,8 @@ class FaceEmbedding:
         image_size: (width, height) of the photo the keypoints refer to, or None.
         clip_embedding, negative_clip_embedding: CLIP ViT-H penultimate states of the aligned
             face and of a zero image, (257, 1280) each (IP-Adapter-FaceID Plus only), or None.
+        aligned_face: the face aligned to ArcFace's template (insightface ``norm_crop``, 224 px),
+            from which a CLIP encoder computes the Plus variants' states; None for files.
     """
 
     id_embedding: torch.Tensor
@@ -73,6 +75,7 @@ class FaceEmbedding:
     image_size: tuple[int, int] | None = None
     clip_embedding: torch.Tensor | None = None
     negative_clip_embedding: torch.Tensor | None = None
+    aligned_face: Image.Image | None = None
 
     def __post_init__(self):
         if self.id_embedding.ndim != 1 or not torch.isfinite(self.id_embedding).all():
@@ -153,7 +156,14 @@ class InsightFaceAnalyzer:
             instead of the raw one (InstantID's ``embedding``).
     """
 
-    def __init__(self, name: str, normed: bool, device: torch.device | str = "cpu", root: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        normed: bool,
+        device: torch.device | str = "cpu",
+        root: str | None = None,
+        aligned_size: int | None = None,
+    ):
         try:
             from insightface.app import FaceAnalysis
         except ImportError:
@@ -170,6 +180,7 @@ class InsightFaceAnalyzer:
                 "use (network needed), or pass --face-embedding FILE.safetensors. Offline, try --tiny."
             ) from None
         self.normed = normed
+        self.aligned_size = aligned_size
 
     def __call__(self, image: Image.Image) -> FaceEmbedding:
         bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
@@ -178,10 +189,17 @@ class InsightFaceAnalyzer:
             raise InputError("no face detected in the reference photo; pass --face-embedding FILE.safetensors")
         face = max(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))
         vector = face["normed_embedding"] if self.normed else face["embedding"]
+        aligned = None
+        if self.aligned_size:  # IP-Adapter-FaceID Plus: face_align.norm_crop(image, kps, 224)
+            from insightface.utils import face_align
+
+            crop = face_align.norm_crop(bgr, landmark=face["kps"], image_size=self.aligned_size)
+            aligned = Image.fromarray(np.ascontiguousarray(crop[:, :, ::-1]))
         return FaceEmbedding(
             id_embedding=torch.from_numpy(np.asarray(vector, dtype=np.float32)),
             keypoints=torch.from_numpy(np.asarray(face["kps"], dtype=np.float32)),
             image_size=image.size,
+            aligned_face=aligned,
         )
 
 
@@ -207,6 +225,37 @@ class RandomFaceAnalyzer:
             clip = torch.randn(self.clip_shape, generator=g) + self.projection([image])[: self.clip_shape[1]].mean()
             negative = torch.randn(self.clip_shape, generator=g)
         return FaceEmbedding(self.projection([image]), keypoints, (w, h), clip, negative)
+
+
+class ClipFaceEncoder:
+    """The Plus variants' CLIP states, as the original's ``get_image_embeds``: the aligned face
+    through ``CLIPImageProcessor()`` (224 px, OpenAI CLIP normalisation) and the CLIP vision
+    tower (ViT-H/14 of ``h94/IP-Adapter``, ``models/image_encoder``), penultimate hidden state;
+    the negative branch's states are those of an all-zero (normalised) image."""
+
+    def __init__(self, image_encoder, processor=None):
+        from transformers import CLIPImageProcessor
+
+        self.image_encoder = image_encoder.eval().requires_grad_(False)
+        self.processor = processor or CLIPImageProcessor()
+
+    @torch.no_grad()
+    def __call__(self, aligned_face: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.image_encoder
+        pixels = self.processor(images=aligned_face.convert("RGB"), return_tensors="pt").pixel_values
+        pixels = pixels.to(device=encoder.device, dtype=encoder.dtype)
+        states = [
+            encoder(x, output_hidden_states=True).hidden_states[-2][0].float().cpu()
+            for x in (pixels, torch.zeros_like(pixels))
+        ]
+        return states[0], states[1]
+
+    def fill(self, face: FaceEmbedding) -> FaceEmbedding:
+        """``face`` with its CLIP states computed from its aligned face (kept when already there)."""
+        if face.clip_embedding is not None or face.aligned_face is None:
+            return face
+        clip, negative = self(face.aligned_face)
+        return replace(face, clip_embedding=clip, negative_clip_embedding=negative)
 
 
 def reference_face(

@@ -52,6 +52,7 @@ from .base import PD, PD_UNCOND, Backend, Conditions, TextConditioning
 from .face_embedding import (
     FACE_EMBEDDING_DIM,
     INSIGHTFACE_LICENCE,
+    ClipFaceEncoder,
     FaceEmbedding,
     InsightFaceAnalyzer,
     RandomFaceAnalyzer,
@@ -68,6 +69,7 @@ BASE_MODELS = {
 }
 #: CLIP ViT-H/14 image encoder of the Plus variants (``h94/IP-Adapter``, ``models/image_encoder``).
 CLIP_VIT_H = dict(hidden_size=1280, tokens=257)
+IMAGE_ENCODER_REPO = "h94/IP-Adapter"
 LORA_RANK = 128
 NUM_TOKENS = 4
 
@@ -288,6 +290,26 @@ def load_faceid_adapter(pipeline, state, variant: str, scale: float = 1.0, s_sca
         projection.shortcut_scale = s_scale
 
 
+def load_clip_encoder(source: str | os.PathLike | None, device, dtype) -> ClipFaceEncoder:
+    """The Plus variants' CLIP ViT-H/14 (``h94/IP-Adapter``, ``models/image_encoder``, ≈2.5 GB fp32)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        if source is None:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(
+                IMAGE_ENCODER_REPO, subfolder="models/image_encoder", dtype=dtype
+            )
+        else:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(str(source), dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise WeightsNotFoundError(
+            f"could not load the CLIP ViT-H image encoder of the Plus variants ({IMAGE_ENCODER_REPO}/models/"
+            f"image_encoder, ≈2.5 GB): {str(error).splitlines()[0]}. Pass --faceid-image-encoder FOLDER, or put "
+            "'clip_embedding'/'negative_clip_embedding' into --face-embedding FILE.safetensors."
+        ) from None
+    return ClipFaceEncoder(encoder.to(device))
+
+
 # --------------------------------------------------------------------------- per-row gate
 
 
@@ -377,6 +399,8 @@ class IPAdapterFaceIDBackend(Backend):
         fd_lora: FD keeps the LoRA (default); False runs FD's rows without it, in a separate call.
         inject_step: first step with identity (default 0).
         face_embedding: a ``--face-embedding`` file used instead of the analyzer.
+        clip_encoder: Plus only: a :class:`ClipFaceEncoder` computing the CLIP states of the
+            analyzer's aligned face (not needed when the embedding file holds them).
     """
 
     name = "ip-adapter-faceid"
@@ -391,6 +415,7 @@ class IPAdapterFaceIDBackend(Backend):
         fd_lora: bool = True,
         inject_step: int = 0,
         face_embedding: str | os.PathLike | None = None,
+        clip_encoder=None,
     ):
         super().__init__(pipeline)
         projection = getattr(pipeline.unet, "encoder_hid_proj", None)
@@ -405,6 +430,7 @@ class IPAdapterFaceIDBackend(Backend):
         self.fd_lora = fd_lora
         self.inject_step = inject_step
         self.face_embedding = face_embedding
+        self.clip_encoder = clip_encoder
         if self.is_sdxl:
             self.default_guidance_scale = 5.0  # StableDiffusionXLPipeline's default, which IPAdapterFaceIDXL keeps
 
@@ -427,6 +453,7 @@ class IPAdapterFaceIDBackend(Backend):
         fd_lora: bool = True,
         inject_step: int = 0,
         face_embedding=None,
+        image_encoder: str | os.PathLike | None = None,
     ) -> IPAdapterFaceIDBackend:
         """The released FaceID file on a base pipeline; insightface only when no embedding file is given."""
         from ..runtime import load_base_pipeline, resolve_device, resolve_dtype
@@ -437,15 +464,19 @@ class IPAdapterFaceIDBackend(Backend):
         release = RELEASES[variant, family]
         device = resolve_device(str(device) if device is not None else None)
         dtype = dtype or resolve_dtype(None, device)
-        analyzer = None
+        analyzer = clip_encoder = None
         if face_embedding is None:
-            analyzer = InsightFaceAnalyzer("buffalo_l", normed=True, device=device)  # warns about the licence
+            plus = variant != "plain"
+            analyzer = InsightFaceAnalyzer(  # warns about the licence
+                "buffalo_l", normed=True, device=device, aligned_size=224 if plus else None
+            )
+            clip_encoder = load_clip_encoder(image_encoder, device, dtype) if plus else None
         else:
             logger.warning("%s; an embedding computed with them carries that licence", INSIGHTFACE_LICENCE)
         state = read_adapter_file(resolve_file(REPO_ID, release.filename, release.size, weights, "--faceid-weights"))
         pipeline = load_base_pipeline(base_model or BASE_MODELS[family], device, dtype, sdxl=family == "sdxl")
         load_faceid_adapter(pipeline, state, variant, scale, s_scale)
-        return cls(pipeline, variant, analyzer, fd_lora, inject_step, face_embedding)
+        return cls(pipeline, variant, analyzer, fd_lora, inject_step, face_embedding, clip_encoder)
 
     @classmethod
     def tiny(cls, family: str = "sd15", variant: str = "plain", seed: int = 0, **kwargs) -> IPAdapterFaceIDBackend:
@@ -479,6 +510,12 @@ class IPAdapterFaceIDBackend(Backend):
             help="ip-adapter-faceid: FD keeps the LoRA (default; one UNet call per step) or runs without it "
             "(a separate FD call per step)",
         )
+        group.add_argument(
+            "--faceid-image-encoder",
+            metavar="FOLDER",
+            help="ip-adapter-faceid plus/plusv2: local CLIP ViT-H image encoder folder "
+            "(default: h94/IP-Adapter models/image_encoder)",
+        )
         add_face_arguments(group)
 
     @classmethod
@@ -499,7 +536,7 @@ class IPAdapterFaceIDBackend(Backend):
         args.base_model = args.base_model or BASE_MODELS[family]
         return cls.from_pretrained(
             family, args.faceid_variant, args.base_model, args.faceid_weights, args.device, args.dtype,
-            args.faceid_scale, args.faceid_s_scale, **kwargs,
+            args.faceid_scale, args.faceid_s_scale, image_encoder=args.faceid_image_encoder, **kwargs,
         )
 
     def to_device(self, device) -> IPAdapterFaceIDBackend:
@@ -512,15 +549,17 @@ class IPAdapterFaceIDBackend(Backend):
 
     def identity_conditions(self, parsed, references, fd, num_inference_steps):
         face = self.face(references)
-        self._face = face
         clip = None
         if self.variant != "plain":
+            if self.clip_encoder is not None:
+                face = self.clip_encoder.fill(face)
             if face.clip_embedding is None or face.negative_clip_embedding is None:
                 raise InputError(
                     "IP-Adapter-FaceID Plus/PlusV2 needs the CLIP ViT-H embedding of the aligned face: put "
                     "'clip_embedding' and 'negative_clip_embedding' (257×1280 each) into the --face-embedding file"
                 )
             clip = face.clip_embedding[None]
+        self._face = face
         pd = IdentityConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, face.id_embedding[None], clip)
         return pd, self.inject_step
 
