@@ -233,3 +233,19 @@ def test_captured_attention_is_text_only_with_identity_tokens_active(backend, as
     for layer in store.sums:  # text softmax rows: the 16 identity tokens are not among the columns
         mean = store.sums[layer] / store.counts[layer]
         torch.testing.assert_close(mean.sum(-1), torch.ones(mean.shape[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_face_files_fail_before_any_model_loads(tmp_path, capsys):
+    (tmp_path / "kps.json").write_text("[[1, 2], [3, 4]]")
+    (tmp_path / "face.safetensors").write_bytes(b"junk")
+    base = ["generate", "--backend", "instantid", "--prompt", PROMPT, "--ref", "x.png", "--device", "cpu"]
+    assert main([*base, "--face-embedding", str(tmp_path / "face.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read the face-embedding file" in capsys.readouterr().err
+    assert main([*base, "--face-embedding", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from freecure.backends.face_embedding import FaceEmbedding, save_face_embedding
+
+    save_face_embedding(tmp_path / "ok.safetensors", FaceEmbedding(torch.ones(512)))
+    args = [*base, "--face-embedding", str(tmp_path / "ok.safetensors"), "--face-keypoints", str(tmp_path / "kps.json")]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert "5 finite [x, y] pairs" in capsys.readouterr().err

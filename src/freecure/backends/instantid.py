@@ -45,6 +45,8 @@ from .face_embedding import (
     RandomFaceAnalyzer,
     add_face_arguments,
     draw_keypoints,
+    load_face_embedding,
+    load_face_keypoints,
     reference_face,
     scale_keypoints,
 )
@@ -260,6 +262,10 @@ class InstantIDBackend(Backend):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
+        if args.face_embedding is not None:  # bad files fail before any model loads
+            load_face_embedding(args.face_embedding)
+        if args.face_keypoints is not None:
+            load_face_keypoints(args.face_keypoints)
         kwargs = dict(
             controlnet_scale=args.instantid_controlnet_scale,
             fd_identitynet=args.instantid_fd == "zero-identity",

@@ -57,6 +57,7 @@ from .face_embedding import (
     InsightFaceAnalyzer,
     RandomFaceAnalyzer,
     add_face_arguments,
+    load_face_embedding,
     reference_face,
 )
 
@@ -524,6 +525,8 @@ class IPAdapterFaceIDBackend(Backend):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
+        if args.face_embedding is not None:
+            load_face_embedding(args.face_embedding)  # a bad file fails before any model loads
         inject = args.inject_step if args.inject_step is not None else 0
         kwargs = dict(fd_lora=args.faceid_fd_lora == "keep", inject_step=inject, face_embedding=args.face_embedding)
         if args.tiny:
