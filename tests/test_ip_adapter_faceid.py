@@ -5,6 +5,7 @@ SAME's text-only attention with the adapter active, `generate`/`eval`/`cost` on 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 
@@ -74,6 +75,7 @@ def scheduler_for(pipe, steps=STEPS):
 
 
 # --- released layouts, strict loading ------------------------------------------------------------
+@functools.cache
 def full_unet(family):
     from diffusers import UNet2DConditionModel
 
