@@ -4,6 +4,8 @@ from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
 from .infiniteyou import InfiniteYouBackend
 from .fastcomposer import FastComposerBackend
+from .instantid import InstantIDBackend
+from .ip_adapter_faceid import IPAdapterFaceIDBackend
 from .photomaker import PhotoMakerBackend
 from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
 
@@ -14,6 +16,8 @@ BACKENDS: dict[str, type[Backend]] = {
     FaceDiffuserBackend.name: FaceDiffuserBackend,
     PhotoMakerBackend.name: PhotoMakerBackend,
     InfiniteYouBackend.name: InfiniteYouBackend,
+    IPAdapterFaceIDBackend.name: IPAdapterFaceIDBackend,
+    InstantIDBackend.name: InstantIDBackend,
 }
 
 __all__ = [
@@ -23,6 +27,8 @@ __all__ = [
     "FaceDiffuserBackend",
     "FastComposerBackend",
     "InfiniteYouBackend",
+    "IPAdapterFaceIDBackend",
+    "InstantIDBackend",
     "PhotoMakerBackend",
     "RandomProjectionIdentityEncoder",
     "TextConditioning",

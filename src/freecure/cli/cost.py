@@ -35,6 +35,17 @@ def register(subparsers) -> None:
         default="rofa",
         help="which correction to count: the paper's ROFA (default), the authors' FASA, or both",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["token-fusion", "ip-adapter-faceid", "instantid"],
+        default="token-fusion",
+        help="tiny backend to count (instantid is SDXL-only; its IdentityNet calls are counted as UNet calls)",
+    )
+    parser.add_argument(
+        "--faceid-fd-lora", choices=["keep", "off"], default="keep",
+        help="ip-adapter-faceid: FD without the LoRA costs a separate FD call per step",
+    )
+    parser.add_argument("--instantid-fd", choices=["zero-identity", "no-identitynet"], default="zero-identity")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -53,8 +64,21 @@ def run(args) -> int:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
     if args.method != "rofa" and args.family == "flux":
         raise InputError("--method fasa is not implemented for FLUX yet (its joint attention has no FASA processor); use --method rofa")
-    pipeline = tiny_pipeline(args.family)
-    backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(text_dim(pipeline)))
+    if args.family == "flux" and args.backend != "token-fusion":
+        raise InputError(f"--backend {args.backend} has no FLUX form; use --family sd15 or sdxl")
+    if args.backend == "ip-adapter-faceid":
+        from ..backends import IPAdapterFaceIDBackend
+
+        backend = IPAdapterFaceIDBackend.tiny(args.family, fd_lora=args.faceid_fd_lora == "keep")
+        pipeline = backend.pipeline
+    elif args.backend == "instantid":
+        from ..backends import InstantIDBackend
+
+        backend = InstantIDBackend.tiny(fd_identitynet=args.instantid_fd == "zero-identity")
+        pipeline = backend.pipeline
+    else:
+        pipeline = tiny_pipeline(args.family)
+        backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(text_dim(pipeline)))
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
