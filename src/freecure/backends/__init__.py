@@ -4,6 +4,7 @@ from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
 from .fastcomposer import FastComposerBackend
 from .photomaker import PhotoMakerBackend
+from .pulid import PuLIDSDXLBackend
 from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
 
 #: Backends by the name the CLI takes.
@@ -12,6 +13,7 @@ BACKENDS: dict[str, type[Backend]] = {
     FastComposerBackend.name: FastComposerBackend,
     FaceDiffuserBackend.name: FaceDiffuserBackend,
     PhotoMakerBackend.name: PhotoMakerBackend,
+    PuLIDSDXLBackend.name: PuLIDSDXLBackend,
 }
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "FaceDiffuserBackend",
     "FastComposerBackend",
     "PhotoMakerBackend",
+    "PuLIDSDXLBackend",
     "RandomProjectionIdentityEncoder",
     "TextConditioning",
     "TokenFusionBackend",

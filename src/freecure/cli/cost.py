@@ -18,6 +18,12 @@ def register(subparsers) -> None:
     parser.add_argument("--expression-guidance-scale", type=float, default=1.0)
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument(
+        "--backend",
+        choices=["token-fusion", "pulid-sdxl"],
+        default="token-fusion",
+        help="tiny backend to count (pulid-sdxl runs on the tiny SDXL pipeline whatever --family says)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -33,8 +39,14 @@ def run(args) -> int:
         raise InputError(f"--steps must be at least 2, got {args.steps}")
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
-    pipeline = tiny_sdxl_pipeline() if args.family == "sdxl" else tiny_sd15_pipeline()
-    backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(pipeline.unet.config.cross_attention_dim))
+    if args.backend == "pulid-sdxl":
+        from ..backends import PuLIDSDXLBackend
+
+        backend = PuLIDSDXLBackend.tiny()
+        pipeline = backend.pipeline
+    else:
+        pipeline = tiny_sdxl_pipeline() if args.family == "sdxl" else tiny_sd15_pipeline()
+        backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(pipeline.unet.config.cross_attention_dim))
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
