@@ -263,6 +263,11 @@ def test_pd_uncond_carries_the_zero_identity_only_when_pd_is_injected(backend, c
     before = backend.predict_noise(z, t, [conditions.pd_uncond, conditions.fd], (PD_UNCOND, FD), 0, SIZE)
     plain = backend.predict_noise(z, t, [conditions.uncond, conditions.fd], (UNCOND, FD), 0, SIZE)
     assert torch.equal(before, plain)
+    # SDXL's zero negative embedding (no negative prompt): the text attention output is 0 there
+    no_negative = backend.conditions(parse_prompt(PROMPT, "man", tokenizer=backend.tokenizer), [], STEPS)
+    assert not no_negative.uncond.prompt_embeds.any()
+    rows = [no_negative.pd_uncond, no_negative.pd]
+    assert torch.isfinite(backend.predict_noise(z, t, rows, (PD_UNCOND, PD), 0, SIZE)).all()
     with pytest.raises(TypeError, match="PuLIDConditioning"):
         backend.predict_noise(z, t, [conditions.uncond, conditions.fd], (PD_UNCOND, PD), 0, SIZE)
 

@@ -157,7 +157,10 @@ def identity_attention(
     dtype = text_out.dtype
     h, i = text_out.float(), id_out.float()
     # projection of the identity output on the text output, per channel over the L positions
-    projection = (h * i).sum(dim=-2, keepdim=True) / (h * h).sum(dim=-2, keepdim=True) * h
+    # (where h is exactly 0 — SDXL's all-zero negative embedding — the original's 0/0 is NaN;
+    # the projection of anything on the zero vector is taken as 0 instead)
+    norm = (h * h).sum(dim=-2, keepdim=True)
+    projection = (h * i).sum(dim=-2, keepdim=True) / torch.where(norm == 0, 1.0, norm) * h
     if s.ortho == "v1":
         return (h + s.id_scale * (i - projection)).to(dtype)
     # v2: unscaled logits; head-averaged attention mass on the first identity tokens
