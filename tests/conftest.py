@@ -36,3 +36,12 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture
 def grey_image() -> Image.Image:
     return Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from freecure.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

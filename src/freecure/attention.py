@@ -1,5 +1,9 @@
 """Capture of FD's cross-attention maps for SAME (paper §3.2 and §4.1).
 
+Stable Diffusion: :func:`capture_cross_attention` on the UNet's up-block cross-attention.
+FLUX: :func:`capture_joint_attention` on the transformer's joint attention, where the image
+queries attend to [text; image] keys and only the text columns are kept.
+
 A :class:`CrossAttentionCapture` processor wraps whatever processor a cross-attention layer
 already has (SDPA's ``AttnProcessor2_0``, an IP-Adapter processor, …): the wrapped
 processor still computes the layer's output, and the wrapper additionally computes
@@ -153,3 +157,117 @@ def capture_cross_attention(
         yield store
     finally:
         unet.set_attn_processor(original)
+
+
+# --- FLUX: joint attention over [text; image] ---------------------------------------------
+@dataclass
+class _JointContext:
+    """Shared by the FLUX capture processors of one transformer: the current text length."""
+
+    text_tokens: int | None = None
+
+
+class JointAttentionCapture:
+    """FLUX attention processor: delegate the output to ``inner``, record FD's attention maps.
+
+    FLUX attends jointly: keys are [text; image]. For the batch row holding FD, the image
+    queries' softmax over the *joint* key set is computed (exactly as the layer computes it:
+    RMS-normed, rotary-embedded queries and keys, scale 1/√d), in chunks of ``chunk_size``
+    queries so that a 1024² image (4096 image × 4608 joint tokens × 24 heads) never needs its
+    whole probability tensor at once; only the attribute tokens' text columns are kept,
+    averaged over heads. Double-stream blocks pass text and image separately; single-stream
+    blocks pass them concatenated, and the text length comes from the transformer call.
+    """
+
+    def __init__(self, inner, store: AttentionStore, name: str, context: _JointContext, chunk_size: int = 1024):
+        self.inner = inner
+        self.store = store
+        self.name = name
+        self.context = context
+        self.chunk_size = chunk_size
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        ip_hidden_states=None,
+    ):
+        row = self.store.row
+        if row is not None:
+            self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb, row)
+        extra = {} if ip_hidden_states is None else {"ip_hidden_states": ip_hidden_states}
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+
+    @torch.no_grad()
+    def _record(self, attn, hidden_states, encoder_hidden_states, rotary, row: int) -> None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x):
+            return x.unflatten(-1, (-1, attn.head_dim))  # (1, tokens, heads, head_dim)
+
+        states = hidden_states[row : row + 1]
+        if encoder_hidden_states is not None:  # double-stream block: text has its own projections
+            text = encoder_hidden_states[row : row + 1]
+            text_tokens = text.shape[1]
+            image = states
+            key = torch.cat(
+                [attn.norm_added_k(heads(attn.add_k_proj(text))), attn.norm_k(heads(attn.to_k(image)))], dim=1
+            )
+        else:  # single-stream block: states are [text; image] already
+            text_tokens = self.context.text_tokens
+            if text_tokens is None:
+                raise RuntimeError("the text length of the FLUX call is unknown: capture outside the transformer")
+            image = states[:, text_tokens:]
+            key = attn.norm_k(heads(attn.to_k(states)))
+        query = attn.norm_q(heads(attn.to_q(image)))
+        if rotary is not None:
+            cos, sin = rotary
+            key = apply_rotary_emb(key, (cos, sin), sequence_dim=1)
+            query = apply_rotary_emb(query, (cos[text_tokens:], sin[text_tokens:]), sequence_dim=1)
+        key = key[0].transpose(0, 1).float()  # (heads, joint keys, d)
+        query = query[0].transpose(0, 1).float()  # (heads, image queries, d)
+        columns = list(self.store.token_indices)
+        scale = 1.0 / math.sqrt(query.shape[-1])
+        maps = []
+        for chunk in query.split(self.chunk_size, dim=1):
+            probs = torch.softmax(chunk @ key.transpose(1, 2) * scale, dim=-1)  # (heads, chunk, joint)
+            maps.append(probs[:, :, columns].mean(dim=0))
+        self.store.add(self.name, torch.cat(maps))
+
+
+def double_stream_attention_layers(transformer) -> list[str]:
+    """Names of the joint-attention processors of FLUX's double-stream blocks."""
+    return [name for name in transformer.attn_processors if name.startswith("transformer_blocks.")]
+
+
+@contextlib.contextmanager
+def capture_joint_attention(
+    transformer, store: AttentionStore, layers: Sequence[str] | None = None, chunk_size: int = 1024
+) -> Iterator[AttentionStore]:
+    """Install :class:`JointAttentionCapture` on ``layers`` of a FLUX transformer (default: every
+    double-stream block) for the duration of the block. Every other processor is left as it is
+    (the fast SDPA path); the originals are restored in ``finally``."""
+    original = dict(transformer.attn_processors)
+    layers = list(layers) if layers is not None else double_stream_attention_layers(transformer)
+    unknown = [name for name in layers if name not in original]
+    if not layers or unknown:
+        raise ValueError(f"no such FLUX attention processors to capture: {unknown or 'none given'}")
+    context = _JointContext()
+
+    def text_length(module, args, kwargs):
+        text = kwargs.get("encoder_hidden_states")
+        context.text_tokens = None if text is None else int(text.shape[1])
+
+    processors = dict(original)
+    for name in layers:
+        processors[name] = JointAttentionCapture(original[name], store, name, context, chunk_size)
+    transformer.set_attn_processor(processors)
+    handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
+    try:
+        yield store
+    finally:
+        handle.remove()
+        transformer.set_attn_processor(original)

@@ -97,3 +97,33 @@ SD_SCHEDULER = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+
+#: FLUX.1-dev's published scheduler (``scheduler/scheduler_config.json``): flow matching with
+#: resolution-dependent ("dynamic") shifting.
+FLUX_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+
+#: FLUX.1-dev's published transformer (``transformer/config.json``), ≈ 11.9 B parameters.
+FLUX_DEV_TRANSFORMER = dict(
+    attention_head_dim=128,
+    guidance_embeds=True,
+    in_channels=64,
+    joint_attention_dim=4096,
+    num_attention_heads=24,
+    num_layers=19,
+    num_single_layers=38,
+    patch_size=1,
+    pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56),
+)
+
+#: FLUX.1-dev's VAE latent statistics (16 latent channels).
+FLUX_VAE_SCALING_FACTOR = 0.3611
+FLUX_VAE_SHIFT_FACTOR = 0.1159

@@ -1,12 +1,13 @@
-"""UNet work of plain PD generation, of the paper read literally, and of this engine.
+"""Denoiser work of plain PD generation, of the paper read literally, and of this engine.
 
-Everything here is *counted by running* the schedules (a forward pre-hook on the UNet
-counts calls and batch items), never computed by formula.
+Everything here is *counted by running* the schedules (a forward pre-hook on the UNet or
+FLUX transformer counts calls and batch items), never computed by formula.
 
 The literal reading (§4.1–4.2): SAME runs FD and PD as two separate generations with full
 classifier-free guidance; ROFA runs FD and PD again from the same z_T, blending from the
 injection step; the expression stage DDIM-inverts with the template prompt (no guidance)
-and denoises with the expression prompt (full guidance, as a normal generation).
+and denoises with the expression prompt (full guidance, as a normal generation). On FLUX
+"full guidance" is the distilled embedding, one row per lane (two with true CFG).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .sampling import Guidance, plain_pass, predict_guided, rofa_blend, single_l
 
 @dataclass
 class Cost:
-    """UNet calls and batch items of one schedule."""
+    """Denoiser calls and batch items of one schedule."""
 
     unet_calls: int
     batch_items: int
@@ -44,10 +45,10 @@ def literal_rofa(
     ε_p ← ℳ·ε_f + (1−ℳ)·ε_p (eq. 6) from the injection step. Returns PD's z_0."""
     fd_scheduler, pd_scheduler = scheduler, copy.deepcopy(scheduler)
     z_f, z_p = z_T.clone(), z_T.clone()
-    fd_layout = single_lane_layout(FD, guided=True, uncond_key=UNCOND)
+    fd_layout = single_lane_layout(FD, guided=guidance.cfg, uncond_key=UNCOND)
     for i, t in enumerate(scheduler.timesteps):
         injected = i >= conditions.inject_step
-        pd_layout = single_lane_layout(PD if injected else FD, guided=True, uncond_key=PD_UNCOND)
+        pd_layout = single_lane_layout(PD if injected else FD, guided=guidance.cfg, uncond_key=PD_UNCOND)
         eps_f = predict_guided(backend, fd_scheduler, fd_layout, z_f, t, i, conditions.get, guidance, image_size)
         eps_p = predict_guided(backend, pd_scheduler, pd_layout, z_p, t, i, conditions.get, guidance, image_size)
         if injected:
@@ -64,10 +65,13 @@ def count_costs(
     num_inference_steps: int = 50,
     inject_step: int = 10,
     seed: int = 0,
+    guidance_scale: float | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> dict[str, dict]:
     """Run plain PD, the literal schedule and this engine on ``freecure_pipeline`` and count.
 
-    The backend's injection step is overridden to ``inject_step``. Returns a dict with
+    The backend's injection step is overridden to ``inject_step``; ``guidance_scale`` defaults
+    to the backend's (7.5 SD1.5, 5.0 SDXL, 3.5 embedded for FLUX). Returns a dict with
     ``plain_pd``, ``literal`` and ``engine`` entries (calls, items) and the settings.
     """
     from .attributes import parse_prompt
@@ -75,24 +79,29 @@ def count_costs(
 
     backend = freecure_pipeline.backend
     pipeline = backend.pipeline
+    family = backend.family
+    if guidance_scale is None:
+        guidance_scale = backend.default_guidance_scale
     config = freecure_pipeline.config
     parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
     references = [_gray_reference()]
     conditions = backend.conditions(parsed, references, num_inference_steps)
     conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
     height, width = freecure_pipeline.default_size()
-    factor = pipeline.vae_scale_factor
-    generator = torch.Generator().manual_seed(seed)
-    z_T = torch.randn((1, pipeline.unet.config.in_channels, height // factor, width // factor), generator=generator)
-    z_T = z_T.to(backend.device, backend.dtype)
-    guidance = Guidance(scale=7.5)
+    latent_size = family.latent_size(pipeline, height, width)
+    guidance = family.loop_guidance(guidance_scale, true_cfg_scale)
+    backend.guidance_scale = guidance_scale
     image_size = (height, width)
     results: dict[str, dict] = {}
 
     def fresh():
         scheduler = copy.deepcopy(pipeline.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=backend.device)
+        family.set_timesteps(scheduler, num_inference_steps, backend.device, latent_size)
         return scheduler
+
+    z_T = family.initial_latents(
+        pipeline, fresh(), latent_size, torch.Generator().manual_seed(seed), backend.device, backend.dtype
+    )
 
     counter = UNetCounter()
     with counter.attached(backend.unets()), torch.no_grad():
@@ -103,7 +112,7 @@ def count_costs(
         scheduler = fresh()
         plain_pass(backend, scheduler, z_T, conditions, guidance, image_size, lane=FD)
         plain_pass(backend, fresh(), z_T, conditions, guidance, image_size, lane=PD)
-        mask = torch.ones((1, 1, *z_T.shape[-2:]), device=z_T.device) * 0.5
+        mask = family.model_mask(torch.full((1, 1, *latent_size), 0.5, device=z_T.device), z_T)
         z = literal_rofa(backend, fresh(), z_T, conditions, mask, guidance, image_size)
         z = ddim_invert(
             backend,
@@ -135,6 +144,8 @@ def count_costs(
         class_word=class_word,
         num_inference_steps=num_inference_steps,
         inject_step=inject_step,
+        guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
         generator=torch.Generator().manual_seed(seed),
     )
     results["engine"] = asdict(Cost(output.unet_calls, output.batch_items))
@@ -150,6 +161,9 @@ def count_costs(
         approximate_shared_uncond=config.approximate_shared_uncond,
         prompt=prompt,
         backend=backend.name,
+        family=family.name,
+        guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
     )
     return results
 

@@ -1,6 +1,11 @@
 """Expression restore (paper §4.2): DDIM inversion with the template prompt, then denoising
 with the expression prompt, both without identity.
 
+The schedulers come from the backend's model family (:mod:`freecure.families`): DDIM inverse
+and DDIM for ε-prediction UNets; for FLUX, Euler steps along the flow ODE on the same σ
+schedule, reversed (:class:`freecure.families.FlowEulerInverseScheduler`), then FLUX's own
+Euler scheduler. Everything below is written once for both.
+
 The blended latent is inverted directly (no VAE decode/encode round trip) for the first
 ``round(γ·T)`` steps of the inverse DDIM schedule, reaching the timestep from which the last
 ``round(γ·T)`` steps of the forward DDIM schedule start.
@@ -19,9 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
-
 from .backends.base import Backend, TextConditioning
+from .families import UNET
 from .sampling import Guidance, predict_guided, single_lane_layout
 
 
@@ -56,6 +60,12 @@ def _run_steps(
     return z
 
 
+def _schedulers(backend: Backend, scheduler_config, num_inference_steps: int, z: torch.Tensor):
+    """(inverse, forward) schedulers of the backend's family; a UNet's DDIM pair by default."""
+    family = getattr(backend, "family", UNET)
+    return family.inversion_schedulers(scheduler_config, num_inference_steps, z.device, z)
+
+
 @torch.no_grad()
 def ddim_invert(
     backend: Backend,
@@ -70,9 +80,8 @@ def ddim_invert(
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """DDIM-invert ``z0`` up to step γ·T under ``cond`` (z_0 → z_{γT}): the first γ·T steps of
-    the inverse schedule."""
-    scheduler = DDIMInverseScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps, device=z0.device)
+    the inverse schedule (for flow models: Euler steps up the flow ODE)."""
+    scheduler, _ = _schedulers(backend, scheduler_config, num_inference_steps, z0)
     steps = range(inversion_steps(num_inference_steps, gamma))
     return _run_steps(backend, scheduler, z0, steps, cond, uncond, guidance_scale, image_size, on_step)
 
@@ -90,9 +99,9 @@ def ddim_denoise_from(
     image_size: tuple[int, int],
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise z_{γT} to z_0 under ``cond`` with the last γ·T steps of the DDIM schedule."""
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps, device=z.device)
+    """Denoise z_{γT} to z_0 under ``cond`` with the last γ·T steps of the DDIM schedule (for
+    flow models: of the Euler flow schedule)."""
+    _, scheduler = _schedulers(backend, scheduler_config, num_inference_steps, z)
     steps = range(num_inference_steps - inversion_steps(num_inference_steps, gamma), num_inference_steps)
     return _run_steps(backend, scheduler, z, steps, cond, uncond, guidance_scale, image_size, on_step)
 

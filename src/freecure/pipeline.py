@@ -7,7 +7,9 @@
 4. Expression restore — DDIM-invert the blended latent with the template prompt to γ·T and
    denoise it with the expression prompt, without identity (§4.2).
 
-Stages with nothing to do are skipped and :class:`FreeCureOutput` says why.
+Stages with nothing to do are skipped and :class:`FreeCureOutput` says why. The same stages
+run on Stable Diffusion UNets and on FLUX: what differs lives in ``backend.family``
+(:mod:`freecure.families`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import AttentionStore, capture_cross_attention
+from .attention import AttentionStore
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError
+from .families import family_of
 from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import attribute_mask, merge_masks, to_latent_resolution
 from .parsing import FaceParser, ParseResult
-from .sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, rofa_pass, same_pass
+from .sampling import FD_LANE, PD_LANE, check_scheduler, rofa_pass, same_pass
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class FreeCureConfig:
             PD's latent, for both lanes (3 batch rows instead of 4). PD stays exact; FD's
             guidance becomes approximate. Off by default.
         attention_layers: names of the attention processors to capture; None = every
-            cross-attention layer of the UNet's up-sampling blocks (the paper's choice).
+            cross-attention layer of the UNet's up-sampling blocks (the paper's choice), or
+            for FLUX every double-stream block's joint attention (docs/engine.md).
     """
 
     gamma: float = 0.5
@@ -119,14 +122,14 @@ class FreeCureOutput:
 
 
 class UNetCounter:
-    """Counts the UNet forward calls and batch items actually run (a forward pre-hook)."""
+    """Counts the denoiser forward calls and batch items actually run (a forward pre-hook)."""
 
     def __init__(self):
         self.calls = 0
         self.items = 0
 
     def __call__(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.calls += 1
         self.items += int(sample.shape[0])
 
@@ -167,24 +170,11 @@ class _Stages:
         self.records.append(StageRecord(name, ran=False, reason=reason))
 
 
-def decode_latents(pipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE-decode latents to PIL images (upcasting the VAE where its config asks for it)."""
-    vae = pipeline.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
-    images = []
-    with torch.no_grad():
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            # one latent at a time: decoding is memory-bound at high resolution, and peak
-            # memory then matches plain generation's single decode
-            for latent in latents.split(1):
-                images.append(vae.decode(latent.to(dtype) / vae.config.scaling_factor, return_dict=False)[0])
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-    return pipeline.image_processor.postprocess(torch.cat(images), output_type="pil")
+def decode_latents(pipeline, latents: torch.Tensor, image_size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """VAE-decode latents to PIL images the way the pipeline's family does (SD: unscale;
+    FLUX: unpack, unscale and unshift), upcasting the VAE where its config asks for it.
+    ``image_size`` (pixels) is needed to unpack FLUX latents."""
+    return family_of(pipeline).decode(pipeline, latents, image_size)
 
 
 class FreeCurePipeline:
@@ -219,8 +209,7 @@ class FreeCurePipeline:
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
     def default_size(self) -> tuple[int, int]:
-        size = self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
-        return size, size
+        return self.backend.family.default_size(self.pipeline)
 
     @torch.no_grad()
     def __call__(
@@ -238,6 +227,7 @@ class FreeCurePipeline:
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         inject_step: int | None = None,
+        true_cfg_scale: float = 1.0,
     ) -> FreeCureOutput:
         """Run FreeCure. Arguments follow diffusers' text-to-image pipelines.
 
@@ -249,23 +239,28 @@ class FreeCurePipeline:
             trigger_word: the personalization trigger after the class word (PhotoMaker: "img").
             negative_prompt: the unconditional branch's prompt.
             num_inference_steps: T, at least 2.
-            guidance_scale: classifier-free guidance scale of FD and PD.
+            guidance_scale: classifier-free guidance scale of FD and PD; for guidance-distilled
+                FLUX the embedded guidance (3.5 for FLUX.1-dev).
             guidance_rescale: diffusers' guidance rescale φ (0 = off).
-            height, width: image size in pixels; default from the UNet's sample size.
+            height, width: image size in pixels; default from the denoiser's sample size.
             generator: seeds z_T (drawn on the generator's device, then moved).
             latents: z_T itself, overriding ``generator``.
             inject_step: override the backend's identity-injection step (for ablations).
+            true_cfg_scale: FLUX's true classifier-free guidance with ``negative_prompt``
+                (1 = off: one row per lane); must stay 1 for Stable Diffusion.
         """
         if num_inference_steps < 2:
             raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
         if inject_step is not None and not 0 <= inject_step < num_inference_steps:
             raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
         pipeline = self.pipeline
+        family = self.backend.family
         check_scheduler(pipeline.scheduler)
         height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
-        factor = pipeline.vae_scale_factor
-        if height % (factor * 8) or width % (factor * 8):
-            raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
+        multiple = family.size_multiple(pipeline)
+        if height % multiple or width % multiple:
+            raise InputError(f"height and width must be multiples of {multiple}, got {height}×{width}")
+        guidance = family.loop_guidance(guidance_scale, true_cfg_scale, guidance_rescale)
         references = [load_image(image) for image in reference_images]
         class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
@@ -277,9 +272,9 @@ class FreeCurePipeline:
         notes: list[str] = []
         output = FreeCureOutput(images={}, parsed=parsed, notes=notes)
         image_size = (height, width)
-        latent_size = (height // factor, width // factor)
-        guidance = Guidance(scale=guidance_scale, rescale=guidance_rescale)
-        self.backend.guidance_scale = guidance_scale  # for backends whose ε depends on w (Face-diffuser)
+        latent_size = family.latent_size(pipeline, height, width)
+        # for predictions that depend on w: Face-diffuser's saliency, FLUX's guidance embedding
+        self.backend.guidance_scale = guidance_scale
 
         with counter.attached(self.backend.unets()):
             conditions = self.backend.conditions(parsed, references, num_inference_steps, negative_prompt)
@@ -288,18 +283,15 @@ class FreeCurePipeline:
             if inject_step is not None:
                 conditions = replace(conditions, inject_step=inject_step)
             scheduler = pipeline.scheduler
-            scheduler.set_timesteps(num_inference_steps, device=device)
-            if latents is None:
-                shape = (1, pipeline.unet.config.in_channels, *latent_size)
-                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            z_T = latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+            family.set_timesteps(scheduler, num_inference_steps, device, latent_size)
+            z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, device, dtype, latents)
 
             # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
             store = AttentionStore(columns, latent_size) if columns else None
             with stages.run("same_pass"), self._bar(num_inference_steps, "SAME: FD+PD") as bar:
                 capture = (
-                    capture_cross_attention(pipeline.unet, store, self.config.attention_layers)
+                    family.attention_capture(self.backend.denoiser, store, self.config.attention_layers)
                     if store is not None
                     else contextlib.nullcontext()
                 )
@@ -315,7 +307,7 @@ class FreeCurePipeline:
                         self.config.approximate_shared_uncond,
                         on_step=lambda i: bar.update(),
                     )
-            fd_image, pd_image = decode_latents(pipeline, same.z0)
+            fd_image, pd_image = decode_latents(pipeline, same.z0, image_size)
             output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
             output.latents.update(fd=same.z0[FD_LANE : FD_LANE + 1], pd=same.z0[PD_LANE : PD_LANE + 1])
             z_out = same.z0[PD_LANE : PD_LANE + 1]
@@ -344,12 +336,12 @@ class FreeCurePipeline:
                         self.backend,
                         same,
                         conditions,
-                        output.latent_mask.to(device),
+                        family.model_mask(output.latent_mask.to(device), same.z0),
                         guidance,
                         image_size,
                         on_step=lambda i: bar.update(),
                     )
-                output.images["blended"] = output.images["freecure"] = decode_latents(pipeline, z_out)[0]
+                output.images["blended"] = output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
                 output.latents["blended"] = z_out
 
             # 4. Expression restore: invert with the template prompt, denoise with the expression.
@@ -369,7 +361,7 @@ class FreeCurePipeline:
                         image_size,
                         on_step=lambda i: bar.update(),
                     )
-                output.images["freecure"] = decode_latents(pipeline, z_out)[0]
+                output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
             else:
                 stages.skip("expression", "the prompt names no abstract attribute (expression)")
             output.latents["freecure"] = z_out
@@ -386,6 +378,8 @@ class FreeCurePipeline:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
+            true_cfg_scale=true_cfg_scale,
+            family=family.name,
             height=height,
             width=width,
             inject_step=conditions.inject_step,

@@ -1,9 +1,17 @@
 """Joint FD/PD denoising (SAME pass) and ROFA noise blending (paper §3.1, §4.1, §4.2).
 
 Two *lanes* of latents advance together from the same z_T: lane 0 is FD (foundation
-denoising, eq. 2), lane 1 is PD (personalized denoising, eq. 1). Each step makes one UNet
-call whose rows are named by a :class:`BatchLayout`, and one ``scheduler.step`` on the
-stacked lanes, so multistep schedulers keep one consistent state.
+denoising, eq. 2), lane 1 is PD (personalized denoising, eq. 1). Each step makes one
+denoiser call whose rows are named by a :class:`BatchLayout`, and one ``scheduler.step`` on
+the stacked lanes, so multistep schedulers keep one consistent state.
+
+Model families. Nothing here knows whether the denoiser is a UNet predicting ε or FLUX's
+transformer predicting a flow velocity: the backend's family (:mod:`freecure.families`)
+lays out the latents, calls the network and picks the schedule. What the loop sees is a
+prediction per row and a :class:`Guidance` saying whether a lane takes one row (unguided,
+or guidance-distilled FLUX whose scale is an embedding) or two (classifier-free guidance,
+FLUX's true CFG). Guidance and the blend are affine in the prediction, so they hold for ε, v
+and velocity alike.
 
 Where classifier-free guidance meets the blend: ROFA (eq. 6) mixes the *guided* noise
 predictions, ε̂ = ε_u + w·(ε_c − ε_u), after guidance (and guidance rescale), i.e. exactly
@@ -30,7 +38,7 @@ FD_LANE, PD_LANE = 0, 1
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """Which latent lane and conditioning each UNet batch row evaluates, and how each lane's
+    """Which latent lane and conditioning each denoiser batch row evaluates, and how each lane's
     guided prediction is assembled from the rows.
 
     Attributes:
@@ -50,7 +58,7 @@ class BatchLayout:
         return tuple(key for _, key in self.rows)
 
     def gather(self, z: torch.Tensor) -> torch.Tensor:
-        """Model inputs: ``z[lane]`` for each row, from lanes stacked as (lanes, C, H, W)."""
+        """Model inputs: ``z[lane]`` for each row, from lanes stacked as (lanes, …)."""
         return z[[lane for lane, _ in self.rows]]
 
     def guide(self, eps: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
@@ -69,8 +77,13 @@ class BatchLayout:
         return torch.cat(guided)
 
 
-def same_layout(step: int, conditions: Conditions, approximate_shared_uncond: bool = False) -> BatchLayout:
+def same_layout(
+    step: int, conditions: Conditions, approximate_shared_uncond: bool = False, guided: bool = True
+) -> BatchLayout:
     """Rows of the SAME pass at ``step``.
+
+    Unguided (guidance-distilled FLUX, or a CFG scale of 1): one row per distinct lane,
+    [fd] before injection and [fd@FD, pd@PD] after. Guided:
 
     Before injection, PD's conditioning equals FD's: when they also share the negative branch
     both lanes hold the same latent and the batch is [uncond, cond] (2 rows). After injection
@@ -80,9 +93,13 @@ def same_layout(step: int, conditions: Conditions, approximate_shared_uncond: bo
     [uncond@PD, fd@FD, pd@PD] (3 rows) — PD stays exact, FD's guidance is approximate.
     """
     injected = step >= conditions.inject_step
+    pd_key = PD if injected else FD
+    if not guided:
+        if not injected:
+            return BatchLayout(rows=((FD_LANE, FD),), lanes=((None, 0), (None, 0)), capture_row=0)
+        return BatchLayout(rows=((FD_LANE, FD), (PD_LANE, PD)), lanes=((None, 0), (None, 1)), capture_row=0)
     if not injected and conditions.shares_uncond:
         return BatchLayout(rows=((FD_LANE, UNCOND), (FD_LANE, FD)), lanes=((0, 1), (0, 1)), capture_row=1)
-    pd_key = PD if injected else FD
     if approximate_shared_uncond and conditions.shares_uncond:
         return BatchLayout(
             rows=((PD_LANE, UNCOND), (FD_LANE, FD), (PD_LANE, pd_key)), lanes=((0, 1), (0, 2)), capture_row=1
@@ -95,6 +112,7 @@ def same_layout(step: int, conditions: Conditions, approximate_shared_uncond: bo
 
 
 ROFA_LAYOUT = BatchLayout(rows=((PD_LANE, PD_UNCOND), (PD_LANE, PD)), lanes=((0, 1),))
+ROFA_LAYOUT_UNGUIDED = BatchLayout(rows=((PD_LANE, PD),), lanes=((None, 0),))
 
 
 def single_lane_layout(key: str, guided: bool, uncond_key: str = UNCOND) -> BatchLayout:
@@ -105,17 +123,34 @@ def single_lane_layout(key: str, guided: bool, uncond_key: str = UNCOND) -> Batc
 
 
 def rofa_blend(eps_p: torch.Tensor, eps_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """ε_p ← ℳ·ε_f + (1 − ℳ)·ε_p (eq. 6); ``mask`` broadcasts over batch and channels."""
+    """ε_p ← ℳ·ε_f + (1 − ℳ)·ε_p (eq. 6), for ε or flow velocities alike; ``mask`` broadcasts
+    over the prediction (UNet: (1, 1, h, w); FLUX: packed like the latents)."""
     mask = mask.to(device=eps_p.device, dtype=eps_p.dtype)
     return mask * eps_f + (1 - mask) * eps_p
 
 
 @dataclass
 class Guidance:
-    """Classifier-free guidance settings of a pass."""
+    """Classifier-free guidance of a pass: a lane is [uncond, cond] when ``scale`` ≠ 1.
+
+    For Stable Diffusion ``scale`` is the CFG scale w; for FLUX it is ``true_cfg_scale``
+    (default 1: one row per lane), the distilled guidance entering as an embedding instead
+    (``Backend.guidance_scale``, see :meth:`freecure.families.ModelFamily.loop_guidance`).
+    """
 
     scale: float = 7.5
     rescale: float = 0.0
+
+    @property
+    def cfg(self) -> bool:
+        """Whether lanes take an unconditional row."""
+        return self.scale != 1.0
+
+
+def scale_model_input(scheduler, z: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's input scaling; flow-matching schedulers have none and take z as is."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return z if scale is None else scale(z, t)
 
 
 def predict_guided(
@@ -129,8 +164,8 @@ def predict_guided(
     guidance: Guidance,
     image_size: tuple[int, int],
 ) -> torch.Tensor:
-    """One UNet call on the layout's rows, then guidance: ε̂ per lane, (lanes, C, H, W)."""
-    model_input = scheduler.scale_model_input(layout.gather(z), t)
+    """One denoiser call on the layout's rows, then guidance: the guided prediction per lane."""
+    model_input = scale_model_input(scheduler, layout.gather(z), t)
     rows = [conditionings(key) for key in layout.keys]
     eps = backend.predict_noise(model_input, t, rows, layout.keys, step, image_size)
     return layout.guide(eps, guidance.scale, guidance.rescale)
@@ -141,8 +176,8 @@ class SamePassResult:
     """What the SAME pass leaves for the later stages.
 
     Attributes:
-        z0: final latents, stacked (2, C, H, W): [FD, PD].
-        eps_f: FD's guided noise prediction at every step from injection on (ROFA's ε_f).
+        z0: final latents, stacked (2, …): [FD, PD], in the family's layout.
+        eps_f: FD's guided prediction at every step from injection on (ROFA's ε_f).
         injection_latents: both lanes at the injection step, before it is taken.
         injection_scheduler: a copy of the scheduler's state at the injection step.
     """
@@ -176,7 +211,7 @@ def same_pass(
     for i, t in enumerate(scheduler.timesteps):
         if i == conditions.inject_step:
             snapshot = (z.clone(), copy.deepcopy(scheduler))
-        layout = same_layout(i, conditions, approximate_shared_uncond)
+        layout = same_layout(i, conditions, approximate_shared_uncond, guided=guidance.cfg)
         if store is not None:
             store.set_context(i, layout.capture_row)
         eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
@@ -203,18 +238,20 @@ def rofa_pass(
 ) -> torch.Tensor:
     """Stage 3: restart PD at the injection step and blend in the cached ε_f (eq. 6).
 
-    The FD lane is replayed from the cache (no UNet call) so that the scheduler state
-    stays that of the SAME pass; only PD's rows go through the UNet.
+    The FD lane is replayed from the cache (no denoiser call) so that the scheduler state
+    stays that of the SAME pass; only PD's rows go through the denoiser. ``mask`` is ℳ laid
+    out like the predictions (:meth:`freecure.families.ModelFamily.model_mask`).
 
     Returns:
-        The noise-blended latent z_0 of PD, shape (1, C, H, W).
+        The noise-blended latent z_0 of PD, shape (1, …).
     """
     scheduler = copy.deepcopy(same.injection_scheduler)
     z = same.injection_latents.clone()
     timesteps = scheduler.timesteps
+    layout = ROFA_LAYOUT if guidance.cfg else ROFA_LAYOUT_UNGUIDED
     for i in range(conditions.inject_step, len(timesteps)):
         t = timesteps[i]
-        eps_p = predict_guided(backend, scheduler, ROFA_LAYOUT, z, t, i, conditions.get, guidance, image_size)
+        eps_p = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
         eps_f = same.eps_f[i]
         eps_p = rofa_blend(eps_p, eps_f[None], mask)
         z = scheduler.step(torch.cat([eps_f[None], eps_p]), t, z, return_dict=False)[0]
@@ -243,7 +280,7 @@ def plain_pass(
         injected = lane == PD and i >= conditions.inject_step
         key = PD if injected else FD
         uncond_key = PD_UNCOND if lane == PD else UNCOND
-        layout = single_lane_layout(key, guided=guidance.scale != 1.0, uncond_key=uncond_key)
+        layout = single_lane_layout(key, guided=guidance.cfg, uncond_key=uncond_key)
         eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
         z = scheduler.step(eps, t, z, return_dict=False)[0]
     return z
@@ -259,12 +296,14 @@ def check_scheduler(scheduler) -> None:
         or name in {"DDPMScheduler", "DDPMWuerstchenScheduler", "LCMScheduler", "TCDScheduler"}
         or str(config.get("algorithm_type", "")).endswith("sde")
         or float(getattr(scheduler, "eta", 0.0) or 0.0) != 0.0
+        or bool(config.get("stochastic_sampling", False))
     )
     if stochastic:
         raise ValueError(
             f"scheduler {name} adds fresh noise at each step, so FD/PD trajectories cannot be "
             "replayed; use a deterministic one (DDIMScheduler, DPMSolverMultistepScheduler with "
-            "algorithm_type='dpmsolver++', EulerDiscreteScheduler, UniPCMultistepScheduler, …)"
+            "algorithm_type='dpmsolver++', EulerDiscreteScheduler, UniPCMultistepScheduler; FLUX: "
+            "FlowMatchEulerDiscreteScheduler without stochastic_sampling)"
         )
     if getattr(scheduler, "order", 1) > 1:
         raise ValueError(

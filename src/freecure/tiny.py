@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised SD1.5-shaped and SDXL-shaped pipelines.
+"""Tiny, randomly initialised SD1.5-shaped, SDXL-shaped and FLUX-shaped pipelines.
 
 They follow the dummy component sizes of diffusers' own pipeline tests, use the real CLIP
 BPE tokenizer (converted offline from open-clip-torch's vocabulary, see
@@ -6,6 +6,10 @@ BPE tokenizer (converted offline from open-clip-torch's vocabulary, see
 with ``from_pretrained`` so that the real loading path runs. Their weights are random:
 their images are noise, and they exist to run and test the machinery offline, never to
 judge image quality.
+
+The FLUX pipeline's T5 tokenizer is built locally (:func:`tiny_t5_tokenizer`): a SentencePiece
+Unigram model over the words of FreeCure's attribute vocabulary and Table 3 prompts, with
+single characters as fallback pieces, wrapped as ``T5TokenizerFast`` (no download).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .configs import SD_SCHEDULER
+from .configs import FLUX_SCHEDULER, FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR, SD_SCHEDULER
 from .tokenization import load_clip_tokenizer
 
 TINY_WARNING = "tiny random-weight components: the images are noise and show only the machinery"
@@ -155,6 +159,116 @@ def tiny_sdxl_pipeline(directory: str | os.PathLike | None = None, seed: int = 0
     """A tiny SDXL-shaped pipeline, saved to ``directory`` (a temp dir if None) and reloaded."""
     pipeline = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed))
     return _save_and_reload(pipeline, StableDiffusionXLPipeline, directory)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A T5-style SentencePiece Unigram tokenizer built in code: pieces "▁word" for every word of
+    the attribute vocabulary and the Table 3 prompts, single characters as fallback, ``</s>``
+    appended, no BOS (like T5). Token offsets are exact, so attribute columns resolve."""
+    import re
+    import string
+    from importlib.resources import files
+
+    from transformers import T5TokenizerFast
+
+    data = files("freecure") / "data"
+    sources = ("attribute_vocabulary.csv", "prompts_table3.csv")
+    text = " ".join((data / name).read_text(encoding="utf-8") for name in sources)
+    words = sorted(set(re.findall(r"[a-z]+", text.lower())) | {"a", "an", "the", "man", "woman", "img", "photo"})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + word, -5.0) for word in words]
+    pieces += [("▁", -8.0)] + [(char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_tiny_flux_components(seed: int = 0) -> dict:
+    """FLUX-shaped components: 2 double-stream and 2 single-stream blocks, guidance-distilled,
+    CLIP + T5 text encoders, a VAE with FLUX's latent shift and scale, FLUX.1-dev's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels × a 2×2 patch
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=FLUX_VAE_SCALING_FACTOR,
+        shift_factor=FLUX_VAE_SHIFT_FACTOR,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config())
+    torch.manual_seed(seed)
+    t5 = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    text_encoder_2 = T5EncoderModel(t5)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": load_clip_tokenizer(),
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+#: Default tiny FLUX image side: 64 px → a 32×32 latent → 16×16 = 256 image tokens.
+TINY_FLUX_SAMPLE_SIZE = 32
+
+
+def tiny_flux_pipeline(directory: str | os.PathLike | None = None, seed: int = 0):
+    """A tiny FLUX-shaped pipeline, saved to ``directory`` (a temp dir if None) and reloaded.
+
+    ``default_sample_size`` is lowered so that the default image is 64 px (FLUX's 1024 px
+    default would make a tiny run slow for nothing)."""
+    from diffusers import FluxPipeline
+
+    pipeline = _save_and_reload(FluxPipeline(**build_tiny_flux_components(seed)), FluxPipeline, directory)
+    pipeline.default_sample_size = TINY_FLUX_SAMPLE_SIZE
+    return pipeline
+
+
+def tiny_pipeline(family: str, directory: str | os.PathLike | None = None, seed: int = 0):
+    """The tiny pipeline of ``family``: ``"sd15"``, ``"sdxl"`` or ``"flux"``."""
+    builders = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}
+    if family not in builders:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(builders)}")
+    return builders[family](directory, seed)
 
 
 class LayoutFaceParser:

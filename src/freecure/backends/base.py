@@ -1,14 +1,19 @@
 """The backend protocol: what a personalization method tells the FreeCure engine.
 
-A backend wraps a diffusers text-to-image pipeline (SD1.5 family or SDXL family) and says:
+A backend wraps a diffusers text-to-image pipeline (SD1.5, SDXL or FLUX family) and says:
 
 - the conditioning of FD (the prompt without identity) and of PD (with identity), and the
   unconditional (negative) branch of each;
 - the denoising step from which identity is injected (before it PD's conditioning equals
   FD's, as with PhotoMaker's ``start_merge_step`` or FastComposer's delayed conditioning);
-- how a batch of rows is turned into noise predictions (:meth:`Backend.predict_noise`), which
-  a backend overrides when its PD is more than another conditioning (two UNets, a
-  ControlNet, per-row adapter gates).
+- how a batch of rows is turned into predictions (:meth:`Backend.predict_noise`: ε for a
+  UNet, the flow velocity for FLUX), which a backend overrides when its PD is more than
+  another conditioning (two UNets, a ControlNet, per-row adapter gates).
+
+What differs between model families (denoiser, latent layout, text encoders, schedules,
+decoding) is not here but in the backend's :attr:`Backend.family`
+(:mod:`freecure.families`); a backend for a new method on a known family only implements
+:meth:`Backend.identity_conditions` and, if needed, :meth:`Backend.predict_noise`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..attributes import ParsedPrompt
+from ..families import ModelFamily, family_of
 
 # Conditioning keys used by batch layouts.
 UNCOND, FD, PD, PD_UNCOND = "uncond", "fd", "pd", "pd_uncond"
@@ -27,11 +33,12 @@ UNCOND, FD, PD, PD_UNCOND = "uncond", "fd", "pd", "pd_uncond"
 
 @dataclass(frozen=True)
 class TextConditioning:
-    """What one classifier-free-guidance branch feeds the UNet.
+    """What one guidance branch feeds the denoiser.
 
     Attributes:
-        prompt_embeds: text-encoder hidden states, shape (1, sequence, dim).
-        pooled_prompt_embeds: SDXL's pooled text embedding, shape (1, dim); None for SD1.5.
+        prompt_embeds: text-encoder hidden states, shape (1, sequence, dim) (FLUX: T5's).
+        pooled_prompt_embeds: the pooled text embedding, shape (1, dim): SDXL's second CLIP,
+            FLUX's CLIP; None for SD1.5.
     """
 
     prompt_embeds: torch.Tensor
@@ -85,18 +92,17 @@ class Backend:
     """Base class of personalization backends.
 
     Subclasses implement :meth:`identity_conditions`; most keep the default
-    :meth:`predict_noise`, which is one UNet call on the stacked rows.
+    :meth:`predict_noise`, which is one denoiser call on the stacked rows.
     """
 
     #: Registry name, e.g. ``"token-fusion"``.
     name: str = "base"
     #: Licence of the backend's own checkpoints, shown to users.
     license: str = "n/a"
-    #: Classifier-free guidance scale the original method uses (``--guidance-scale`` default).
-    default_guidance_scale: float = 7.5
-    #: Classifier-free guidance scale w of the FD/PD passes, set by ``FreeCurePipeline`` before
-    #: sampling. Only backends whose noise prediction depends on w read it (Face-diffuser's
-    #: saliency maps); the engine still applies guidance itself, after :meth:`predict_noise`.
+    #: Guidance scale w of the FD/PD passes, set by ``FreeCurePipeline`` before sampling. Only
+    #: predictions that depend on w read it (Face-diffuser's saliency maps; FLUX's guidance
+    #: embedding); classifier-free guidance itself is applied by the engine, after
+    #: :meth:`predict_noise`.
     guidance_scale: float | None = None
 
     def __init__(self, pipeline):
@@ -118,12 +124,22 @@ class Backend:
 
     # -- pipeline facts ---------------------------------------------------------------
     @property
+    def family(self) -> ModelFamily:
+        """The model family of the pipeline (:mod:`freecure.families`)."""
+        return family_of(self.pipeline)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the engine steps with: the UNet, or FLUX's transformer."""
+        return self.family.denoiser(self.pipeline)
+
+    @property
     def unet(self):
         return self.pipeline.unet
 
     def unets(self) -> list[torch.nn.Module]:
         """Every denoiser this backend calls (FreeCure counts their calls)."""
-        return [self.pipeline.unet]
+        return [self.denoiser]
 
     @property
     def is_sdxl(self) -> bool:
@@ -131,7 +147,8 @@ class Backend:
 
     @property
     def tokenizer(self):
-        return self.pipeline.tokenizer
+        """The tokenizer of the text stream the image attends to (token columns)."""
+        return self.family.tokenizer(self.pipeline)
 
     @property
     def device(self) -> torch.device:
@@ -139,28 +156,21 @@ class Backend:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipeline.unet.dtype
+        return self.denoiser.dtype
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The base pipeline's default (7.5 SD1.5, 5.0 SDXL, 3.5 embedded for FLUX.1-dev)."""
+        return self.family.default_guidance_scale(self.pipeline)
 
     # -- conditioning -----------------------------------------------------------------
     def encode_text(self, prompt: str) -> TextConditioning:
         """Encode a prompt with the pipeline's own text encoder(s), no guidance."""
-        device = self.device
-        if self.is_sdxl:
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            return TextConditioning(embeds, pooled)
-        embeds, _ = self.pipeline.encode_prompt(prompt, device, 1, do_classifier_free_guidance=False)
-        return TextConditioning(embeds)
+        return self.family.encode_text(self, prompt)
 
     def negative_conditioning(self, negative_prompt: str | None) -> TextConditioning:
         """The unconditional branch: the encoded negative prompt, or SDXL's zeros for none."""
-        if self.is_sdxl and not negative_prompt and self.pipeline.config.force_zeros_for_empty_prompt:
-            positive = self.encode_text("")
-            return TextConditioning(
-                torch.zeros_like(positive.prompt_embeds), torch.zeros_like(positive.pooled_prompt_embeds)
-            )
-        return self.encode_text(negative_prompt or "")
+        return self.family.negative_conditioning(self, negative_prompt)
 
     def identity_conditions(
         self,
@@ -218,22 +228,17 @@ class Backend:
         step_index: int,
         image_size: tuple[int, int],
     ) -> torch.Tensor:
-        """ε for each batch row: ``latents[i]`` under conditioning ``rows[i]``.
+        """The prediction for each batch row: ``latents[i]`` under conditioning ``rows[i]``; ε
+        (or v) for a UNet, the flow velocity for FLUX (``self.family.prediction_type``).
 
         Args:
-            latents: model inputs (already scaled by the scheduler), one per row.
+            latents: model inputs (already scaled by the scheduler), one per row, in the
+                family's layout (FLUX: packed tokens).
             timestep: the scheduler's timestep.
             rows: conditioning of each row.
             row_keys: what each row is (``"uncond"``, ``"fd"``, ``"pd"``, ``"pd_uncond"``,
                 ``"template"``, ``"expression"``) so an override can treat PD rows differently.
             step_index: index of the denoising step (0 = noisiest).
-            image_size: (height, width) in pixels, for SDXL's time ids.
+            image_size: (height, width) in pixels, for SDXL's time ids and FLUX's position ids.
         """
-        embeds = torch.cat([row.prompt_embeds for row in rows])
-        return self.unet(
-            latents,
-            timestep,
-            encoder_hidden_states=embeds,
-            added_cond_kwargs=self.added_cond_kwargs(rows, *image_size),
-            return_dict=False,
-        )[0]
+        return self.family.predict(self, latents, timestep, rows, image_size)

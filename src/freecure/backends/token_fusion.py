@@ -86,24 +86,18 @@ class TokenFusionBackend(Backend):
     @classmethod
     def from_cli(cls, args) -> TokenFusionBackend:
         from ..runtime import load_base_pipeline
-        from ..tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+        from ..tiny import tiny_pipeline
 
         if args.tiny:
-            pipeline = tiny_sdxl_pipeline() if args.tiny_family == "sdxl" else tiny_sd15_pipeline()
+            pipeline = tiny_pipeline(args.tiny_family)
             pipeline.to(args.device)
-            dim = pipeline.unet.config.cross_attention_dim
-            identity = RandomProjectionIdentityEncoder(dim) if args.identity_embedding is None else None
+            identity = RandomProjectionIdentityEncoder(text_dim(pipeline)) if args.identity_embedding is None else None
         else:
             pipeline = load_base_pipeline(args.base_model or DEFAULT_BASE_MODEL, args.device, args.dtype)
             identity = None
         if identity is None:
             identity = load_identity_embedding(args.identity_embedding)
         return cls(pipeline, identity, inject_fraction=args.inject_fraction)
-
-    @property
-    def default_guidance_scale(self) -> float:
-        """7.5 for the SD1.5 family, 5.0 for SDXL (the diffusers pipelines' defaults)."""
-        return 5.0 if self.is_sdxl else 7.5
 
     def identity_embedding(self, references: Sequence[Image.Image]) -> torch.Tensor:
         if isinstance(self.identity, torch.Tensor):
@@ -133,6 +127,12 @@ class TokenFusionBackend(Backend):
         fused[0, columns] = embedding
         inject_step = int(self.inject_fraction * num_inference_steps)
         return TextConditioning(fused, fd.pooled_prompt_embeds), inject_step
+
+
+def text_dim(pipeline) -> int:
+    """Width of the text states the denoiser attends to (SD: cross-attention dim; FLUX: T5's)."""
+    config = (pipeline.transformer if getattr(pipeline, "transformer", None) is not None else pipeline.unet).config
+    return int(config.get("cross_attention_dim") or config.get("joint_attention_dim"))
 
 
 def load_identity_embedding(path) -> torch.Tensor:

@@ -94,7 +94,7 @@ def add_model_arguments(parser) -> None:
         action="store_true",
         help="tiny random-weight components, offline: shows the machinery, images are noise",
     )
-    parser.add_argument("--tiny-family", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--tiny-family", choices=["sd15", "sdxl", "flux"], default="sd15")
     for name, backend in sorted(BACKENDS.items()):
         backend.add_cli_arguments(parser.add_argument_group(f"{name} backend"))
 
