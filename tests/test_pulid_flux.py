@@ -144,3 +144,100 @@ def test_hooks_refuse_modules_built_for_other_block_counts(transformer):
         with install_flux_identity(transformer, full, IdentityRows()):
             pass
     assert not any(block._forward_hooks for block in transformer.transformer_blocks)
+
+
+# --- the pulid-flux backend on the FLUX engine ---------------------------------------------------
+FLUX_SIZE, FLUX_LATENT, FLUX_STEPS = (64, 64), (32, 32), 4
+
+
+@pytest.fixture(scope="module")
+def flux_backend(tiny_flux):
+    from freecure.backends.pulid_flux import PuLIDFluxBackend
+
+    backend = PuLIDFluxBackend.tiny(id_weight=ID_WEIGHT, pipeline=tiny_flux, seed=4, start_step=1)
+    backend.guidance_scale = 3.5
+    return backend
+
+
+@pytest.fixture(scope="module")
+def flux_conditions(flux_backend):
+    from freecure.attributes import parse_prompt
+
+    parsed = parse_prompt("a man with black curly hair, laughing happily", "man", tokenizer=flux_backend.tokenizer)
+    return flux_backend.conditions(parsed, [], FLUX_STEPS)
+
+
+def flux_scheduler(pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from freecure.families import FLUX
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    FLUX.set_timesteps(scheduler, FLUX_STEPS, "cpu", FLUX_LATENT)
+    return scheduler
+
+
+def flux_noise(pipe, seed=0):
+    from freecure.families import FLUX
+
+    return FLUX.initial_latents(pipe, None, FLUX_LATENT, torch.Generator().manual_seed(seed), "cpu", torch.float32)
+
+
+def test_backend_pd_row_is_the_original_forward_and_fd_row_plain_flux(flux_backend, flux_conditions):
+    from freecure.backends.base import FD, PD
+
+    backend, c = flux_backend, flux_conditions
+    assert c.inject_step == 1 and c.pd.id_tokens.shape == (4, 24)
+    t = flux_scheduler(backend.pipeline).timesteps[1]
+    z = torch.cat([flux_noise(backend.pipeline, 1), flux_noise(backend.pipeline, 2)])
+    rows, keys = [c.fd, c.pd], (FD, PD)
+    with torch.no_grad():
+        eps = backend.predict_noise(z, t, rows, keys, 1, FLUX_SIZE)
+        plain = backend.family.predict(backend, z, t, rows, FLUX_SIZE)
+        inputs = backend.family.model_inputs(backend, z, t, rows, FLUX_SIZE)
+        row1 = {k: (v[1:] if k not in ("img_ids", "txt_ids") else v) for k, v in inputs.items() if k != "return_dict"}
+        expected = original_forward(
+            backend.denoiser, backend.modules.pulid_ca, c.pd.id_tokens[None], ID_WEIGHT, row1
+        )
+    assert torch.equal(eps[0], plain[0])  # FD: plain FLUX, bit for bit
+    torch.testing.assert_close(eps[1:], expected, rtol=1e-5, atol=1e-5)  # PD: the original's forward
+    assert not torch.allclose(eps[1], plain[1], atol=1e-4)
+    assert not any(b._forward_hooks for b in backend.denoiser.transformer_blocks)  # hooks removed
+
+
+def test_flux_rofa_endpoints_and_start_step(flux_backend, flux_conditions):
+    from freecure.families import FLUX
+    from freecure.sampling import FD_LANE, PD_LANE, Guidance, plain_pass, rofa_pass, same_pass
+
+    from freecure.backends.base import PD
+
+    backend, c = flux_backend, flux_conditions
+    guidance = Guidance(scale=1.0)
+    same = same_pass(backend, flux_scheduler(backend.pipeline), flux_noise(backend.pipeline), c, guidance, FLUX_SIZE)
+    # before start_step PD has no identity: both lanes identical at the injection step
+    assert torch.equal(same.injection_latents[FD_LANE], same.injection_latents[PD_LANE])
+    ones = rofa_pass(backend, same, c, FLUX.model_mask(torch.ones(1, 1, *FLUX_LATENT), same.z0), guidance, FLUX_SIZE)
+    assert torch.equal(ones, same.z0[FD_LANE : FD_LANE + 1])
+    zeros = rofa_pass(backend, same, c, FLUX.model_mask(torch.zeros(1, 1, *FLUX_LATENT), same.z0), guidance, FLUX_SIZE)
+    plain_pd = plain_pass(
+        backend, flux_scheduler(backend.pipeline), flux_noise(backend.pipeline), c, guidance, FLUX_SIZE, lane=PD
+    )
+    assert torch.equal(zeros, plain_pd)  # ℳ = 0: plain PuLID-FLUX generation, bit for bit
+    torch.testing.assert_close(zeros, same.z0[PD_LANE : PD_LANE + 1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(same.z0[FD_LANE], same.z0[PD_LANE])
+
+
+def test_generate_tiny_pulid_flux_runs_every_stage(tmp_path):
+    import json
+
+    from freecure.backends import BACKENDS, PuLIDFluxBackend
+    from freecure.cli import main
+
+    assert BACKENDS["pulid-flux"] is PuLIDFluxBackend and "non-commercial" in PuLIDFluxBackend.license
+    out = tmp_path / "run"
+    args = ["generate", "--tiny", "--backend", "pulid-flux", "--prompt", "a woman with glasses, smiling",
+            "--steps", "3", "--inject-step", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "rofa", "expression"]
+    assert "non-commercial" in manifest["license"]

@@ -5,6 +5,7 @@ from .face_diffuser import FaceDiffuserBackend
 from .fastcomposer import FastComposerBackend
 from .photomaker import PhotoMakerBackend
 from .pulid import PuLIDSDXLBackend
+from .pulid_flux import PuLIDFluxBackend
 from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
 
 #: Backends by the name the CLI takes.
@@ -14,6 +15,7 @@ BACKENDS: dict[str, type[Backend]] = {
     FaceDiffuserBackend.name: FaceDiffuserBackend,
     PhotoMakerBackend.name: PhotoMakerBackend,
     PuLIDSDXLBackend.name: PuLIDSDXLBackend,
+    PuLIDFluxBackend.name: PuLIDFluxBackend,
 }
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "FaceDiffuserBackend",
     "FastComposerBackend",
     "PhotoMakerBackend",
+    "PuLIDFluxBackend",
     "PuLIDSDXLBackend",
     "RandomProjectionIdentityEncoder",
     "TextConditioning",

@@ -28,16 +28,28 @@ blocks, the original's own formula).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..checkpoints import check_state_dict
-from .pulid import IdentityRows
+from ..errors import InputError
+from .base import PD, PD_UNCOND, Backend
+from .pulid import LICENSE, IdentityRows, PuLIDConditioning, download_weights, read_safetensors
+from .pulid_embedding import (
+    INSIGHTFACE_LICENSE,
+    PuLIDFaceEmbedding,
+    load_face_embedding,
+    needs_face_embedding,
+    random_face_embedding,
+)
 from .pulid_idformer import IDFormer, IDFormerConfig
+
+logger = logging.getLogger(__name__)
 
 FLUX_WEIGHTS = {"v0.9.1": "pulid_flux_v0.9.1.safetensors", "v0.9.0": "pulid_flux_v0.9.0.safetensors"}
 DOUBLE_INTERVAL, SINGLE_INTERVAL = 2, 4
@@ -165,3 +177,117 @@ def install_flux_identity(
     finally:
         for handle in handles:
             handle.remove()
+
+
+# --- the backend (on the FLUX family of freecure.families) ------------------------------------
+DEFAULT_FLUX_BASE = "black-forest-labs/FLUX.1-dev"
+
+
+class PuLIDFluxBackend(Backend):
+    """PuLID-FLUX on diffusers' FLUX pipeline: FD rows plain, PD rows with the identity CA.
+
+    ``start_step`` (the original's "timestep to start inserting ID", demo default 0; its docs
+    suggest 4 for photographic, 0–1 for stylised images) is PD's injection step. With true CFG
+    PD's negative row gets the IDFormer's unconditional tokens, as the original.
+    """
+
+    name = "pulid-flux"
+    license = LICENSE
+
+    def __init__(self, pipeline, modules: PuLIDFluxModules, face: PuLIDFaceEmbedding, id_weight: float = 1.0,
+                 start_step: int = 0):
+        super().__init__(pipeline)
+        if not hasattr(pipeline, "transformer"):
+            raise InputError("PuLID-FLUX needs a FLUX pipeline (a transformer denoiser)")
+        if not (math.isfinite(id_weight) and 0.0 <= id_weight <= 5.0):
+            raise InputError(f"PuLID-FLUX id weight must lie in [0, 5], got {id_weight}")
+        config = modules.pulid_encoder.config
+        face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
+        if face.id_cond.shape[0] != 1:
+            raise InputError("PuLID-FLUX takes one reference face embedding (id_cond of shape (1, 1280))")
+        self.modules = modules.to(device=self.device, dtype=self.dtype).eval()
+        self.face, self.id_weight, self.start_step = face, id_weight, start_step
+        self.rows = IdentityRows()
+        logger.warning("PuLID: %s", INSIGHTFACE_LICENSE)
+
+    @classmethod
+    def add_cli_arguments(cls, group) -> None:
+        from .pulid import PuLIDSDXLBackend
+
+        PuLIDSDXLBackend.add_cli_arguments(group)  # shared --face-embedding / --pulid-* options
+
+    @classmethod
+    def from_cli(cls, args) -> PuLIDFluxBackend:
+        id_weight = 1.0 if args.pulid_id_scale is None else args.pulid_id_scale
+        if args.tiny:
+            backend = cls.tiny(id_weight=id_weight, face_embedding=args.face_embedding)
+            backend.pipeline.to(args.device)
+            backend.modules.to(args.device)
+            return backend
+        if args.face_embedding is None:
+            raise needs_face_embedding(cls.name)
+        from diffusers import FluxPipeline
+
+        face = load_face_embedding(args.face_embedding)
+        state = read_safetensors(download_weights(FLUX_WEIGHTS["v0.9.1"], args.pulid_weights))
+        source = args.base_model or DEFAULT_FLUX_BASE
+        try:
+            pipeline = FluxPipeline.from_pretrained(source, torch_dtype=args.dtype).to(args.device)
+        except (OSError, ValueError) as error:
+            raise InputError(f"could not load the FLUX base model {source!r}: {str(error).splitlines()[0]}") from None
+        with torch.device("meta"):
+            modules = PuLIDFluxModules.for_transformer(pipeline.transformer)
+        return cls(pipeline, load_pulid_flux_weights(modules, state), face, id_weight)
+
+    @classmethod
+    def tiny(cls, id_weight: float = 1.0, face_embedding=None, seed: int = 0, pipeline=None, start_step: int = 0):
+        """Tiny random FLUX pipeline and PuLID modules (offline; images are noise)."""
+        from ..tiny import tiny_pipeline
+        from .pulid_idformer import tiny_idformer_config
+
+        pipeline = pipeline or tiny_pipeline("flux")
+        torch.manual_seed(seed)
+        modules = PuLIDFluxModules.for_transformer(pipeline.transformer, tiny_idformer_config(24), dim_head=8, heads=2)
+        config = modules.pulid_encoder.config
+        face = (
+            random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
+            if face_embedding is None
+            else load_face_embedding(face_embedding)
+        )
+        return cls(pipeline, modules, face, id_weight, start_step)
+
+    @torch.no_grad()
+    def identity_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(identity tokens, unconditional tokens) from the face embedding, (32, 2048) each."""
+        encoder = self.modules.pulid_encoder
+        param = next(encoder.parameters())
+
+        def run(face: PuLIDFaceEmbedding) -> torch.Tensor:
+            id_cond, hidden = face.idformer_inputs()
+            return encoder(id_cond[:, 0].to(param), [h.to(param) for h in hidden])[0]
+
+        return run(self.face), run(self.face.zeros())
+
+    def identity_conditions(self, parsed, references, fd, num_inference_steps):
+        tokens, uncond_tokens = self.identity_tokens()
+        pd = PuLIDConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, tokens, uncond_tokens)
+        return pd, min(self.start_step, num_inference_steps - 1)
+
+    def conditions(self, parsed, references, num_inference_steps, negative_prompt=None):
+        conditions = super().conditions(parsed, references, num_inference_steps, negative_prompt)
+        uncond = conditions.uncond
+        pd_uncond = PuLIDConditioning(uncond.prompt_embeds, uncond.pooled_prompt_embeds, conditions.pd.uncond_id_tokens)
+        return replace(conditions, pd_uncond=pd_uncond)
+
+    def predict_noise(self, latents, timestep, rows, row_keys, step_index, image_size):
+        """One transformer call; the CA identity on PD's row (and PD's negative row under true
+        CFG, when PD is injected); every other row is plain FLUX."""
+        injected = PD in row_keys
+        tokens = {}
+        for i, (row, key) in enumerate(zip(rows, row_keys)):
+            if key == PD or (key == PD_UNCOND and injected):
+                if not isinstance(row, PuLIDConditioning) or row.id_tokens is None:
+                    raise TypeError(f"pulid-flux: row {i} ({key}) needs the PuLIDConditioning of conditions()")
+                tokens[i] = row.id_tokens.to(self.dtype)
+        with install_flux_identity(self.denoiser, self.modules, self.rows, self.id_weight), self.rows.use(tokens):
+            return super().predict_noise(latents, timestep, rows, row_keys, step_index, image_size)
