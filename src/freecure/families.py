@@ -55,6 +55,9 @@ class ModelFamily:
     prediction_type: str = "epsilon"
     #: Default number of denoising steps of the family's reference pipeline.
     default_steps: int = 50
+    #: ``--scheduler`` names (:data:`freecure.runtime.SCHEDULERS`) that fit the family, and the default.
+    schedulers: tuple[str, ...] = ("ddim", "dpmpp-2m", "euler", "unipc")
+    default_scheduler: str = "ddim"
 
     # -- components ---------------------------------------------------------------------
     def denoiser(self, pipeline) -> torch.nn.Module:
@@ -331,6 +334,8 @@ class FluxFamily(ModelFamily):
     name = "flux"
     prediction_type = "flow"
     default_steps = 28
+    schedulers = ("flow-euler",)
+    default_scheduler = "flow-euler"
     default_embedded_guidance = 3.5
 
     def __init__(self, max_sequence_length: int = 512):

@@ -27,6 +27,7 @@ SCHEDULERS = {
     "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 

@@ -2,6 +2,7 @@
 
 from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
+from .infiniteyou import InfiniteYouBackend
 from .fastcomposer import FastComposerBackend
 from .photomaker import PhotoMakerBackend
 from .pulid import PuLIDSDXLBackend
@@ -14,6 +15,7 @@ BACKENDS: dict[str, type[Backend]] = {
     FastComposerBackend.name: FastComposerBackend,
     FaceDiffuserBackend.name: FaceDiffuserBackend,
     PhotoMakerBackend.name: PhotoMakerBackend,
+    InfiniteYouBackend.name: InfiniteYouBackend,
     PuLIDSDXLBackend.name: PuLIDSDXLBackend,
     PuLIDFluxBackend.name: PuLIDFluxBackend,
 }
@@ -24,6 +26,7 @@ __all__ = [
     "Conditions",
     "FaceDiffuserBackend",
     "FastComposerBackend",
+    "InfiniteYouBackend",
     "PhotoMakerBackend",
     "PuLIDFluxBackend",
     "PuLIDSDXLBackend",

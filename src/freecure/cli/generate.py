@@ -76,7 +76,12 @@ def add_model_arguments(parser) -> None:
         action="store_true",
         help="3 batch rows instead of 4 after injection (FD guidance approximate)",
     )
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="default: ddim for Stable Diffusion, flow-euler for FLUX",
+    )
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--base-model", default=None, help="Hub id or folder of the base pipeline")
@@ -125,6 +130,11 @@ def build_freecure(args: argparse.Namespace):
         approximate_shared_uncond=args.approximate_shared_uncond,
     )
     backend = BACKENDS[args.backend].from_cli(args)
+    family = backend.family
+    args.scheduler = args.scheduler or family.default_scheduler
+    if args.scheduler not in family.schedulers:
+        choices = ", ".join(family.schedulers)
+        raise InputError(f"--scheduler {args.scheduler} does not fit a {family.name} model; choose one of {choices}")
     set_scheduler(backend.pipeline, args.scheduler)
     return FreeCurePipeline(backend, build_face_parser(args), config)
 

@@ -1,0 +1,210 @@
+"""InfiniteYou on tiny FLUX: released Resampler layout, PD against the original loop, FD
+against plain FLUX, per-row InfuseNet gating, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+from freecure.attributes import parse_prompt
+from freecure.backends.base import FD, PD
+from freecure.backends.infiniteyou import (
+    RESAMPLER,
+    TINY_RESAMPLER,
+    IdentityResampler,
+    InfiniteYouBackend,
+    injection_step,
+    load_face_embedding,
+    load_resampler,
+)
+from freecure.checkpoints import check_state_dict
+from freecure.cli import main
+from freecure.errors import InputError, WeightsNotFoundError
+from freecure.families import FLUX
+from freecure.sampling import FD_LANE, PD_LANE, Guidance, plain_pass, rofa_pass, same_pass
+from keylists import meta_state_dict, read_layout
+
+PROMPT = "a man with black curly hair, laughing happily"
+SIZE, LATENT, STEPS = (64, 64), (32, 32), 5
+
+
+@pytest.fixture(scope="module")
+def backend():
+    backend = InfiniteYouBackend.tiny(guidance_start=0.3)
+    backend.pipeline.set_progress_bar_config(disable=True)
+    backend.guidance_scale = 3.5
+    return backend
+
+
+@pytest.fixture(scope="module")
+def conditions(backend):
+    parsed = parse_prompt(PROMPT, "man", tokenizer=backend.tokenizer)
+    return backend.conditions(parsed, [Image.new("RGB", (32, 32), (90, 60, 40))], STEPS)
+
+
+def scheduler(backend):
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(backend.pipeline.scheduler.config)
+    FLUX.set_timesteps(scheduler, STEPS, "cpu", LATENT)
+    return scheduler
+
+
+def z_T(backend, seed=0):
+    return FLUX.initial_latents(backend.pipeline, None, LATENT, torch.Generator().manual_seed(seed), "cpu", torch.float32)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def test_released_resampler_layout_matches_the_original():
+    layout = read_layout("infiniteyou_image_proj_keys.txt")
+    with torch.device("meta"):
+        resampler = IdentityResampler(**RESAMPLER)
+    check_state_dict(resampler, meta_state_dict(layout), "layout")
+    assert layout["latents"] == (1, 8, 1280) and layout["proj_out.weight"] == (4096, 1280)
+    del layout["layers.3.1.3.weight"]
+    with pytest.raises(WeightsNotFoundError, match="layers.3.1.3.weight"):
+        check_state_dict(resampler, meta_state_dict(layout), "layout")
+
+
+def test_resampler_file_loads_strictly(tmp_path):
+    torch.manual_seed(0)
+    resampler = IdentityResampler(**TINY_RESAMPLER)
+    torch.save({"image_proj": resampler.state_dict()}, tmp_path / "image_proj_model.bin")
+    loaded = load_resampler(tmp_path / "image_proj_model.bin", TINY_RESAMPLER)
+    x = torch.randn(1, 1, 512)
+    assert torch.equal(loaded(x), resampler(x)) and loaded(x).shape == (1, 8, 32)
+    torch.save({"image_proj": {"latents": torch.zeros(1)}}, tmp_path / "bad.bin")
+    with pytest.raises(WeightsNotFoundError, match="missing keys"):
+        load_resampler(tmp_path / "bad.bin", TINY_RESAMPLER)
+    torch.save({"other": {}}, tmp_path / "other.bin")
+    with pytest.raises(WeightsNotFoundError, match="image_proj"):
+        load_resampler(tmp_path / "other.bin", TINY_RESAMPLER)
+
+
+def test_face_embedding_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"embedding": torch.ones(1, 512)}, str(tmp_path / "face.safetensors"))
+    assert load_face_embedding(tmp_path / "face.safetensors").shape == (512,)
+    save_file({"embedding": torch.ones(3)}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(InputError, match="512"):
+        load_face_embedding(tmp_path / "short.safetensors")
+    with pytest.raises(InputError, match="not found"):
+        load_face_embedding(tmp_path / "missing.safetensors")
+
+
+def test_injection_step_follows_the_original_controlnet_keep():
+    # the original's keep_i = 1 − [i/T < start]: InfuseNet is on from the first i with i/T ≥ start
+    for start, steps in ((0.0, 28), (0.1, 28), (0.3, 5), (0.5, 30)):
+        keep = [1.0 - float(i / steps < start) for i in range(steps)]
+        assert injection_step(start, steps) == keep.index(1.0)
+    with pytest.raises(InputError, match="guidance_start"):
+        injection_step(1.0, 28)
+
+
+# --- PD and FD exactness -------------------------------------------------------------------------
+def original_loop(backend, conditions, latents):
+    """InfiniteYou's ``FluxInfuseNetPipeline.__call__`` denoising loop (no true CFG), replayed
+    step by step on the tiny models: InfuseNet on the identity tokens, then FLUX with its residuals."""
+    pipe, infusenet = backend.pipeline, backend.infusenet
+    sched = scheduler(backend)
+    embeds, pooled = conditions.fd.prompt_embeds, conditions.fd.pooled_prompt_embeds
+    text_ids = torch.zeros(embeds.shape[1], 3)
+    image_ids = pipe._prepare_latent_image_ids(1, LATENT[0] // 2, LATENT[1] // 2, "cpu", torch.float32)
+    control = backend.control_latents(SIZE)
+    timesteps = sched.timesteps
+    keep = [1.0 - float(i / len(timesteps) < backend.guidance_start) for i in range(len(timesteps))]
+    for i, t in enumerate(timesteps):
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        blocks, singles = infusenet(
+            hidden_states=latents,
+            controlnet_cond=control,
+            conditioning_scale=backend.conditioning_scale * keep[i],
+            timestep=timestep / 1000,
+            guidance=torch.tensor([1.0]).expand(1),
+            pooled_projections=pooled,
+            encoder_hidden_states=backend.identity_tokens,
+            txt_ids=torch.zeros(8, 3),
+            img_ids=image_ids,
+            return_dict=False,
+        )
+        velocity = pipe.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=torch.tensor([3.5]).expand(1),
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=singles,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        latents = sched.step(velocity, t, latents, return_dict=False)[0]
+    return latents
+
+
+def test_pd_equals_the_original_sampling_loop(backend, conditions):
+    assert conditions.inject_step == 2  # i/T ≥ 0.3 first at i = 2 of 5
+    ours = plain_pass(backend, scheduler(backend), z_T(backend), conditions, Guidance(scale=1.0), SIZE, lane=PD)
+    theirs = original_loop(backend, conditions, z_T(backend))
+    assert torch.equal(ours, theirs)
+
+
+def test_fd_equals_plain_flux(backend, conditions):
+    ours = plain_pass(backend, scheduler(backend), z_T(backend), conditions, Guidance(scale=1.0), SIZE, lane=FD)
+    theirs = backend.pipeline(
+        prompt_embeds=conditions.fd.prompt_embeds,
+        pooled_prompt_embeds=conditions.fd.pooled_prompt_embeds,
+        latents=z_T(backend),
+        num_inference_steps=STEPS,
+        guidance_scale=3.5,
+        height=SIZE[0],
+        width=SIZE[1],
+        output_type="latent",
+    ).images
+    assert torch.equal(ours, theirs)
+
+
+def test_infusenet_residuals_are_gated_per_row(backend, conditions):
+    z = torch.cat([z_T(backend, 1), z_T(backend, 2)])
+    t = torch.tensor(700.0)
+    rows = [conditions.fd, conditions.pd]
+    joint = backend.predict_noise(z, t, rows, ("fd", "pd"), 3, SIZE)
+    inputs = FLUX.model_inputs(backend, z, t, rows, SIZE)
+    without = backend.denoiser(**inputs)[0]
+    assert torch.equal(joint[0], without[0])  # FD's row: h + 0 = h, bit for bit
+    assert not torch.allclose(joint[1], without[1])  # PD's row carries the identity
+    alone = backend.predict_noise(z[1:], t, rows[1:], ("pd",), 3, SIZE)
+    torch.testing.assert_close(joint[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_joint_pass_and_rofa_on_infiniteyou(backend, conditions):
+    guidance = Guidance(scale=1.0)
+    same = same_pass(backend, scheduler(backend), z_T(backend), conditions, guidance, SIZE)
+    pd = plain_pass(backend, scheduler(backend), z_T(backend), conditions, guidance, SIZE, lane=PD)
+    torch.testing.assert_close(same.z0[PD_LANE : PD_LANE + 1], pd, rtol=1e-5, atol=1e-5)
+    ones = FLUX.model_mask(torch.ones(1, 1, *LATENT), same.z0)
+    assert torch.equal(rofa_pass(backend, same, conditions, ones, guidance, SIZE), same.z0[FD_LANE : FD_LANE + 1])
+    zeros = FLUX.model_mask(torch.zeros(1, 1, *LATENT), same.z0)
+    assert torch.equal(rofa_pass(backend, same, conditions, zeros, guidance, SIZE), pd)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------
+def test_generate_tiny_infiniteyou_runs_every_stage(tmp_path, astronaut):
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    out = tmp_path / "run"
+    code = main(
+        ["generate", "--tiny", "--backend", "infiniteyou", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png")]
+        + ["--steps", "4", "--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "rofa", "expression"]
+    assert "CC BY-NC 4.0" in manifest["license"]
+    assert manifest["settings"]["family"] == "flux" and manifest["settings"]["inject_step"] == 0
+    fd, pd = (np.asarray(Image.open(out / f"{name}.png")) for name in ("fd", "pd"))
+    assert not np.array_equal(fd, pd)  # identity injected from step 0
