@@ -39,7 +39,7 @@ from freecure.backends.pulid_idformer import IDFormer, IDFormerConfig, tiny_idfo
 from freecure.cli import main
 from freecure.configs import SDXL_UNET
 from freecure.errors import InputError, WeightsNotFoundError
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, rofa_pass, same_pass
+from freecure.sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, plain_pass, rofa_pass, same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 SIZE = (64, 64)
@@ -307,8 +307,11 @@ def test_fd_lane_is_the_base_model_and_rofa_endpoints(backend, conditions, same_
     torch.testing.assert_close(same_run.z0[FD_LANE : FD_LANE + 1], z, rtol=1e-4, atol=1e-4)
     ones = rofa_pass(backend, same_run, conditions, torch.ones(1, 1, 8, 8), Guidance(7.0), SIZE)
     assert torch.equal(ones, same_run.z0[FD_LANE : FD_LANE + 1])
-    # ℳ = 0: PD's rows are recomputed in a 2-row batch (4 in the SAME pass): float rounding only
+    # ℳ = 0: plain PuLID generation bit for bit (both run PD's 2 rows per call from the same state);
+    # against the SAME pass's PD lane (4-row calls) it agrees to float rounding
     zeros = rofa_pass(backend, same_run, conditions, torch.zeros(1, 1, 8, 8), Guidance(7.0), SIZE)
+    plain_pd = plain_pass(backend, karras_scheduler(backend.pipeline), noise(), conditions, Guidance(7.0), SIZE, lane=PD)
+    assert torch.equal(zeros, plain_pd)
     torch.testing.assert_close(zeros, same_run.z0[PD_LANE : PD_LANE + 1], rtol=1e-4, atol=1e-4)
 
 
@@ -397,3 +400,15 @@ def test_cost_counts_pulid(capsys):
     # (before injection too: PD's lane has its own negative row, without identity until injected)
     assert result["engine"]["stages"]["same_pass"]["batch_items"] == 4 * 4
     assert result["plain_pd"] == {"unet_calls": 4, "batch_items": 8}
+
+
+def test_eval_tiny_runs_pulid_sdxl(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    pytest.importorskip("facenet_pytorch")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\na <S> with black curly hair, laughing\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--tiny", "--backend", "pulid-sdxl", "--identities", "examples/identities", "--prompts",
+            str(prompts), "--num-seeds", "1", "--steps", "3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "1 new, 0 already done" in capsys.readouterr().out

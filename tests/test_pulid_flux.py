@@ -235,9 +235,22 @@ def test_generate_tiny_pulid_flux_runs_every_stage(tmp_path):
 
     assert BACKENDS["pulid-flux"] is PuLIDFluxBackend and "non-commercial" in PuLIDFluxBackend.license
     out = tmp_path / "run"
-    args = ["generate", "--tiny", "--backend", "pulid-flux", "--prompt", "a woman with glasses, smiling",
+    args = ["generate", "--tiny", "--backend", "pulid-flux", "--prompt", "a man with black curly hair, laughing happily",
             "--steps", "3", "--inject-step", "1", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "rofa", "expression"]
     assert "non-commercial" in manifest["license"]
+
+
+def test_cost_counts_pulid_flux(capsys):
+    import json
+
+    from freecure.cli import main
+
+    assert main(["cost", "--backend", "pulid-flux", "--steps", "4", "--inject-step", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["backend"] == "pulid-flux" and result["settings"]["family"] == "flux"
+    # guidance-distilled: one row per lane; before start_step PD equals FD (1 row), then 2
+    assert result["engine"]["stages"]["same_pass"] == {"ran": True, "unet_calls": 4, "batch_items": 1 + 3 * 2}
+    assert result["plain_pd"] == {"unet_calls": 4, "batch_items": 4}
