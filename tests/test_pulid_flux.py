@@ -254,3 +254,17 @@ def test_cost_counts_pulid_flux(capsys):
     # guidance-distilled: one row per lane; before start_step PD equals FD (1 row), then 2
     assert result["engine"]["stages"]["same_pass"] == {"ran": True, "unet_calls": 4, "batch_items": 1 + 3 * 2}
     assert result["plain_pd"] == {"unet_calls": 4, "batch_items": 4}
+
+
+def test_pulid_flux_without_tiny_needs_a_face_embedding_and_weights(tmp_path, capsys):
+    from freecure.backends.pulid_embedding import random_face_embedding, save_face_embedding
+    from freecure.cli import main
+
+    base = ["generate", "--backend", "pulid-flux", "--prompt", "a man", "--out", str(tmp_path / "x"), "--device", "cpu"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "--face-embedding" in err and "non-commercial" in err and "Traceback" not in err
+    save_face_embedding(random_face_embedding(1280, 1024, patches=2), tmp_path / "face.safetensors")
+    missing = ["--face-embedding", str(tmp_path / "face.safetensors"), "--pulid-weights", str(tmp_path / "no.safetensors")]
+    assert main(base + missing) == 2
+    assert "PuLID weights not found" in capsys.readouterr().err

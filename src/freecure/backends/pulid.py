@@ -312,15 +312,17 @@ class PuLIDConditioning(TextConditioning):
         return replace(moved, id_tokens=move(self.id_tokens), uncond_id_tokens=move(self.uncond_id_tokens))
 
 
+PULID_EMBEDDING_HELP = "pulid-sdxl/pulid-flux: tensors id_cond and vit_hidden.0-4 (docs/backends/pulid.md)"
+
+
 def add_face_embedding_argument(group) -> None:
-    """``--face-embedding`` once, whichever backend adds it first (several backends read it)."""
-    if "--face-embedding" not in group._option_string_actions:
-        group.add_argument(
-            "--face-embedding",
-            metavar="FILE",
-            help="precomputed face embedding (safetensors) for backends whose embedders are optional "
-            "(PuLID: id_cond and vit_hidden.0-4; see the backend's docs page)",
-        )
+    """``--face-embedding`` once, whichever backend adds it first (several backends read it,
+    each its own format); PuLID's format is added to the help of an existing option."""
+    action = group._option_string_actions.get("--face-embedding")
+    if action is None:
+        group.add_argument("--face-embedding", metavar="FILE", help=f"precomputed face embedding: {PULID_EMBEDDING_HELP}")
+    elif PULID_EMBEDDING_HELP not in (action.help or ""):
+        action.help = f"{action.help}; {PULID_EMBEDDING_HELP}" if action.help else PULID_EMBEDDING_HELP
 
 
 class PuLIDSDXLBackend(Backend):

@@ -226,15 +226,11 @@ class PuLIDFluxBackend(Backend):
             return backend
         if args.face_embedding is None:
             raise needs_face_embedding(cls.name)
-        from diffusers import FluxPipeline
+        from ..runtime import load_base_pipeline
 
         face = load_face_embedding(args.face_embedding)
         state = read_safetensors(download_weights(FLUX_WEIGHTS["v0.9.1"], args.pulid_weights))
-        source = args.base_model or DEFAULT_FLUX_BASE
-        try:
-            pipeline = FluxPipeline.from_pretrained(source, torch_dtype=args.dtype).to(args.device)
-        except (OSError, ValueError) as error:
-            raise InputError(f"could not load the FLUX base model {source!r}: {str(error).splitlines()[0]}") from None
+        pipeline = load_base_pipeline(args.base_model or DEFAULT_FLUX_BASE, args.device, args.dtype)
         with torch.device("meta"):
             modules = PuLIDFluxModules.for_transformer(pipeline.transformer)
         return cls(pipeline, load_pulid_flux_weights(modules, state), face, id_weight)
