@@ -310,7 +310,8 @@ def test_fd_lane_is_the_base_model_and_rofa_endpoints(backend, conditions, same_
     # ℳ = 0: plain PuLID generation bit for bit (both run PD's 2 rows per call from the same state);
     # against the SAME pass's PD lane (4-row calls) it agrees to float rounding
     zeros = rofa_pass(backend, same_run, conditions, torch.zeros(1, 1, 8, 8), Guidance(7.0), SIZE)
-    plain_pd = plain_pass(backend, karras_scheduler(backend.pipeline), noise(), conditions, Guidance(7.0), SIZE, lane=PD)
+    scheduler = karras_scheduler(backend.pipeline)
+    plain_pd = plain_pass(backend, scheduler, noise(), conditions, Guidance(7.0), SIZE, lane=PD)
     assert torch.equal(zeros, plain_pd)
     torch.testing.assert_close(zeros, same_run.z0[PD_LANE : PD_LANE + 1], rtol=1e-4, atol=1e-4)
 

@@ -235,8 +235,9 @@ def test_generate_tiny_pulid_flux_runs_every_stage(tmp_path):
 
     assert BACKENDS["pulid-flux"] is PuLIDFluxBackend and "non-commercial" in PuLIDFluxBackend.license
     out = tmp_path / "run"
-    args = ["generate", "--tiny", "--backend", "pulid-flux", "--prompt", "a man with black curly hair, laughing happily",
-            "--steps", "3", "--inject-step", "1", "--out", str(out), "--no-progress"]
+    prompt = "a man with black curly hair, laughing happily"
+    args = ["generate", "--tiny", "--backend", "pulid-flux", "--prompt", prompt, "--steps", "3",
+            "--inject-step", "1", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "rofa", "expression"]
@@ -265,6 +266,7 @@ def test_pulid_flux_without_tiny_needs_a_face_embedding_and_weights(tmp_path, ca
     err = capsys.readouterr().err
     assert "--face-embedding" in err and "non-commercial" in err and "Traceback" not in err
     save_face_embedding(random_face_embedding(1280, 1024, patches=2), tmp_path / "face.safetensors")
-    missing = ["--face-embedding", str(tmp_path / "face.safetensors"), "--pulid-weights", str(tmp_path / "no.safetensors")]
+    face, weights = str(tmp_path / "face.safetensors"), str(tmp_path / "no.safetensors")
+    missing = ["--face-embedding", face, "--pulid-weights", weights]
     assert main(base + missing) == 2
     assert "PuLID weights not found" in capsys.readouterr().err

@@ -320,7 +320,8 @@ def add_face_embedding_argument(group) -> None:
     each its own format); PuLID's format is added to the help of an existing option."""
     action = group._option_string_actions.get("--face-embedding")
     if action is None:
-        group.add_argument("--face-embedding", metavar="FILE", help=f"precomputed face embedding: {PULID_EMBEDDING_HELP}")
+        help_text = f"precomputed face embedding: {PULID_EMBEDDING_HELP}"
+        group.add_argument("--face-embedding", metavar="FILE", help=help_text)
     elif PULID_EMBEDDING_HELP not in (action.help or ""):
         action.help = f"{action.help}; {PULID_EMBEDDING_HELP}" if action.help else PULID_EMBEDDING_HELP
 

@@ -109,5 +109,13 @@ class IDFormer(nn.Module):
 def tiny_idformer_config(output_dim: int) -> IDFormerConfig:
     """A small IDFormer for tiny runs and tests (same structure, one layer per round)."""
     return IDFormerConfig(
-        dim=32, depth=5, dim_head=8, heads=4, num_queries=4, output_dim=output_dim, id_dim=24, vit_dim=16, mapping_dim=24
+        dim=32,
+        depth=5,
+        dim_head=8,
+        heads=4,
+        num_queries=4,
+        output_dim=output_dim,
+        id_dim=24,
+        vit_dim=16,
+        mapping_dim=24,
     )
