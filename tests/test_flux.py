@@ -383,3 +383,27 @@ def test_flux_end_to_end_runs_every_stage(tiny_flux):
     assert out.stage("expression").batch_items == 2 * round(0.5 * 5)
     with pytest.raises(InputError, match="multiples of 4"):
         freecure(tiny_flux)(PROMPT, [], class_word="man", num_inference_steps=3, height=62)
+
+
+def test_freecure_runs_unchanged_under_offload_hooks(tmp_path):
+    """Sequential offload (weights on the meta device, loaded per submodule call by accelerate
+    hooks) of the transformer: same latents and attention maps as without hooks."""
+    from accelerate import cpu_offload
+
+    from freecure.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        reference = Image.new("RGB", (32, 32))
+        generator = torch.Generator().manual_seed(0)
+        return freecure(pipe)(PROMPT, [reference], class_word="man", num_inference_steps=3, generator=generator)
+
+    plain = run()
+    cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
+    assert pipe.transformer.x_embedder.weight.device.type == "meta"
+    hooked = run()
+    assert all(torch.equal(plain.latents[k], hooked.latents[k]) for k in plain.latents)
+    assert all(torch.equal(v, hooked.attention_maps[k]) for k, v in plain.attention_maps.items())
+    assert hooked.stage("same_pass").unet_calls == 3
