@@ -5,15 +5,16 @@ The SD1.5 (512 px) and SDXL (1024 px) UNets and VAEs, and FLUX.1-dev's transform
 published configs with random weights (no checkpoint needed; a random network costs the same
 FLOPs as a trained one). FLUX runs guidance-distilled (one row per lane, embedded guidance
 3.5) with 512 T5 tokens; ``--flux-reduced`` keeps FLUX's structure at a CPU-sized width and
-depth (a *reduced-size ratio*, not a performance figure). Text conditioning is random tensors of the real shapes, the identity is injected at
-step ``--inject-step`` as a different random conditioning, and the face parser is the
-synthetic layout parser, so every stage runs: SAME pass, masks, ROFA, expression restore.
+depth (a *reduced-size ratio*, not a performance figure). Text conditioning is random tensors
+of the real shapes, the identity is injected at step ``--inject-step`` as a different random
+conditioning, and the face parser is the synthetic layout parser, so every stage runs: SAME
+pass, masks, ROFA, expression restore.
 
     python benchmarks/bench_engine.py --family sdxl --steps 50 --dtype fp16      # on a GPU
     python benchmarks/bench_engine.py --family flux --steps 28 --dtype bf16      # on a GPU (≈ 30 GB)
     python benchmarks/bench_engine.py --family sd15 --steps 3 --size 128 --device cpu  # smoke test
     python benchmarks/bench_engine.py --family flux --flux-reduced --steps 6 --inject-step 2 \
-        --size 256 --device cpu --dtype fp32                                      # CPU ratio
+        --size 512 --device cpu --dtype fp32                                      # CPU ratio
 
 Prints one JSON object per family; record results with card, date and settings in
 benchmarks/RESULTS.md.

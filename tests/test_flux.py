@@ -244,7 +244,16 @@ def test_flow_inversion_with_another_prompt_does_not_reconstruct():
     config = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).config
     z0 = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = expression_restore(
-        ConstantVelocityBackend(), z0, conditioning(0.1), conditioning(0.3), conditioning(0.0), config, 20, 0.5, 1.0, SIZE
+        ConstantVelocityBackend(),
+        z0,
+        conditioning(0.1),
+        conditioning(0.3),
+        conditioning(0.0),
+        config,
+        20,
+        0.5,
+        1.0,
+        SIZE,
     )
     assert (out - z0).norm() / z0.norm() > 1e-2
 
@@ -272,7 +281,7 @@ class ExplicitJointAttention:
         def heads(x):
             return x.unflatten(-1, (attn.heads, -1))
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query, key, value = (heads(project(hidden_states)) for project in (attn.to_q, attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)
         text_tokens = 0
         if encoder_hidden_states is not None:
@@ -304,7 +313,8 @@ def call_transformer(backend, conditions, z):
 def test_captured_joint_maps_equal_explicit_probabilities(backend, tiny_flux, which):
     _, conditions = make_conditions(backend)
     transformer = tiny_flux.transformer
-    names = [n for n in transformer.attn_processors if n.startswith("transformer_blocks." if which == "double" else "single_")]
+    prefix = "transformer_blocks." if which == "double" else "single_transformer_blocks."
+    names = [n for n in transformer.attn_processors if n.startswith(prefix)]
     columns = [3, 4, 5]
     recorded: dict[str, torch.Tensor] = {}
     original = dict(transformer.attn_processors)
