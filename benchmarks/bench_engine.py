@@ -45,7 +45,7 @@ from freecure.configs import (
 )
 from freecure.configs import SD_SCHEDULER as SCHEDULER
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
-from freecure.sampling import Guidance, plain_pass
+from freecure.sampling import plain_pass
 from freecure.tiny import LayoutFaceParser
 from freecure.tokenization import load_clip_tokenizer
 

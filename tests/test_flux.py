@@ -80,7 +80,6 @@ def test_schedule_is_fluxs_with_dynamic_shifting(tiny_flux):
     scheduler = fresh_scheduler(tiny_flux, 28)
     reference = FlowMatchEulerDiscreteScheduler.from_config(tiny_flux.scheduler.config)
     import numpy as np
-
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     mu = calculate_shift(256, 256, 4096, 0.5, 1.15)
