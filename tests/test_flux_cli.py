@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from freecure.cli import main
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -37,3 +39,15 @@ def test_cost_flux_counts_one_row_per_lane(capsys):
     # engine: SAME 6 calls (1 row before injection, 2 after), ROFA 4×1, expression 3+3
     assert result["engine"]["unet_calls"] == 6 + 4 + 6
     assert result["engine"]["batch_items"] == 2 * 1 + 4 * 2 + 4 + 6
+
+
+def test_eval_tiny_runs_on_flux(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    pytest.importorskip("facenet_pytorch")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\na <S> with black curly hair\n")
+    args = ["eval", "--tiny", "--backend", "infiniteyou", "--identities", "examples/identities"]
+    args += ["--prompts", str(prompts), "--num-seeds", "1", "--steps", "3", "--out", str(tmp_path / "eval")]
+    assert main([*args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 new" in printed and "infiniteyou + FreeCure" in printed

@@ -179,7 +179,7 @@ class JointAttentionCapture:
     blocks pass them concatenated, and the text length comes from the transformer call.
     """
 
-    def __init__(self, inner, store: AttentionStore, name: str, context: _JointContext, chunk_size: int = 1024):
+    def __init__(self, inner, store: AttentionStore, name: str, context: _JointContext, chunk_size: int = 256):
         self.inner = inner
         self.store = store
         self.name = name
@@ -245,7 +245,7 @@ def double_stream_attention_layers(transformer) -> list[str]:
 
 @contextlib.contextmanager
 def capture_joint_attention(
-    transformer, store: AttentionStore, layers: Sequence[str] | None = None, chunk_size: int = 1024
+    transformer, store: AttentionStore, layers: Sequence[str] | None = None, chunk_size: int = 256
 ) -> Iterator[AttentionStore]:
     """Install :class:`JointAttentionCapture` on ``layers`` of a FLUX transformer (default: every
     double-stream block) for the duration of the block. Every other processor is left as it is

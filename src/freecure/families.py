@@ -372,8 +372,8 @@ class FluxFamily(ModelFamily):
 
         if rescale:
             raise InputError("guidance_rescale is not used by FLUX; leave it at 0")
-        if true_cfg_scale < 1.0:
-            raise InputError(f"true_cfg_scale must be ≥ 1 (1 = off), got {true_cfg_scale}")
+        if not true_cfg_scale >= 1.0 or true_cfg_scale == float("inf"):
+            raise InputError(f"true_cfg_scale must be a finite number ≥ 1 (1 = off), got {true_cfg_scale}")
         return Guidance(scale=true_cfg_scale)
 
     def default_size(self, pipeline) -> tuple[int, int]:

@@ -2,8 +2,8 @@
 
 from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
-from .infiniteyou import InfiniteYouBackend
 from .fastcomposer import FastComposerBackend
+from .infiniteyou import InfiniteYouBackend
 from .photomaker import PhotoMakerBackend
 from .pulid import PuLIDSDXLBackend
 from .pulid_flux import PuLIDFluxBackend

@@ -35,10 +35,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from ..backends.token_fusion import text_dim
     from ..cost import count_costs
     from ..errors import InputError
     from ..pipeline import FreeCureConfig, FreeCurePipeline
-    from ..backends.token_fusion import text_dim
     from ..tiny import LayoutFaceParser, tiny_pipeline
 
     args.family = {"pulid-sdxl": "sdxl", "pulid-flux": "flux"}.get(args.backend, args.family)

@@ -63,6 +63,12 @@ def add_model_arguments(parser) -> None:
         default=None,
         help="CFG scale of FD and PD (default: the backend's original, e.g. 5.0 for PhotoMaker)",
     )
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=1.0,
+        help="FLUX: true classifier-free guidance with --negative-prompt (1 = off, one row per lane)",
+    )
     parser.add_argument("--gamma", type=float, default=0.5, help="γ: expression inversion depth (0, 1]")
     parser.add_argument(
         "--expression-guidance-scale",
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         generator=torch.Generator().manual_seed(args.seed),
         inject_step=args.inject_step,
+        true_cfg_scale=args.true_cfg_scale,
     )
     extra = {
         "seed": args.seed,
