@@ -1,13 +1,20 @@
-"""FreeCure wall time and peak memory against plain PD generation, on real-size UNets and VAEs.
+"""FreeCure wall time and peak memory against plain PD generation, on real-size denoisers and VAEs.
 
-The SD1.5 (512 px) and SDXL (1024 px) UNets and VAEs are built from their published configs
-with random weights (no checkpoint needed; a random UNet costs the same FLOPs as a trained
-one). Text conditioning is random tensors of the real shapes, the identity is injected at
-step ``--inject-step`` as a different random conditioning, and the face parser is the
-synthetic layout parser, so every stage runs: SAME pass, masks, ROFA, expression restore.
+The SD1.5 (512 px) and SDXL (1024 px) UNets and VAEs, and FLUX.1-dev's transformer (1024 px,
+≈ 11.9 B parameters; run it in bf16 on a GPU with ≥ 40 GB) and VAE are built from their
+published configs with random weights (no checkpoint needed; a random network costs the same
+FLOPs as a trained one). FLUX runs guidance-distilled (one row per lane, embedded guidance
+3.5) with 512 T5 tokens; ``--flux-reduced`` keeps FLUX's structure at a CPU-sized width and
+depth (a *reduced-size ratio*, not a performance figure). Text conditioning is random tensors
+of the real shapes, the identity is injected at step ``--inject-step`` as a different random
+conditioning, and the face parser is the synthetic layout parser, so every stage runs: SAME
+pass, masks, ROFA, expression restore.
 
     python benchmarks/bench_engine.py --family sdxl --steps 50 --dtype fp16      # on a GPU
+    python benchmarks/bench_engine.py --family flux --steps 28 --dtype bf16      # on a GPU (≈ 30 GB)
     python benchmarks/bench_engine.py --family sd15 --steps 3 --size 128 --device cpu  # smoke test
+    python benchmarks/bench_engine.py --family flux --flux-reduced --steps 6 --inject-step 2 \
+        --size 512 --device cpu --dtype fp32                                      # CPU ratio
 
 Prints one JSON object per family; record results with card, date and settings in
 benchmarks/RESULTS.md.
@@ -16,6 +23,7 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -25,10 +33,19 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from freecure.attributes import parse_prompt
 from freecure.backends.base import Backend, Conditions, TextConditioning
-from freecure.configs import SD15_UNET, SD15_VAE, SDXL_UNET, SDXL_VAE
+from freecure.configs import (
+    FLUX_DEV_TRANSFORMER,
+    FLUX_SCHEDULER,
+    FLUX_VAE_SCALING_FACTOR,
+    FLUX_VAE_SHIFT_FACTOR,
+    SD15_UNET,
+    SD15_VAE,
+    SDXL_UNET,
+    SDXL_VAE,
+)
 from freecure.configs import SD_SCHEDULER as SCHEDULER
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
-from freecure.sampling import Guidance, plain_pass
+from freecure.sampling import plain_pass
 from freecure.tiny import LayoutFaceParser
 from freecure.tokenization import load_clip_tokenizer
 
@@ -47,18 +64,48 @@ class BenchPipeline:
         self._execution_device = unet.device
 
 
+class BenchFluxPipeline:
+    """The few attributes of a diffusers ``FluxPipeline`` the engine reads."""
+
+    def __init__(self, transformer, vae, tokenizer_2):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.transformer, self.vae, self.tokenizer_2 = transformer, vae, tokenizer_2
+        self.scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+        self.vae_scale_factor = 8
+        self.default_sample_size = 128
+        self.image_processor = VaeImageProcessor(vae_scale_factor=16)
+        self._execution_device = transformer.device
+
+
+#: FLUX.1's VAE (16 latent channels, no quant convs).
+FLUX_VAE = dict(
+    SD15_VAE,
+    latent_channels=16,
+    sample_size=1024,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=FLUX_VAE_SCALING_FACTOR,
+    shift_factor=FLUX_VAE_SHIFT_FACTOR,
+)
+#: FLUX's structure at CPU size (same block kinds, ratio of double to single blocks, rope).
+FLUX_REDUCED = dict(FLUX_DEV_TRANSFORMER, num_layers=2, num_single_layers=4, num_attention_heads=4)
+FLUX_VAE_REDUCED = dict(FLUX_VAE, block_out_channels=(32, 32, 64, 64))
+
+
 class RandomConditioningBackend(Backend):
     """Random text conditioning of the real shapes; PD differs from FD after injection."""
 
     name = "bench"
 
-    def __init__(self, pipeline, dim: int, pooled: int | None, inject_step: int):
+    def __init__(self, pipeline, dim: int, pooled: int | None, inject_step: int, tokens: int = 77):
         super().__init__(pipeline)
-        self.dim, self.pooled, self.inject_step = dim, pooled, inject_step
+        self.dim, self.pooled, self.inject_step, self.tokens = dim, pooled, inject_step, tokens
 
     def _random(self, seed: int) -> TextConditioning:
         g = torch.Generator().manual_seed(seed)
-        embeds = torch.randn(1, 77, self.dim, generator=g)
+        embeds = torch.randn(1, self.tokens, self.dim, generator=g)
         pooled = torch.randn(1, self.pooled, generator=g) if self.pooled else None
         return TextConditioning(embeds, pooled)
 
@@ -73,7 +120,17 @@ class RandomConditioningBackend(Backend):
         )
 
 
-def build(family: str, size: int | None, device, dtype):
+def build(family: str, size: int | None, device, dtype, reduced: bool = False):
+    if family == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        from freecure.tiny import tiny_t5_tokenizer
+
+        config = FLUX_REDUCED if reduced else FLUX_DEV_TRANSFORMER
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**config).to(dtype).eval()
+            vae = AutoencoderKL(**(FLUX_VAE_REDUCED if reduced else FLUX_VAE)).to(dtype).eval()
+        return BenchFluxPipeline(transformer, vae, tiny_t5_tokenizer(512)), size or 1024
     sdxl = family == "sdxl"
     unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)).to(device, dtype).eval()
     vae = AutoencoderKL(**(SDXL_VAE if sdxl else SD15_VAE)).to(device, dtype).eval()
@@ -96,7 +153,8 @@ def timed(fn, device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["sd15", "sdxl"], nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--flux-reduced", action="store_true", help="FLUX at CPU size (2+4 blocks, 4 heads)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inject-step", type=int, default=10)
     parser.add_argument("--gamma", type=float, default=0.5)
@@ -117,23 +175,27 @@ def main() -> None:
 def bench_family(family: str, args, device, dtype) -> dict:
     """Time plain PD and FreeCure on one model family; return the record."""
     prompt = "a man with black curly hair, laughing happily"
-    pipeline, size = build(family, args.size, device, dtype)
-    sdxl = family == "sdxl"
-    backend = RandomConditioningBackend(pipeline, 2048 if sdxl else 768, 1280 if sdxl else None, args.inject_step)
+    pipeline, size = build(family, args.size, device, dtype, getattr(args, "flux_reduced", False))
+    dims = {"sd15": (768, None, 77), "sdxl": (2048, 1280, 77), "flux": (4096, 768, 512)}[family]
+    backend = RandomConditioningBackend(pipeline, dims[0], dims[1], args.inject_step, tokens=dims[2])
     config = FreeCureConfig(gamma=args.gamma, approximate_shared_uncond=args.approximate_shared_uncond)
     freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
     freecure.set_progress_bar_config(disable=True)
-    guidance = Guidance(scale=5.0 if sdxl else 7.5)
-    latent = (1, 4, size // 8, size // 8)
+    model_family = backend.family
+    guidance_scale = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5}[family]
+    guidance = model_family.loop_guidance(guidance_scale)
+    backend.guidance_scale = guidance_scale
+    latent_size = model_family.latent_size(pipeline, size, size)
 
     def plain():
-        scheduler = DDIMScheduler(**SCHEDULER)
-        scheduler.set_timesteps(args.steps, device=device)
-        parse_prompt(prompt, "man", tokenizer=pipeline.tokenizer)
+        scheduler = copy.deepcopy(pipeline.scheduler)
+        model_family.set_timesteps(scheduler, args.steps, device, latent_size)
+        parse_prompt(prompt, "man", tokenizer=backend.tokenizer)
         conditions = freecure_conditions(backend, args.steps, device, dtype)
-        z = torch.randn(latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        generator = torch.Generator().manual_seed(0)
+        z = model_family.initial_latents(pipeline, scheduler, latent_size, generator, device, dtype)
         z = plain_pass(backend, scheduler, z, conditions, guidance, (size, size))
-        return decode_latents(pipeline, z)
+        return decode_latents(pipeline, z, (size, size))
 
     def cured():
         return freecure(
@@ -141,7 +203,7 @@ def bench_family(family: str, args, device, dtype) -> dict:
             [],
             class_word="man",
             num_inference_steps=args.steps,
-            guidance_scale=guidance.scale,
+            guidance_scale=guidance_scale,
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(0),
@@ -156,6 +218,7 @@ def bench_family(family: str, args, device, dtype) -> dict:
     output = cured_runs[-1][0]
     return {
         "family": family,
+        "flux_reduced": family == "flux" and getattr(args, "flux_reduced", False),
         "size": size,
         "steps": args.steps,
         "inject_step": args.inject_step,

@@ -80,7 +80,6 @@ def test_schedule_is_fluxs_with_dynamic_shifting(tiny_flux):
     scheduler = fresh_scheduler(tiny_flux, 28)
     reference = FlowMatchEulerDiscreteScheduler.from_config(tiny_flux.scheduler.config)
     import numpy as np
-
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     mu = calculate_shift(256, 256, 4096, 0.5, 1.15)
@@ -244,7 +243,16 @@ def test_flow_inversion_with_another_prompt_does_not_reconstruct():
     config = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).config
     z0 = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = expression_restore(
-        ConstantVelocityBackend(), z0, conditioning(0.1), conditioning(0.3), conditioning(0.0), config, 20, 0.5, 1.0, SIZE
+        ConstantVelocityBackend(),
+        z0,
+        conditioning(0.1),
+        conditioning(0.3),
+        conditioning(0.0),
+        config,
+        20,
+        0.5,
+        1.0,
+        SIZE,
     )
     assert (out - z0).norm() / z0.norm() > 1e-2
 
@@ -272,7 +280,7 @@ class ExplicitJointAttention:
         def heads(x):
             return x.unflatten(-1, (attn.heads, -1))
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query, key, value = (heads(project(hidden_states)) for project in (attn.to_q, attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)
         text_tokens = 0
         if encoder_hidden_states is not None:
@@ -304,7 +312,8 @@ def call_transformer(backend, conditions, z):
 def test_captured_joint_maps_equal_explicit_probabilities(backend, tiny_flux, which):
     _, conditions = make_conditions(backend)
     transformer = tiny_flux.transformer
-    names = [n for n in transformer.attn_processors if n.startswith("transformer_blocks." if which == "double" else "single_")]
+    prefix = "transformer_blocks." if which == "double" else "single_transformer_blocks."
+    names = [n for n in transformer.attn_processors if n.startswith(prefix)]
     columns = [3, 4, 5]
     recorded: dict[str, torch.Tensor] = {}
     original = dict(transformer.attn_processors)
@@ -383,3 +392,27 @@ def test_flux_end_to_end_runs_every_stage(tiny_flux):
     assert out.stage("expression").batch_items == 2 * round(0.5 * 5)
     with pytest.raises(InputError, match="multiples of 4"):
         freecure(tiny_flux)(PROMPT, [], class_word="man", num_inference_steps=3, height=62)
+
+
+def test_freecure_runs_unchanged_under_offload_hooks(tmp_path):
+    """Sequential offload (weights on the meta device, loaded per submodule call by accelerate
+    hooks) of the transformer: same latents and attention maps as without hooks."""
+    from accelerate import cpu_offload
+
+    from freecure.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        reference = Image.new("RGB", (32, 32))
+        generator = torch.Generator().manual_seed(0)
+        return freecure(pipe)(PROMPT, [reference], class_word="man", num_inference_steps=3, generator=generator)
+
+    plain = run()
+    cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
+    assert pipe.transformer.x_embedder.weight.device.type == "meta"
+    hooked = run()
+    assert all(torch.equal(plain.latents[k], hooked.latents[k]) for k in plain.latents)
+    assert all(torch.equal(v, hooked.attention_maps[k]) for k, v in plain.attention_maps.items())
+    assert hooked.stage("same_pass").unet_calls == 3

@@ -54,7 +54,8 @@ def scheduler(backend):
 
 
 def z_T(backend, seed=0):
-    return FLUX.initial_latents(backend.pipeline, None, LATENT, torch.Generator().manual_seed(seed), "cpu", torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    return FLUX.initial_latents(backend.pipeline, None, LATENT, generator, "cpu", torch.float32)
 
 
 # --- checkpoints --------------------------------------------------------------------------------

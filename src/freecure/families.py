@@ -56,7 +56,7 @@ class ModelFamily:
     #: Default number of denoising steps of the family's reference pipeline.
     default_steps: int = 50
     #: ``--scheduler`` names (:data:`freecure.runtime.SCHEDULERS`) that fit the family, and the default.
-    schedulers: tuple[str, ...] = ("ddim", "dpmpp-2m", "euler", "unipc")
+    schedulers: tuple[str, ...] = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "unipc")
     default_scheduler: str = "ddim"
 
     # -- components ---------------------------------------------------------------------

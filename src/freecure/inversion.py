@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from .backends.base import Backend, TextConditioning
 from .families import UNET
 from .sampling import Guidance, predict_guided, single_lane_layout

@@ -23,6 +23,8 @@ DTYPES = {
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    # PuLID SDXL v1.1's non-Lightning preset (k-diffusion's DPM++ 2M on Karras sigmas)
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),

@@ -2,11 +2,13 @@
 
 from .base import Backend, Conditions, TextConditioning
 from .face_diffuser import FaceDiffuserBackend
-from .infiniteyou import InfiniteYouBackend
 from .fastcomposer import FastComposerBackend
+from .infiniteyou import InfiniteYouBackend
 from .instantid import InstantIDBackend
 from .ip_adapter_faceid import IPAdapterFaceIDBackend
 from .photomaker import PhotoMakerBackend
+from .pulid import PuLIDSDXLBackend
+from .pulid_flux import PuLIDFluxBackend
 from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
 
 #: Backends by the name the CLI takes.
@@ -18,6 +20,8 @@ BACKENDS: dict[str, type[Backend]] = {
     InfiniteYouBackend.name: InfiniteYouBackend,
     IPAdapterFaceIDBackend.name: IPAdapterFaceIDBackend,
     InstantIDBackend.name: InstantIDBackend,
+    PuLIDSDXLBackend.name: PuLIDSDXLBackend,
+    PuLIDFluxBackend.name: PuLIDFluxBackend,
 }
 
 __all__ = [
@@ -30,6 +34,8 @@ __all__ = [
     "IPAdapterFaceIDBackend",
     "InstantIDBackend",
     "PhotoMakerBackend",
+    "PuLIDFluxBackend",
+    "PuLIDSDXLBackend",
     "RandomProjectionIdentityEncoder",
     "TextConditioning",
     "TokenFusionBackend",

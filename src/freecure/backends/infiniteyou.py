@@ -139,7 +139,9 @@ class FacexlibArcFace:
             self.app.prepare(ctx_id=-1, det_size=(640, 640))
             self.arcface = init_recognition_model("arcface", device=str(self.device))
         except Exception as error:  # both download on first use
-            raise WeightsNotFoundError(f"could not load the face models ({error}); they download on first use") from None
+            raise WeightsNotFoundError(
+                f"could not load the face models ({error}); they download on first use"
+            ) from None
 
     def __call__(self, references: Sequence[Image.Image]) -> torch.Tensor:
         import numpy as np
@@ -240,7 +242,8 @@ class InfiniteYouBackend(Backend):
         )
         # ControlNet blocks start at zero (no effect): give them weights so PD differs from FD.
         with torch.no_grad():
-            for block in [*infusenet.controlnet_blocks, *infusenet.controlnet_single_blocks, infusenet.controlnet_x_embedder]:
+            zero_initialised = [*infusenet.controlnet_blocks, *infusenet.controlnet_single_blocks]
+            for block in [*zero_initialised, infusenet.controlnet_x_embedder]:
                 block.weight.normal_(0, 0.05)
         torch.manual_seed(seed + 2)
         resampler = IdentityResampler(**TINY_RESAMPLER).eval()

@@ -37,9 +37,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=["token-fusion", "ip-adapter-faceid", "instantid"],
+        choices=["token-fusion", "ip-adapter-faceid", "instantid", "pulid-sdxl", "pulid-flux"],
         default="token-fusion",
-        help="tiny backend to count (instantid is SDXL-only; its IdentityNet calls are counted as UNet calls)",
+        help="tiny backend to count (instantid and pulid-sdxl are SDXL-only, pulid-flux FLUX-only, whatever "
+        "--family says; InstantID's IdentityNet calls are counted as UNet calls)",
     )
     parser.add_argument(
         "--faceid-fd-lora", choices=["keep", "off"], default="keep",
@@ -52,19 +53,20 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from ..backends.token_fusion import text_dim
     from ..cost import count_costs
     from ..errors import InputError
     from ..pipeline import FreeCureConfig, FreeCurePipeline
-    from ..backends.token_fusion import text_dim
     from ..tiny import LayoutFaceParser, tiny_pipeline
 
+    args.family = {"pulid-sdxl": "sdxl", "pulid-flux": "flux"}.get(args.backend, args.family)
     if args.steps is None:
         args.steps = 28 if args.family == "flux" else 50
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
     if args.method != "rofa" and args.family == "flux":
         raise InputError("--method fasa is not implemented for FLUX yet (its joint attention has no FASA processor); use --method rofa")
-    if args.family == "flux" and args.backend != "token-fusion":
+    if args.family == "flux" and args.backend not in ("token-fusion", "pulid-flux"):
         raise InputError(f"--backend {args.backend} has no FLUX form; use --family sd15 or sdxl")
     if args.backend == "ip-adapter-faceid":
         from ..backends import IPAdapterFaceIDBackend
@@ -75,6 +77,16 @@ def run(args) -> int:
         from ..backends import InstantIDBackend
 
         backend = InstantIDBackend.tiny(fd_identitynet=args.instantid_fd == "zero-identity")
+        pipeline = backend.pipeline
+    elif args.backend == "pulid-sdxl":
+        from ..backends import PuLIDSDXLBackend
+
+        backend = PuLIDSDXLBackend.tiny()
+        pipeline = backend.pipeline
+    elif args.backend == "pulid-flux":
+        from ..backends import PuLIDFluxBackend
+
+        backend = PuLIDFluxBackend.tiny()
         pipeline = backend.pipeline
     else:
         pipeline = tiny_pipeline(args.family)

@@ -1,0 +1,141 @@
+"""What PuLID's IDFormer reads about a face, and the ``--face-embedding`` file that holds it.
+
+The original (ToTheBeginning/PuLID @ 1aa2fc7, ``get_id_embedding``) builds, per reference photo:
+
+1. the antelopev2 ArcFace embedding (512) of the largest detected face (insightface;
+   its models are for **non-commercial research only**);
+2. the face aligned to 512 × 512, parsed by BiSeNet; background, ears, earrings, neck,
+   necklace, cloth and hat (labels 0, 7, 8, 9, 14, 15, 16, 18) are set to white and the rest is
+   converted to grey (:func:`face_features_image`, with the BiSeNet parser we ship);
+3. EVA02-CLIP-L-14-336 on that image (resized to 336, bicubic, normalised with OpenAI CLIP's
+   mean/std): its image embedding (768, L2-normalised) and the hidden states entering its
+   blocks 4, 8, 12, 16, 20 (each (577, 1024));
+4. ``id_cond`` = [ArcFace; EVA-CLIP embedding] (1280) and the five hidden states.
+
+The IDFormer's *unconditional* input is all zeros of the same shapes.
+
+insightface and EVA-CLIP are not dependencies of FreeCure: a ``--face-embedding`` safetensors
+file carries steps 1–4's result, with tensors
+
+* ``id_cond``: (refs, 1280),
+* ``vit_hidden.0`` … ``vit_hidden.4``: (refs, 577, 1024),
+
+one row per reference photo (PuLID SDXL v1.1 accepts several: ``id_cond`` becomes
+(1, refs, 1280) and the hidden states are concatenated along the patch axis, as the original
+does; PuLID-FLUX takes one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .pulid_idformer import VIT_ROUNDS
+
+#: BiSeNet (CelebAMask-HQ) labels the original whitens before EVA-CLIP sees the face.
+BACKGROUND_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)
+
+INSIGHTFACE_LICENSE = "insightface antelopev2 models: non-commercial research use only"
+
+
+@dataclass(frozen=True)
+class PuLIDFaceEmbedding:
+    """The IDFormer's input for one identity.
+
+    Attributes:
+        id_cond: (refs, id_dim): ArcFace embedding ‖ normalised EVA-CLIP embedding per photo.
+        vit_hidden: five tensors (refs, patches, vit_dim): EVA-CLIP hidden states per photo.
+    """
+
+    id_cond: torch.Tensor
+    vit_hidden: tuple[torch.Tensor, ...]
+
+    def idformer_inputs(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The original's batching: (1, refs, id_dim) and hidden states (1, refs·patches, dim)."""
+        return self.id_cond[None], [h.reshape(1, -1, h.shape[-1]) for h in self.vit_hidden]
+
+    def zeros(self) -> PuLIDFaceEmbedding:
+        """The unconditional input: zeros of the same shapes."""
+        return PuLIDFaceEmbedding(torch.zeros_like(self.id_cond), tuple(torch.zeros_like(h) for h in self.vit_hidden))
+
+    def check(self, id_dim: int, vit_dim: int, what: str) -> None:
+        refs = self.id_cond.shape[0]
+        if self.id_cond.ndim != 2 or self.id_cond.shape[1] != id_dim:
+            raise InputError(f"{what}: id_cond has shape {tuple(self.id_cond.shape)}, expected (refs, {id_dim})")
+        for i, hidden in enumerate(self.vit_hidden):
+            if hidden.ndim != 3 or hidden.shape[0] != refs or hidden.shape[2] != vit_dim:
+                raise InputError(
+                    f"{what}: vit_hidden.{i} has shape {tuple(hidden.shape)}, expected ({refs}, patches, {vit_dim})"
+                )
+        values = [self.id_cond, *self.vit_hidden]
+        if not all(torch.isfinite(v).all() for v in values):
+            raise InputError(f"{what}: the embedding holds NaN or infinite values")
+
+
+def load_face_embedding(path) -> PuLIDFaceEmbedding:
+    """Read a ``--face-embedding`` safetensors file (see the module docstring)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"face embedding file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"cannot read {path} as safetensors: {error}") from None
+    names = ["id_cond", *(f"vit_hidden.{i}" for i in range(VIT_ROUNDS))]
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise InputError(
+            f"{path} lacks {', '.join(missing)}: a PuLID face embedding holds id_cond (refs, 1280) and "
+            f"vit_hidden.0 … vit_hidden.4 (refs, 577, 1024); see docs/backends/pulid.md"
+        )
+    return PuLIDFaceEmbedding(tensors["id_cond"].float(), tuple(tensors[f"vit_hidden.{i}"].float() for i in range(5)))
+
+
+def save_face_embedding(embedding: PuLIDFaceEmbedding, path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"id_cond": embedding.id_cond.contiguous()}
+    tensors.update({f"vit_hidden.{i}": h.contiguous() for i, h in enumerate(embedding.vit_hidden)})
+    save_file(tensors, str(path))
+
+
+def face_features_image(aligned: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The image EVA-CLIP sees: grey face, white where BiSeNet says background/ears/neck/…
+
+    Args:
+        aligned: the aligned face, (H, W, 3) RGB, floats in [0, 1].
+        labels: BiSeNet's label map of the same face, (H, W).
+    Returns:
+        (H, W, 3) floats: grey = 0.299 R + 0.587 G + 0.114 B on the face, 1 elsewhere.
+    """
+    if aligned.shape[:2] != labels.shape:
+        raise ValueError(f"image {aligned.shape[:2]} and label map {labels.shape} differ in size")
+    grey = aligned[..., 0] * 0.299 + aligned[..., 1] * 0.587 + aligned[..., 2] * 0.114
+    background = np.isin(labels, BACKGROUND_LABELS)
+    return np.repeat(np.where(background, 1.0, grey)[..., None], 3, axis=-1)
+
+
+def random_face_embedding(id_dim: int, vit_dim: int, patches: int = 9, refs: int = 1, seed: int = 0):
+    """A random embedding of the right shapes, for tiny runs (``--tiny`` without a file)."""
+    g = torch.Generator().manual_seed(seed)
+    return PuLIDFaceEmbedding(
+        torch.randn(refs, id_dim, generator=g),
+        tuple(torch.randn(refs, patches, vit_dim, generator=g) for _ in range(VIT_ROUNDS)),
+    )
+
+
+def needs_face_embedding(backend: str) -> InputError:
+    """The error when no embedding file is given outside ``--tiny``."""
+    return InputError(
+        f"{backend} needs --face-embedding FILE.safetensors (id_cond and vit_hidden.0-4, see "
+        "docs/backends/pulid.md): computing it from a photo needs insightface's antelopev2 models "
+        f"({INSIGHTFACE_LICENSE}) and EVA02-CLIP-L-14-336, which FreeCure does not install. "
+        "Offline, try --tiny."
+    )
