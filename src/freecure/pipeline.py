@@ -27,7 +27,7 @@ from .attention import AttentionStore, capture_cross_attention
 from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError, check_number
-from .images import ImageInput, load_reference
+from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import attribute_mask, merge_masks, to_latent_resolution
 from .parsing import FaceParser, ParseResult
@@ -271,7 +271,7 @@ class FreeCurePipeline:
         factor = pipeline.vae_scale_factor
         if height % (factor * 8) or width % (factor * 8):
             raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
-        references = [load_reference(image) for image in reference_images]
+        references = [load_image(image) for image in reference_images]
         class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
         for word in parsed.unknown_words:
