@@ -111,7 +111,7 @@ def read_tensors(path: str | os.PathLike, what: str = "checkpoint", hint: str = 
         kind = "a safetensors file" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "a PyTorch checkpoint"
         reason = _first_line(error)
         if isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: never
-            reason = "it holds objects other than tensors, which freecure never unpickles"
+            reason = "it is not a tensor-only checkpoint: it holds other Python objects, which freecure never unpickles"
         raise WeightsNotFoundError(
             f"cannot read {path} as {kind} for {what} ({reason}); it may be truncated, corrupt or of "
             f"another format: download it again or pass the right file.{tail}"

@@ -47,6 +47,9 @@ def check_number(
         raise InputError(f"{name} must be {what}, got {value!r}")
     too_low = minimum is not None and (value <= minimum if open_minimum else value < minimum)
     if too_low or (maximum is not None and value > maximum):
-        low = "(" if open_minimum else "["
-        high = "∞" if maximum is None else maximum
-        raise InputError(f"{name} must lie in {low}{'-∞' if minimum is None else minimum}, {high}], got {value!r}")
+        bounds = []
+        if minimum is not None:
+            bounds.append(f"{'greater than' if open_minimum else 'at least'} {minimum}")
+        if maximum is not None:
+            bounds.append(f"at most {maximum}")
+        raise InputError(f"{name} must be {' and '.join(bounds)}, got {value!r}")

@@ -30,7 +30,7 @@ from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError, check_number
 from .families import family_of
 from .fasa import FasaConfig, check_one_batch, fasa_layers, fasa_stage
-from .images import ImageInput, load_reference
+from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
 from .parsing import FaceParser, ParseResult
@@ -248,7 +248,9 @@ class FreeCurePipeline:
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
     def expression_guidance(self, guidance_scale: float) -> float:
-        """Guidance of the expression re-denoising: the config's, else the run's."""
+        """Guidance of the expression re-denoising: the config's, else the run's loop guidance
+        (Stable Diffusion: the CFG scale w; FLUX: ``true_cfg_scale``, its distilled guidance
+        being an embedding that every FLUX call already carries)."""
         configured = self.config.expression_guidance_scale
         return guidance_scale if configured is None else configured
 
@@ -313,7 +315,7 @@ class FreeCurePipeline:
         if height % multiple or width % multiple:
             raise InputError(f"height and width must be multiples of {multiple}, got {height}×{width}")
         guidance = family.loop_guidance(guidance_scale, true_cfg_scale, guidance_rescale)
-        references = [load_reference(image) for image in reference_images]
+        references = [load_image(image) for image in reference_images]
         class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
         for word in parsed.unknown_words:
@@ -416,7 +418,7 @@ class FreeCurePipeline:
                         scheduler.config,
                         num_inference_steps,
                         self.config.gamma,
-                        self.expression_guidance(guidance_scale),
+                        self.expression_guidance(guidance.scale),
                         image_size,
                         on_step=lambda i: bar.update(),
                         inversion_guidance_scale=self.config.inversion_guidance_scale,
@@ -445,7 +447,7 @@ class FreeCurePipeline:
             inject_step=conditions.inject_step,
             scheduler=type(scheduler).__name__,
             gamma=self.config.gamma,
-            expression_guidance_scale=self.expression_guidance(guidance_scale),
+            expression_guidance_scale=self.expression_guidance(guidance.scale),
             inversion_guidance_scale=self.config.inversion_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
             pd_region=self.config.pd_region,

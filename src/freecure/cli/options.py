@@ -140,6 +140,8 @@ def check_output_folder(out: Path, overwrite: bool = False, option: str = "--out
             neither ``overwrite`` nor ``resumable`` is set.
     """
     out = Path(out)
+    if out.is_symlink() and not resumable:  # replaced whole by a rename, which would replace the link
+        raise InputError(f"{option} {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} must be a folder, but {out} is a file; choose another {option}")
     if out.is_dir() and not resumable and any(out.iterdir()) and not overwrite:
