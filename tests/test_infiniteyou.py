@@ -34,8 +34,8 @@ SIZE, LATENT, STEPS = (64, 64), (32, 32), 5
 
 
 @pytest.fixture(scope="module")
-def backend():
-    backend = InfiniteYouBackend.tiny(guidance_start=0.3)
+def backend(tiny_flux):
+    backend = InfiniteYouBackend.tiny(pipeline=tiny_flux, guidance_start=0.3)
     backend.pipeline.set_progress_bar_config(disable=True)
     backend.guidance_scale = 3.5
     return backend
