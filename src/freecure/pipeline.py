@@ -192,10 +192,10 @@ class FreeCurePipeline:
         >>> out.images["freecure"].save("freecure.png")
     """
 
-    def __init__(self, backend: Backend, face_parser: FaceParser, config: FreeCureConfig = FreeCureConfig()):
+    def __init__(self, backend: Backend, face_parser: FaceParser, config: FreeCureConfig | None = None):
         self.backend = backend
         self.face_parser = face_parser
-        self.config = config
+        self.config = config if config is not None else FreeCureConfig()
         self.progress = True
 
     @property
