@@ -308,6 +308,8 @@ class InfiniteYouBackend(Backend):
             value = getattr(args, name)
             if not math.isfinite(value):
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0.0 <= args.infusenet_guidance_start < 1.0:
+            raise InputError(f"--infusenet-guidance-start must lie in [0, 1), got {args.infusenet_guidance_start}")
         options = dict(
             conditioning_scale=args.infusenet_conditioning_scale, guidance_start=args.infusenet_guidance_start
         )
