@@ -416,3 +416,15 @@ def test_freecure_runs_unchanged_under_offload_hooks(tiny_flux):
     assert all(torch.equal(plain.latents[k], hooked.latents[k]) for k in plain.latents)
     assert all(torch.equal(v, hooked.attention_maps[k]) for k, v in plain.attention_maps.items())
     assert hooked.stage("same_pass").unet_calls == 3
+
+
+def test_identity_embedding_file_for_token_fusion(tmp_path):
+    from safetensors.torch import save_file
+
+    from freecure.backends.token_fusion import load_identity_embedding
+
+    save_file({"identity": torch.ones(2, 32)}, str(tmp_path / "id.safetensors"))
+    assert load_identity_embedding(tmp_path / "id.safetensors").shape == (2, 32)
+    (tmp_path / "bad.safetensors").write_text("not safetensors")
+    with pytest.raises(InputError, match="cannot read"):
+        load_identity_embedding(tmp_path / "bad.safetensors")

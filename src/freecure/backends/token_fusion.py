@@ -139,7 +139,7 @@ def load_identity_embedding(path) -> torch.Tensor:
     """Read the tensor ``identity`` from a safetensors file."""
     from pathlib import Path
 
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if path is None:
@@ -152,7 +152,7 @@ def load_identity_embedding(path) -> torch.Tensor:
         raise InputError(f"identity embedding file not found: {path}")
     try:
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError) as error:
+    except (SafetensorError, OSError) as error:
         raise InputError(f"cannot read {path} as safetensors: {error}") from None
     if "identity" not in tensors:
         raise InputError(f"{path} has no tensor named 'identity' (it has: {', '.join(tensors) or 'none'})")
