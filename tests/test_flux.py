@@ -394,15 +394,14 @@ def test_flux_end_to_end_runs_every_stage(tiny_flux):
         freecure(tiny_flux)(PROMPT, [], class_word="man", num_inference_steps=3, height=62)
 
 
-def test_freecure_runs_unchanged_under_offload_hooks(tmp_path):
+def test_freecure_runs_unchanged_under_offload_hooks(tiny_flux):
     """Sequential offload (weights on the meta device, loaded per submodule call by accelerate
-    hooks) of the transformer: same latents and attention maps as without hooks."""
+    hooks) of the transformer and the VAE: same latents and attention maps as without hooks."""
+    import copy
+
     from accelerate import cpu_offload
 
-    from freecure.tiny import tiny_flux_pipeline
-
-    pipe = tiny_flux_pipeline(tmp_path)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = copy.deepcopy(tiny_flux)  # hooks stay on the copy
 
     def run():
         reference = Image.new("RGB", (32, 32))
@@ -411,8 +410,21 @@ def test_freecure_runs_unchanged_under_offload_hooks(tmp_path):
 
     plain = run()
     cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
+    cpu_offload(pipe.vae, execution_device=torch.device("cpu"))
     assert pipe.transformer.x_embedder.weight.device.type == "meta"
     hooked = run()
     assert all(torch.equal(plain.latents[k], hooked.latents[k]) for k in plain.latents)
     assert all(torch.equal(v, hooked.attention_maps[k]) for k, v in plain.attention_maps.items())
     assert hooked.stage("same_pass").unet_calls == 3
+
+
+def test_identity_embedding_file_for_token_fusion(tmp_path):
+    from safetensors.torch import save_file
+
+    from freecure.backends.token_fusion import load_identity_embedding
+
+    save_file({"identity": torch.ones(2, 32)}, str(tmp_path / "id.safetensors"))
+    assert load_identity_embedding(tmp_path / "id.safetensors").shape == (2, 32)
+    (tmp_path / "bad.safetensors").write_text("not safetensors")
+    with pytest.raises(InputError, match="cannot read"):
+        load_identity_embedding(tmp_path / "bad.safetensors")

@@ -34,8 +34,8 @@ SIZE, LATENT, STEPS = (64, 64), (32, 32), 5
 
 
 @pytest.fixture(scope="module")
-def backend():
-    backend = InfiniteYouBackend.tiny(guidance_start=0.3)
+def backend(tiny_flux):
+    backend = InfiniteYouBackend.tiny(pipeline=tiny_flux, guidance_start=0.3)
     backend.pipeline.set_progress_bar_config(disable=True)
     backend.guidance_scale = 3.5
     return backend
@@ -83,6 +83,31 @@ def test_resampler_file_loads_strictly(tmp_path):
     torch.save({"other": {}}, tmp_path / "other.bin")
     with pytest.raises(WeightsNotFoundError, match="image_proj"):
         load_resampler(tmp_path / "other.bin", TINY_RESAMPLER)
+
+
+def test_resampler_computes_the_original_perceiver():
+    """The original Resampler's forward written out: learned queries, ``depth`` × (perceiver
+    attention over [features; latents] with the √√d split scale + FFN, both residual), then
+    proj_out and norm_out."""
+    torch.manual_seed(0)
+    resampler = IdentityResampler(**TINY_RESAMPLER).eval()
+    x = torch.randn(2, 1, 512)
+    heads = TINY_RESAMPLER["heads"]
+    latents = resampler.latents.repeat(2, 1, 1)
+    features = resampler.proj_in(x)
+    for attention, ff in resampler.layers:
+        f, q_in = attention.norm1(features), attention.norm2(latents)
+        q = attention.to_q(q_in)
+        k, v = attention.to_kv(torch.cat([f, q_in], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.view(2, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        scale = 1 / (TINY_RESAMPLER["dim_head"] ** 0.25)
+        weight = torch.softmax(((q * scale) @ (k * scale).transpose(-2, -1)).float(), dim=-1)
+        out = (weight @ v).permute(0, 2, 1, 3).reshape(2, latents.shape[1], -1)
+        latents = attention.to_out(out) + latents
+        latents = ff(latents) + latents
+    expected = resampler.norm_out(resampler.proj_out(latents))
+    with torch.no_grad():
+        torch.testing.assert_close(resampler(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_face_embedding_file(tmp_path):
@@ -209,3 +234,13 @@ def test_generate_tiny_infiniteyou_runs_every_stage(tmp_path, astronaut):
     assert manifest["settings"]["family"] == "flux" and manifest["settings"]["inject_step"] == 0
     fd, pd = (np.asarray(Image.open(out / f"{name}.png")) for name in ("fd", "pd"))
     assert not np.array_equal(fd, pd)  # identity injected from step 0
+
+
+def test_generate_refuses_bad_infusenet_options_before_loading(tmp_path, capsys):
+    args = ["generate", "--tiny", "--backend", "infiniteyou", "--prompt", PROMPT, "--out", str(tmp_path / "x")]
+    assert main([*args, "--infusenet-guidance-start", "1.5"]) == 2
+    assert "--infusenet-guidance-start must lie in [0, 1)" in capsys.readouterr().err
+    assert main([*args, "--infusenet-conditioning-scale", "nan"]) == 2
+    assert "finite" in capsys.readouterr().err
+    assert main([*args, "--face-embedding", str(tmp_path / "missing.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
 
 from .errors import InputError
@@ -134,7 +135,7 @@ def _vae_decode(pipeline, latents: torch.Tensor) -> list[Image.Image]:
     vae = pipeline.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     dtype = torch.float32 if upcast else vae.dtype
-    device = next(vae.parameters()).device
+    device = get_module_execution_device(vae)  # the hook's device under offload, else the weights'
     images = []
     with torch.no_grad():
         if upcast:

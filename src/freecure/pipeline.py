@@ -228,13 +228,13 @@ class FreeCurePipeline:
         >>> out.images["freecure"].save("freecure.png")
     """
 
-    def __init__(self, backend: Backend, face_parser: FaceParser, config: FreeCureConfig = FreeCureConfig()):
+    def __init__(self, backend: Backend, face_parser: FaceParser, config: FreeCureConfig | None = None):
         self.backend = backend
         self.face_parser = face_parser
-        self.config = config
-        if config.method == "fasa":  # fail now, not after the SAME pass
+        self.config = config if config is not None else FreeCureConfig()
+        if self.config.method == "fasa":  # fail now, not after the SAME pass
             check_one_batch(backend)
-            fasa_layers(backend.unet, config.fasa.layers)
+            fasa_layers(backend.unet, self.config.fasa.layers)
         self.progress = True
 
     @property

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
 from torch import nn
 
@@ -219,13 +220,13 @@ class InfiniteYouBackend(Backend):
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def tiny(cls, seed: int = 0, **kwargs) -> InfiniteYouBackend:
-        """Tiny random FLUX pipeline, InfuseNet and Resampler, offline."""
+    def tiny(cls, seed: int = 0, pipeline=None, **kwargs) -> InfiniteYouBackend:
+        """Tiny random InfuseNet and Resampler on ``pipeline`` (default: a new tiny FLUX), offline."""
         from diffusers import FluxControlNetModel
 
         from ..tiny import tiny_flux_pipeline
 
-        pipeline = tiny_flux_pipeline(seed=seed)
+        pipeline = pipeline if pipeline is not None else tiny_flux_pipeline(seed=seed)
         config = dict(pipeline.transformer.config)
         torch.manual_seed(seed + 1)
         infusenet = FluxControlNetModel(
@@ -307,6 +308,8 @@ class InfiniteYouBackend(Backend):
             value = getattr(args, name)
             if not math.isfinite(value):
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0.0 <= args.infusenet_guidance_start < 1.0:
+            raise InputError(f"--infusenet-guidance-start must lie in [0, 1), got {args.infusenet_guidance_start}")
         options = dict(
             conditioning_scale=args.infusenet_conditioning_scale, guidance_start=args.infusenet_guidance_start
         )
@@ -358,7 +361,7 @@ class InfiniteYouBackend(Backend):
             vae = pipeline.vae
             black = Image.new("RGB", (image_size[1], image_size[0]))
             pixels = pipeline.image_processor.preprocess(black, height=image_size[0], width=image_size[1])
-            pixels = pixels.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+            pixels = pixels.to(device=get_module_execution_device(vae), dtype=vae.dtype)
             generator = torch.Generator(pixels.device).manual_seed(self.control_seed)
             with torch.no_grad():
                 latent = vae.encode(pixels).latent_dist.sample(generator)
