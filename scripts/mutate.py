@@ -220,7 +220,8 @@ class _Finder(ast.NodeVisitor):
     def visit_Name(self, node):
         other = SWAP.get(node.id)
         if isinstance(node.ctx, ast.Load) and other in self.names_in_function:
-            self.site(node, "swap", f"name `{node.id}` → `{other}`", lambda n, other=other: ast.Name(other, ast.Load()))
+            self.site(node, "swap", f"name `{node.id}` → `{other}`",
+                      lambda n, other=other: ast.Name(other, ast.Load()))
 
     def visit_Attribute(self, node):
         other = SWAP.get(node.attr)
@@ -456,17 +457,20 @@ def main(argv=None) -> int:
 
 def summary(path: str) -> int:
     records = [json.loads(line) for line in open(path)]
-    applied = [r for r in records if r["status"] != "not-applied"]
-    killed = [r for r in applied if r["status"] != "survived"]
-    print(f"{len(killed)}/{len(applied)} mutants killed ({100 * len(killed) / max(1, len(applied)):.1f} %)")
+    # a timeout is undecided (the tests neither failed nor finished): left out of the score
+    decided = [r for r in records if r["status"] not in ("not-applied", "timeout")]
+    killed = [r for r in decided if r["status"] != "survived"]
+    timeouts = [r for r in records if r["status"] == "timeout"]
+    print(f"{len(killed)}/{len(decided)} mutants killed ({100 * len(killed) / max(1, len(decided)):.1f} %); "
+          f"{len(timeouts)} timed out (undecided), {len(records) - len(decided) - len(timeouts)} not applied")
     by_module: dict[str, list] = {}
-    for r in applied:
+    for r in decided:
         by_module.setdefault(r["module"], []).append(r["status"] != "survived")
     for module, kills in sorted(by_module.items()):
         print(f"  {module}: {sum(kills)}/{len(kills)}")
-    for r in applied:
-        if r["status"] == "survived":
-            print(f"  survived: {r['module']}:{r['line']} {r['function']} {r['description']}")
+    for r in records:
+        if r["status"] in ("survived", "timeout"):
+            print(f"  {r['status']}: {r['module']}:{r['line']} {r['function']} {r['description']}")
     return 0
 
 
