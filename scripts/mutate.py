@@ -363,13 +363,21 @@ class Timeout(Exception):
     pass
 
 
+_timed_out = False
+
+
 def _alarm(signum, frame):
+    # raised inside a test, pytest reports it as a failure: the flag tells a timeout apart
+    global _timed_out
+    _timed_out = True
     raise Timeout()
 
 
 def run_tests(tests: list[str], timeout: int) -> tuple[int, float]:
     import pytest
 
+    global _timed_out
+    _timed_out = False
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
@@ -381,7 +389,7 @@ def run_tests(tests: list[str], timeout: int) -> tuple[int, float]:
         code = -1
     finally:
         signal.alarm(0)
-    return int(code), time.perf_counter() - start
+    return (-1 if _timed_out else int(code)), time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -398,7 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--summary", metavar="JSONL", help="print the score of a results file and exit")
     args = parser.parse_args(argv)
     if args.summary:
-        return summary(args.summary)
+        return summary(args.summary, args.timeout)
 
     modules = [m for m in TARGETS if not args.module or any(m == n or m.endswith("." + n) for n in args.module)]
     pools = {m: enumerate_mutants(m)[0] for m in modules}
@@ -452,11 +460,14 @@ def main(argv=None) -> int:
             out.flush()
             print(f"[{n}/{len(sample)}] {status:9s} {seconds:5.0f}s {mutant.module}:{mutant.line} "
                   f"{mutant.function} {mutant.description}", flush=True)
-    return summary(args.out)
+    return summary(args.out, args.timeout)
 
 
-def summary(path: str) -> int:
+def summary(path: str, timeout: float | None = None) -> int:
     records = [json.loads(line) for line in open(path)]
+    for r in records:  # results of runs before the timeout flag existed
+        if timeout is not None and r["seconds"] >= timeout and r["status"] != "survived":
+            r["status"] = "timeout"
     # a timeout is undecided (the tests neither failed nor finished): left out of the score
     decided = [r for r in records if r["status"] not in ("not-applied", "timeout")]
     killed = [r for r in decided if r["status"] != "survived"]
