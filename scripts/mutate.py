@@ -47,7 +47,7 @@ TARGETS: dict[str, list[str]] = {
     "freecure.attention": ["tests/test_attention.py", "tests/test_engine.py", "tests/test_wiring.py"],
     "freecure.pipeline": ["tests/test_wiring.py", "tests/test_engine.py"],
     "freecure.backends.base": ["tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.backends.token_fusion": ["tests/test_engine.py", "tests/test_wiring.py"],
+    "freecure.backends.token_fusion": ["tests/test_engine.py", "tests/test_wiring.py", "tests/test_cli_generate.py"],
     "freecure.backends.modules": ["tests/test_photomaker.py", "tests/test_fastcomposer.py"],
     "freecure.backends.photomaker": ["tests/test_photomaker.py"],
     "freecure.backends.photomaker_v2": ["tests/test_photomaker.py"],
@@ -404,6 +404,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the unmutated run of each test set (when the suite is known to pass)")
     parser.add_argument("--summary", metavar="JSONL", help="print the score of a results file and exit")
+    parser.add_argument("--retry", metavar="JSONL", help="run again the survivors and timeouts of a results file")
     args = parser.parse_args(argv)
     if args.summary:
         return summary(args.summary, args.timeout)
@@ -417,6 +418,12 @@ def main(argv=None) -> int:
         k = args.per_module or max(3, round(args.total * len(pool) / total))
         sample += rng.sample(pool, min(len(pool), k))
     rng.shuffle(sample)  # interleave modules, so a partial run covers all of them
+    if args.retry:
+        # matched by what the fault is, not by index, so edits elsewhere in a module do not matter
+        again = {(r["module"], r["function"], r["kind"], r["description"]) for r in map(json.loads, open(args.retry))
+                 if r["status"] in ("survived", "timeout") or r["seconds"] >= args.timeout}
+        sample = [m for pool in pools.values() for m in pool
+                  if (m.module, m.function, m.kind, m.description) in again]
     print(f"{total} mutants in {len(modules)} modules; sampled {len(sample)} (seed {args.seed})", flush=True)
     if args.list:
         for m in sample:
