@@ -47,7 +47,7 @@ TARGETS: dict[str, list[str]] = {
     "freecure.attention": ["tests/test_attention.py", "tests/test_engine.py", "tests/test_wiring.py"],
     "freecure.pipeline": ["tests/test_wiring.py", "tests/test_engine.py"],
     "freecure.backends.base": ["tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.backends.token_fusion": ["tests/test_engine.py", "tests/test_wiring.py"],
+    "freecure.backends.token_fusion": ["tests/test_engine.py", "tests/test_wiring.py", "tests/test_cli_generate.py"],
     "freecure.backends.modules": ["tests/test_photomaker.py", "tests/test_fastcomposer.py"],
     "freecure.backends.photomaker": ["tests/test_photomaker.py"],
     "freecure.backends.photomaker_v2": ["tests/test_photomaker.py"],
@@ -220,7 +220,8 @@ class _Finder(ast.NodeVisitor):
     def visit_Name(self, node):
         other = SWAP.get(node.id)
         if isinstance(node.ctx, ast.Load) and other in self.names_in_function:
-            self.site(node, "swap", f"name `{node.id}` → `{other}`", lambda n, other=other: ast.Name(other, ast.Load()))
+            self.site(node, "swap", f"name `{node.id}` → `{other}`",
+                      lambda n, other=other: ast.Name(other, ast.Load()))
 
     def visit_Attribute(self, node):
         other = SWAP.get(node.attr)
@@ -362,13 +363,21 @@ class Timeout(Exception):
     pass
 
 
+_timed_out = False
+
+
 def _alarm(signum, frame):
+    # raised inside a test, pytest reports it as a failure: the flag tells a timeout apart
+    global _timed_out
+    _timed_out = True
     raise Timeout()
 
 
 def run_tests(tests: list[str], timeout: int) -> tuple[int, float]:
     import pytest
 
+    global _timed_out
+    _timed_out = False
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
@@ -380,7 +389,7 @@ def run_tests(tests: list[str], timeout: int) -> tuple[int, float]:
         code = -1
     finally:
         signal.alarm(0)
-    return int(code), time.perf_counter() - start
+    return (-1 if _timed_out else int(code)), time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -395,9 +404,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the unmutated run of each test set (when the suite is known to pass)")
     parser.add_argument("--summary", metavar="JSONL", help="print the score of a results file and exit")
+    parser.add_argument("--retry", metavar="JSONL", help="run again the survivors and timeouts of a results file")
     args = parser.parse_args(argv)
     if args.summary:
-        return summary(args.summary)
+        return summary(args.summary, args.timeout)
 
     modules = [m for m in TARGETS if not args.module or any(m == n or m.endswith("." + n) for n in args.module)]
     pools = {m: enumerate_mutants(m)[0] for m in modules}
@@ -408,6 +418,12 @@ def main(argv=None) -> int:
         k = args.per_module or max(3, round(args.total * len(pool) / total))
         sample += rng.sample(pool, min(len(pool), k))
     rng.shuffle(sample)  # interleave modules, so a partial run covers all of them
+    if args.retry:
+        # matched by what the fault is, not by index, so edits elsewhere in a module do not matter
+        again = {(r["module"], r["function"], r["kind"], r["description"]) for r in map(json.loads, open(args.retry))
+                 if r["status"] in ("survived", "timeout") or r["seconds"] >= args.timeout}
+        sample = [m for pool in pools.values() for m in pool
+                  if (m.module, m.function, m.kind, m.description) in again]
     print(f"{total} mutants in {len(modules)} modules; sampled {len(sample)} (seed {args.seed})", flush=True)
     if args.list:
         for m in sample:
@@ -451,22 +467,28 @@ def main(argv=None) -> int:
             out.flush()
             print(f"[{n}/{len(sample)}] {status:9s} {seconds:5.0f}s {mutant.module}:{mutant.line} "
                   f"{mutant.function} {mutant.description}", flush=True)
-    return summary(args.out)
+    return summary(args.out, args.timeout)
 
 
-def summary(path: str) -> int:
+def summary(path: str, timeout: float | None = None) -> int:
     records = [json.loads(line) for line in open(path)]
-    applied = [r for r in records if r["status"] != "not-applied"]
-    killed = [r for r in applied if r["status"] != "survived"]
-    print(f"{len(killed)}/{len(applied)} mutants killed ({100 * len(killed) / max(1, len(applied)):.1f} %)")
+    for r in records:  # results of runs before the timeout flag existed
+        if timeout is not None and r["seconds"] >= timeout and r["status"] != "survived":
+            r["status"] = "timeout"
+    # a timeout is undecided (the tests neither failed nor finished): left out of the score
+    decided = [r for r in records if r["status"] not in ("not-applied", "timeout")]
+    killed = [r for r in decided if r["status"] != "survived"]
+    timeouts = [r for r in records if r["status"] == "timeout"]
+    print(f"{len(killed)}/{len(decided)} mutants killed ({100 * len(killed) / max(1, len(decided)):.1f} %); "
+          f"{len(timeouts)} timed out (undecided), {len(records) - len(decided) - len(timeouts)} not applied")
     by_module: dict[str, list] = {}
-    for r in applied:
+    for r in decided:
         by_module.setdefault(r["module"], []).append(r["status"] != "survived")
     for module, kills in sorted(by_module.items()):
         print(f"  {module}: {sum(kills)}/{len(kills)}")
-    for r in applied:
-        if r["status"] == "survived":
-            print(f"  survived: {r['module']}:{r['line']} {r['function']} {r['description']}")
+    for r in records:
+        if r["status"] in ("survived", "timeout"):
+            print(f"  {r['status']}: {r['module']}:{r['line']} {r['function']} {r['description']}")
     return 0
 
 

@@ -127,7 +127,14 @@ def test_cost_counts_by_running(capsys):
     assert result["engine"]["stages"]["expression"]["batch_items"] == 3 + 6
     assert result["settings"]["expression_guidance_scale"] == 7.5
     assert result["settings"]["inversion_guidance_scale"] == 1.0
-    # the former behaviour, one unguided setting for both halves, is one flag away
-    assert main(["cost", "--steps", "6", "--inject-step", "2", "--json", "--expression-guidance-scale", "1"]) == 0
-    former = json.loads(capsys.readouterr().out)
-    assert former["engine"]["stages"]["expression"]["batch_items"] == 3 + 3
+
+
+def test_token_fusion_cli_options_parse_as_documented():
+    import argparse
+
+    from freecure.backends import TokenFusionBackend
+
+    parser = argparse.ArgumentParser()
+    TokenFusionBackend.add_cli_arguments(parser)
+    assert parser.parse_args([]).inject_fraction == 0.2  # "(default 0.2)" in its help
+    assert parser.parse_args(["--inject-fraction", "0.3"]).inject_fraction == 0.3

@@ -447,3 +447,20 @@ def test_multi_evaluation_schedulers_are_refused_and_class_word_is_found(tiny_sd
 
     out = fc("a woman with blonde hair", [Image.new("RGB", (8, 8))], num_inference_steps=3)
     assert out.parsed.class_word == "woman"
+
+
+def test_injection_step_bounds(tiny_sd15, grey_image):
+    """Fraction 0 injects from the first step; a backend reporting step T (never injected) is refused."""
+    parsed = parse_prompt(PROMPT, "man", tokenizer=tiny_sd15.tokenizer)
+    at_start = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32), inject_fraction=0.0)
+    assert at_start.conditions(parsed, [grey_image], 6).inject_step == 0
+    with pytest.raises(ValueError, match="inject_fraction"):
+        TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32), inject_fraction=1.0)
+
+    class NeverInjects(TokenFusionBackend):
+        def identity_conditions(self, parsed, references, fd, num_inference_steps):
+            pd, _ = super().identity_conditions(parsed, references, fd, num_inference_steps)
+            return pd, num_inference_steps
+
+    with pytest.raises(ValueError, match="outside 0..5"):
+        NeverInjects(tiny_sd15, RandomProjectionIdentityEncoder(32)).conditions(parsed, [grey_image], 6)

@@ -97,6 +97,8 @@ def test_overlay_tints_only_inside_mask():
     assert np.all(out[:, :8, 0] > 100) and np.all(out[:, :8, 1] < 100)
     grey = render_mask(mask, size=(32, 32))
     assert grey.size == (32, 32) and grey.mode == "L"
+    levels = render_mask(torch.tensor([[0.0, 0.5, 1.0, 2.0]]))
+    assert np.asarray(levels).tolist() == [[0, 128, 255, 255]]  # rounded, white = 1, clamped
 
 
 # --- PD-side placement regions (PD's factor of eq. 4) ------------------------------------

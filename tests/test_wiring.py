@@ -23,9 +23,8 @@ HAIR_AND_LAUGH = "a man with black curly hair, laughing happily"
 
 
 def make(pipe, dim, parser=None, **config):
-    fc = FreeCurePipeline(
-        TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(dim)), parser or LayoutFaceParser(), FreeCureConfig(**config)
-    )
+    backend = TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(dim))
+    fc = FreeCurePipeline(backend, parser or LayoutFaceParser(), FreeCureConfig(**config))
     fc.set_progress_bar_config(disable=True)
     return fc
 
@@ -81,7 +80,8 @@ def test_each_stage_receives_the_previous_stages_output(tiny_sd15, monkeypatch):
     assert torch.equal(out.latents["pd"], same_result.z0[PD_LANE : PD_LANE + 1])
     # the prompts behind those conditionings
     assert out.parsed.template_prompt == "a man" and out.parsed.expression_prompt == "a man laughing happily"
-    torch.testing.assert_close(conditions.expression.prompt_embeds, backend.encode_text("a man laughing happily").prompt_embeds)
+    expected = backend.encode_text("a man laughing happily").prompt_embeds
+    torch.testing.assert_close(conditions.expression.prompt_embeds, expected)
     torch.testing.assert_close(conditions.template.prompt_embeds, backend.encode_text("a man").prompt_embeds)
 
 
@@ -195,7 +195,8 @@ def test_expression_halves_get_their_own_guidance(tiny_sd15, monkeypatch, config
         "a man laughing", [reference()], class_word="man", num_inference_steps=4, guidance_scale=4.0
     )
     (args, _, _), = restore.calls
-    assert [(name, scale) for name, scale, _ in seen] == [("DDIMInverseScheduler", inversion), ("DDIMScheduler", denoising)]
+    steps = [(name, scale) for name, scale, _ in seen]
+    assert steps == [("DDIMInverseScheduler", inversion), ("DDIMScheduler", denoising)]
     assert seen[0][2] is args[2] and seen[1][2] is args[3]  # the template, then the expression
     rows = 2 * (1 if inversion == 1.0 else 2) + 2 * (1 if denoising == 1.0 else 2)
     assert out.stage("expression").batch_items == rows
@@ -218,7 +219,8 @@ def test_a_half_precision_model_steps_fp32_lanes(tiny_sd15):
         return eps
 
     fc.backend.predict_noise = spy
-    out = fc(HAIR_AND_LAUGH, [reference()], class_word="man", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    out = fc(HAIR_AND_LAUGH, [reference()], class_word="man", num_inference_steps=3, generator=generator)
     assert all(stage.ran for stage in out.stages)
     assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
     assert {latent.dtype for latent in out.latents.values()} == {torch.float32}

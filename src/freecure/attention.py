@@ -90,7 +90,8 @@ class AttentionStore:
         for layer in self.sums:
             grid = self.layer_map(layer)
             key = tuple(grid.shape[:2]) if self.aggregation == "per_resolution" else (0, 0)
-            resized = F.interpolate(grid.permute(2, 0, 1)[None], size=self.latent_size, mode="bilinear", align_corners=False)
+            grid = grid.permute(2, 0, 1)[None]  # (1, tokens, h, w)
+            resized = F.interpolate(grid, size=self.latent_size, mode="bilinear", align_corners=False)
             groups.setdefault(key, []).append(resized[0])
         return torch.stack([torch.stack(maps).mean(dim=0) for maps in groups.values()]).mean(dim=0)
 

@@ -130,7 +130,8 @@ def expression_restore(
     """
     inversion_scale = guidance_scale if inversion_guidance_scale is None else inversion_guidance_scale
     z = ddim_invert(
-        backend, z0, template, uncond, scheduler_config, num_inference_steps, gamma, inversion_scale, image_size, on_step
+        backend, z0, template, uncond, scheduler_config, num_inference_steps, gamma, inversion_scale, image_size,
+        on_step,
     )
     return ddim_denoise_from(
         backend,
