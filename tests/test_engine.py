@@ -359,12 +359,20 @@ def test_bad_inputs_get_clear_errors(tiny_sd15, tmp_path):
     with pytest.raises(InputError, match="inject_step"):
         fc(PROMPT, [], class_word="man", num_inference_steps=3, inject_step=3)  # checked before encoding
     original = tiny_sd15.scheduler
-    tiny_sd15.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
-    try:
-        with pytest.raises(ValueError, match="fresh noise"):
-            run(fc)
-    finally:
-        tiny_sd15.scheduler = original
+    from diffusers import DPMSolverMultistepScheduler
+
+    stochastic = (
+        EulerAncestralDiscreteScheduler.from_config(original.config),
+        # "sde-dpmsolver++" starts with "sde": a suffix test let it through
+        DPMSolverMultistepScheduler.from_config(original.config, algorithm_type="sde-dpmsolver++"),
+    )
+    for scheduler in stochastic:
+        tiny_sd15.scheduler = scheduler
+        try:
+            with pytest.raises(ValueError, match="fresh noise"):
+                run(fc)
+        finally:
+            tiny_sd15.scheduler = original
 
 
 def test_multistep_scheduler_keeps_rofa_exact(tiny_sd15):

@@ -309,7 +309,7 @@ def check_scheduler(scheduler) -> None:
         "Ancestral" in name
         or "SDE" in name
         or name in {"DDPMScheduler", "DDPMWuerstchenScheduler", "LCMScheduler", "TCDScheduler"}
-        or str(config.get("algorithm_type", "")).endswith("sde")
+        or "sde" in str(config.get("algorithm_type", ""))
         or float(getattr(scheduler, "eta", 0.0) or 0.0) != 0.0
         or bool(config.get("stochastic_sampling", False))
     )
