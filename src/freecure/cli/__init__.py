@@ -11,7 +11,7 @@ import sys
 from ..errors import FreeCureError
 
 # Sub-command modules, in the order `freecure --help` lists them.
-COMMANDS = ("generate", "attributes", "parse", "cost", "eval", "report")
+COMMANDS = ("generate", "attributes", "parse", "cost", "eval", "report", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
