@@ -164,7 +164,9 @@ def test_progress_callback_reports_every_step_of_every_stage(tiny_sd15, astronau
 
     freecure = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
     seen = []
-    freecure.set_progress_bar_config(disable=True, callback=lambda stage, done, total: seen.append((stage, done, total)))
+    freecure.set_progress_bar_config(
+        disable=True, callback=lambda stage, done, total: seen.append((stage, done, total))
+    )
     output = freecure(PROMPT, [astronaut], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     stages = list(dict.fromkeys(stage for stage, _, _ in seen))
     assert [s.name for s in output.stages if s.ran] == ["same_pass", "masks", "rofa", "expression"]
@@ -299,7 +301,9 @@ def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
     assert page.locator("#status").inner_text().startswith("done")
 
     # the zip holds the folder `freecure generate` writes, manifest included
-    archive = zipfile.ZipFile(io.BytesIO(page.request.get(demo_server + page.locator("#download").get_attribute("href")).body()))
+    archive = zipfile.ZipFile(
+        io.BytesIO(page.request.get(demo_server + page.locator("#download").get_attribute("href")).body())
+    )
     manifest_name = next(name for name in archive.namelist() if name.endswith("manifest.json"))
     manifest = json.loads(archive.read(manifest_name))
     assert sorted(Path(name).name for name in archive.namelist()) == sorted(manifest["files"])
@@ -337,3 +341,31 @@ def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
     assert "not blended" in warning.inner_text()
     rofa = page.locator("#stages tr[data-stage='rofa']").inner_text()
     assert "skipped: no localized attribute was found in both the FD and the PD image" in rofa
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--port", "0"], "--port must lie in 1..65535"),
+        (["--steps", "1"], "--steps must lie in 2..200"),
+        (["--gamma", "nan"], "--gamma must lie in (0, 1]"),
+        (["--guidance-scale", "inf"], "--guidance-scale must lie in"),
+        (["--steps", "4", "--inject-step", "4"], "--inject-step must lie in 0..3"),
+    ],
+)
+def test_demo_command_refuses_bad_defaults_before_serving(options, message, capsys):
+    from freecure.cli import main
+
+    assert main(["demo", "--tiny", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_command_refuses_a_busy_port(capsys, tmp_path):
+    from freecure.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--tiny", "--port", str(port), "--workdir", str(tmp_path)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -40,9 +40,10 @@ def find_example() -> Path | None:
     return None
 
 
-def create_app(args: argparse.Namespace, workdir: Path, example: Path | None = None) -> Starlette:
-    """The demo app for the ``freecure demo`` options ``args``; run outputs go under ``workdir``."""
-    jobs = JobQueue(args, workdir, example)
+def create_app(args: argparse.Namespace, workdir: Path, example: Path | None = None, preload: bool = True) -> Starlette:
+    """The demo app for the ``freecure demo`` options ``args``; run outputs go under ``workdir``.
+    ``preload`` loads ``args.backend``'s models in the background right away."""
+    jobs = JobQueue(args, workdir, example, preload=args.backend if preload else None)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     def backend_default_guidance(name: str) -> float | None:
@@ -67,8 +68,13 @@ def create_app(args: argparse.Namespace, workdir: Path, example: Path | None = N
                     for name in sorted(BACKENDS)
                 ],
                 "methods": [{"name": m.name, "title": m.title} for m in METHODS.values()],
-                "defaults": {"steps": args.steps, "seed": 0, "gamma": args.gamma, "guidance_scale": args.guidance_scale,
-                             "inject_step": args.inject_step},
+                "defaults": {
+                    "steps": args.steps,
+                    "seed": 0,
+                    "gamma": args.gamma,
+                    "guidance_scale": args.guidance_scale,
+                    "inject_step": args.inject_step,
+                },
                 "example": example is not None,
             }
         )

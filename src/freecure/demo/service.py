@@ -237,8 +237,9 @@ class Job:
 class JobQueue:
     """First come, first served: one worker thread per device runs one generation at a time."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, example: Path | None):
+    def __init__(self, args: argparse.Namespace, workdir: Path, example: Path | None, preload: str | None = None):
         self.args = args
+        self.preload = preload  # a backend to load before the first request asks for it
         self.workdir = Path(workdir)
         self.example = example
         self.models = ModelCache(args)
@@ -269,6 +270,11 @@ class JobQueue:
             return self._waiting.index(job.id) + int(running)
 
     def _work(self) -> None:
+        if self.preload is not None:
+            try:
+                self.models.get(self.preload)
+            except Exception:  # the first request retries and shows the error on the page
+                logger.exception("could not preload backend %s", self.preload)
         while True:
             job = self.jobs[self._queue.get()]
             with self._lock:
@@ -281,7 +287,10 @@ class JobQueue:
                 job.state, job.message = "error", str(error)
             except Exception as error:  # the page gets one line; the server log the traceback
                 logger.exception("demo job %s failed", job.id)
-                job.state, job.message = "error", f"internal error ({type(error).__name__}: {error}); see the server log"
+                job.state, job.message = (
+                    "error",
+                    f"internal error ({type(error).__name__}: {error}); see the server log",
+                )
 
     def _progress(self, job: Job, stage: str, done: int = 0, total: int = 0) -> None:
         job.progress = {"stage": stage, "done": done, "total": total}
@@ -293,7 +302,9 @@ class JobQueue:
         request = job.request
         self._progress(job, "checking the reference photos")
         self.face_check(request.references, request.reference_names)
-        self._progress(job, f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)"))
+        self._progress(
+            job, f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)")
+        )
         loaded = self.models.get(request.backend)
         freecure = FreeCurePipeline(loaded.backend, loaded.face_parser, replace(loaded.config, gamma=request.gamma))
         freecure.set_progress_bar_config(disable=True, callback=lambda stage, d, t: self._progress(job, stage, d, t))
