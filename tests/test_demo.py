@@ -369,3 +369,25 @@ def test_demo_command_refuses_a_busy_port(capsys, tmp_path):
         port = busy.getsockname()[1]
         assert main(["demo", "--tiny", "--port", str(port), "--workdir", str(tmp_path)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_page_shows_stage_progress_and_a_second_user_their_place_in_the_queue(page, demo_server):
+    second = page.context.new_page()
+    try:
+        for tab, steps in ((page, "6"), (second, "2")):
+            open_page(tab, demo_server)
+            tab.fill("#prompt", "a woman with red hair")
+            tab.fill("#steps", steps)
+        page.click("#run")
+        page.wait_for_function(
+            "() => /^(SAME: FD\\+PD|ROFA: blend): step \\d+\\/6$/.test(document.getElementById('status').textContent)"
+        )
+        second.click("#run")
+        second.wait_for_function(
+            "() => document.getElementById('status').textContent"
+            " === 'waiting in the queue: 1 generation(s) ahead of yours'"
+        )
+        second.wait_for_selector("#results:not([hidden])", timeout=120_000)
+        page.wait_for_selector("#results:not([hidden])", timeout=120_000)
+    finally:
+        second.close()
