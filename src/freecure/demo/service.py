@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from ..attributes import COMMON_CLASS_WORDS, ParsedPrompt, detect_class_word, parse_prompt
 from ..backends import BACKENDS
 from ..errors import FreeCureError, InputError
-from ..images import to_rgb
+from ..images import load_image, to_rgb
 from .methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -86,20 +86,19 @@ def read_upload(name: str, data: bytes) -> Image.Image:
         ) from None
 
 
-def _number(form: dict[str, str], key: str, kind, low, high, default=None, what: str = ""):
+def _number(form: dict[str, str], key: str, kind: type, low, high, default, what: str):
+    """The form field ``key`` as a finite ``kind`` in [low, high]; ``default`` when left empty."""
     text = (form.get(key) or "").strip()
     if not text:
-        if default is None and kind is not None:
-            return None
         return default
     try:
         value = kind(text)
     except ValueError:
-        raise InputError(f"{what or key} must be a number, got {text!r}") from None
+        raise InputError(f"{what} must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"{what or key} must be finite, got {text!r}")
+        raise InputError(f"{what} must be finite, got {text!r}")
     if not low <= value <= high:
-        raise InputError(f"{what or key} must lie in [{low}, {high}], got {text}")
+        raise InputError(f"{what} must lie in [{low}, {high}], got {text}")
     return value
 
 
@@ -140,19 +139,19 @@ def check_request(
     method = form.get("method") or next(iter(METHODS))
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    steps = _number(form, "steps", int, 2, MAX_STEPS, 50, "steps")
+    steps = _number(form, "steps", int, 2, MAX_STEPS, args.steps, "steps")
     seed = _number(form, "seed", int, 0, MAX_SEED, 0, "seed")
-    gamma = _number(form, "gamma", float, 0.0, 1.0, 0.5, "γ")
+    gamma = _number(form, "gamma", float, 0.0, 1.0, args.gamma, "γ")
     if gamma == 0.0:
         raise InputError("γ must lie in (0, 1]: it is the fraction of the steps the expression stage inverts")
-    guidance = _number(form, "guidance_scale", float, 0.0, MAX_GUIDANCE, None, "guidance scale")
-    inject_step = _number(form, "inject_step", int, 0, steps - 1, None, "injection step")
+    guidance = _number(form, "guidance_scale", float, 0.0, MAX_GUIDANCE, args.guidance_scale, "guidance scale")
+    inject_step = _number(form, "inject_step", int, 0, steps - 1, args.inject_step, "injection step")
     if len(uploads) > MAX_REFERENCES:
         raise InputError(f"upload at most {MAX_REFERENCES} reference photos, got {len(uploads)}")
     references = [read_upload(name, data) for name, data in uploads]
     names = [name for name, _ in uploads]
     if not references and example is not None and form.get("use_example") in ("1", "on", "true"):
-        references, names = [to_rgb(Image.open(example))], [example.name]
+        references, names = [load_image(example)], [example.name]
     if not references:
         raise InputError("upload at least one reference photo of the identity (or tick the bundled example)")
     trigger = backend_trigger(args, backend)
