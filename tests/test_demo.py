@@ -1,17 +1,19 @@
-"""`freecure demo`: the request checks, the queue, the progress hook, and the page driven in a
-real headless Chromium (Debian's package, via Playwright) against `freecure demo --tiny`."""
+"""`freecure demo`: the request checks, the model cache, the runner and its zip, the progress hook,
+and the Gradio page driven in a real headless Chromium (Debian's package, via Playwright) against
+`freecure demo --tiny`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import zipfile
@@ -21,16 +23,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("starlette", reason="the demo needs the `demo` extra: pip install 'freecure[demo]'")
+if importlib.util.find_spec("gradio") is None:  # not imported here: the server subprocess imports it
+    pytest.skip("the demo needs the `demo` extra: pip install 'freecure[demo]' (Gradio)", allow_module_level=True)
 
 from freecure.demo import METHODS  # noqa: E402
 from freecure.demo.service import (  # noqa: E402
     FaceCheck,
-    JobQueue,
     ModelCache,
+    Runner,
     check_request,
     preview_attributes,
     read_upload,
+    zip_folder,
 )
 from freecure.errors import InputError  # noqa: E402
 
@@ -132,27 +136,30 @@ def test_models_load_once_per_backend(monkeypatch):
     assert built == ["token-fusion", "photomaker"] and cache.loaded() == ["photomaker", "token-fusion"]
 
 
-def test_queue_runs_one_job_at_a_time_and_reports_positions(monkeypatch, tmp_path):
-    release, running = threading.Event(), []
+def test_runner_writes_the_generate_folder_reports_progress_and_zips_it(monkeypatch, tmp_path, tiny_sd15):
+    from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.pipeline import FreeCurePipeline
+    from freecure.tiny import LayoutFaceParser
 
-    def fake_run(self, job):
-        running.append(job.id)
-        assert sum(other.state == "running" for other in self.jobs.values()) == 1
-        release.wait(10)
-        return {"files": []}
-
-    monkeypatch.setattr(JobQueue, "_run", fake_run)
-    jobs = JobQueue(demo_args(), tmp_path, EXAMPLE)
-    request = check_request({"prompt": PROMPT, "use_example": "1"}, [], EXAMPLE, demo_args())
-    first, second, third = (jobs.submit(request) for _ in range(3))
-    deadline = time.time() + 10
-    while first.state != "running" and time.time() < deadline:
-        time.sleep(0.01)
-    assert [jobs.position(job) for job in (first, second, third)] == [0, 1, 2]
-    release.set()
-    while third.state != "done" and time.time() < deadline:
-        time.sleep(0.01)
-    assert running == [first.id, second.id, third.id] and third.state == "done"
+    loaded = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
+    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
+    runner = Runner(demo_args(), tmp_path)
+    monkeypatch.setattr(FaceCheck, "__call__", lambda self, references, names: None)  # MTCNN: tested above
+    request = check_request({"prompt": PROMPT, "use_example": "1", "steps": "2", "seed": "7"}, [], EXAMPLE, demo_args())
+    seen = []
+    result = runner.run(request, lambda stage, done, total: seen.append((stage, done, total)))
+    assert seen[0][0] == "checking the reference photos" and seen[-1][0] == "writing the output folder"
+    assert ("SAME: FD+PD", 2, 2) in seen
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert list(result.files) == manifest["files"] and manifest["seed"] == 7 and manifest["method"] == "rofa"
+    assert [caption for caption, _ in result.attribute_files] == [
+        "mask: red hair",
+        "attention: red hair",
+        "attention: laughing happily",
+    ]
+    assert all(result.path(name) is not None for _, name in result.attribute_files)
+    with zipfile.ZipFile(zip_folder(result, request)) as archive:
+        assert sorted(archive.namelist()) == [f"freecure-token-fusion-seed7/{name}" for name in result.files]
 
 
 def test_progress_callback_reports_every_step_of_every_stage(tiny_sd15, astronaut):
@@ -229,11 +236,11 @@ def demo_server(tmp_path_factory):
     server = subprocess.Popen([*command, "--workdir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 240  # importing Gradio takes ~30 s on 2 busy cores
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/api/config", timeout=2) as response:
-                    assert json.load(response)["tiny"] is True
+                with urllib.request.urlopen(f"{url}/config", timeout=2) as response:
+                    assert json.load(response)["title"] == "FreeCure demo"
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
@@ -269,45 +276,47 @@ def page(chromium, demo_server, tmp_path_factory):
 
 def open_page(page, url):
     page.goto(url)
-    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_selector("#prompt textarea")
+
+
+def wait_for_results(page, timeout=120_000):
+    page.locator("#stages tr.fc-stage").first.wait_for(timeout=timeout)
 
 
 def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
     open_page(page, demo_server)
-    page.set_input_files("#references", str(EXAMPLE))
-    page.fill("#prompt", PROMPT)
-    chips = page.locator("#attributes .chip")
+    page.set_input_files("#references input[type=file]", str(EXAMPLE))
+    page.locator("#references").get_by_text("astronaut").first.wait_for()
+    page.fill("#prompt textarea", PROMPT)
+    chips = page.locator("#attributes .fc-chip")
     chips.filter(has_text="laughing happily · abstract").wait_for()
     assert chips.all_inner_texts() == ["red hair · localized", "laughing happily · abstract"]
-    page.fill("#steps", "3")
+    page.fill("#steps input", "3")
     page.click("#run")
-    page.wait_for_selector("#results:not([hidden])", timeout=120_000)
+    wait_for_results(page)
 
-    for image in page.locator("#main-images img").all():  # FD, PD, FreeCure, merged mask on PD
+    for name in ("fd", "pd", "freecure", "overlay"):  # FD, PD, FreeCure, merged mask on PD
+        image = page.locator(f"#{name} img").first
         image.wait_for()
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
-    captions = page.locator("#main-images figcaption").all_inner_texts()
-    assert captions == ["FD (foundation)", "PD (personalized)", "FreeCure", "merged mask on PD"]
-    assert page.locator("#attribute-images figcaption").all_inner_texts() == [
-        "mask: red hair",
-        "attention: red hair",
-        "attention: laughing happily",
-    ]
-    stages = page.locator("#stages tr.stage")
+    maps = page.locator("#maps .caption-label")
+    maps.first.wait_for()
+    assert maps.all_inner_texts() == ["mask: red hair", "attention: red hair", "attention: laughing happily"]
+    stages = page.locator("#stages tr.fc-stage")
     assert [row.get_attribute("data-stage") for row in stages.all()] == ["same_pass", "masks", "rofa", "expression"]
     assert all(text.split("\t")[1] == "ran" for text in stages.all_inner_texts())
-    kinds = page.locator("#attribute-table tbody tr").all_inner_texts()
+    kinds = page.locator("#attribute-table tr.fc-attribute").all_inner_texts()
     assert [row.split("\t")[:2] for row in kinds] == [["red hair", "localized"], ["laughing happily", "abstract"]]
-    assert page.locator("#status").inner_text().startswith("done")
 
     # the zip holds the folder `freecure generate` writes, manifest included
-    archive = zipfile.ZipFile(
-        io.BytesIO(page.request.get(demo_server + page.locator("#download").get_attribute("href")).body())
-    )
+    link = page.locator("#download a[download]").first
+    assert link.get_attribute("download") == "freecure-token-fusion-seed0.zip"
+    archive = zipfile.ZipFile(io.BytesIO(page.request.get(link.get_attribute("href")).body()))
     manifest_name = next(name for name in archive.namelist() if name.endswith("manifest.json"))
     manifest = json.loads(archive.read(manifest_name))
     assert sorted(Path(name).name for name in archive.namelist()) == sorted(manifest["files"])
     assert manifest["settings"]["num_inference_steps"] == 3 and manifest["method"] == "rofa"
+    assert manifest["references"] == ["astronaut.png"]
     assert np.asarray(Image.open(io.BytesIO(archive.read(manifest_name.replace("manifest.json", "fd.png"))))).std() > 0
     if os.environ.get("FREECURE_DEMO_SCREENSHOT"):
         page.screenshot(path=os.environ["FREECURE_DEMO_SCREENSHOT"], full_page=True)
@@ -317,27 +326,28 @@ def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path)
     open_page(page, demo_server)
     text = tmp_path / "notes.txt"
     text.write_text("this is not a photo\n")
-    page.set_input_files("#references", str(text))
-    page.fill("#prompt", PROMPT)
+    page.set_input_files("#references input[type=file]", str(text))
+    page.locator("#references").get_by_text("notes").first.wait_for()
+    page.fill("#prompt textarea", PROMPT)
     page.click("#run")
-    error = page.locator("#messages .message.error")
-    error.wait_for(timeout=30_000)
-    assert error.inner_text().startswith("notes.txt is not an image")
+    error = page.locator("[data-testid=toast-text]")
+    error.first.wait_for(timeout=30_000)
+    assert error.first.inner_text().startswith("notes.txt is not an image")
     assert "Traceback" not in page.content()
-    assert page.locator("#results").is_hidden()
+    assert page.locator("#stages tr.fc-stage").count() == 0
     # a prompt without a class word is flagged while typing
-    page.fill("#prompt", "a cat with red hair")
-    page.locator("#attributes .error").filter(has_text="names no subject").wait_for()
+    page.fill("#prompt textarea", "a cat with red hair")
+    page.locator("#attributes .fc-error").filter(has_text="names no subject").wait_for()
 
 
 def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
     # the tiny runs' layout parser labels hair, face, ears… but never eyeglasses
     open_page(page, demo_server)
-    page.fill("#prompt", "a woman wearing sunglasses")
-    page.fill("#steps", "2")
+    page.fill("#prompt textarea", "a woman wearing sunglasses")
+    page.fill("#steps input", "2")
     page.click("#run")  # no upload: the bundled example is used
-    page.wait_for_selector("#results:not([hidden])", timeout=120_000)
-    warning = page.locator("#messages .message.warning").filter(has_text="sunglasses")
+    wait_for_results(page)
+    warning = page.locator("#notes .fc-note").filter(has_text="sunglasses")
     assert "not blended" in warning.inner_text()
     rofa = page.locator("#stages tr[data-stage='rofa']").inner_text()
     assert "skipped: no localized attribute was found in both the FD and the PD image" in rofa
@@ -372,22 +382,19 @@ def test_demo_command_refuses_a_busy_port(capsys, tmp_path):
 
 
 def test_page_shows_stage_progress_and_a_second_user_their_place_in_the_queue(page, demo_server):
+    """Gradio's queue runs one generation at a time (concurrency 1): while the first tab's run
+    reports its stage steps, the second tab's run waits and Gradio shows its place."""
     second = page.context.new_page()
     try:
-        for tab, steps in ((page, "6"), (second, "2")):
+        for tab, steps in ((page, "8"), (second, "2")):
             open_page(tab, demo_server)
-            tab.fill("#prompt", "a woman with red hair")
-            tab.fill("#steps", steps)
+            tab.fill("#prompt textarea", "a woman with red hair")
+            tab.fill("#steps input", steps)
         page.click("#run")
-        page.wait_for_function(
-            "() => /^(SAME: FD\\+PD|ROFA: blend): step \\d+\\/6$/.test(document.getElementById('status').textContent)"
-        )
+        page.locator("#fd").get_by_text(re.compile(r"(SAME: FD\+PD|ROFA: blend): step \d/8")).first.wait_for()
         second.click("#run")
-        second.wait_for_function(
-            "() => document.getElementById('status').textContent"
-            " === 'waiting in the queue: 1 generation(s) ahead of yours'"
-        )
-        second.wait_for_selector("#results:not([hidden])", timeout=120_000)
-        page.wait_for_selector("#results:not([hidden])", timeout=120_000)
+        second.locator("#fd .progress-text").filter(has_text=re.compile(r"queue: 1/1")).first.wait_for()
+        wait_for_results(second)
+        wait_for_results(page)
     finally:
         second.close()

@@ -16,12 +16,13 @@ from .generate import add_model_arguments
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="serve a web page to try FreeCure (upload a face, type a prompt, compare FD | PD | FreeCure)",
+        help="serve a Gradio page to try FreeCure (upload a face, type a prompt, compare FD | PD | FreeCure)",
         description=(
-            "Serve the FreeCure demo page: reference photo(s), prompt, backend, method and settings in; "
+            "Serve the FreeCure demo page (Gradio): reference photo(s), prompt, backend, method and settings in; "
             "per-stage progress, FD | PD | FreeCure, masks, attention maps, stage times and a zip of the "
             "folder `freecure generate` writes out. Models load once per backend; one generation runs "
-            "at a time and later requests wait in a queue. Needs `pip install 'freecure[demo]'`."
+            "at a time and later requests wait in Gradio's queue. No share link, no telemetry. "
+            "Needs `pip install 'freecure[demo]'`."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -64,23 +65,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--guidance-scale must lie in [0, {MAX_GUIDANCE}], got {args.guidance_scale}")
     if args.inject_step is not None and not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
-    try:
-        import uvicorn
-
-        from ..demo.app import create_app, find_example
-    except ImportError as error:
-        raise InputError(
-            f"the demo needs Starlette and uvicorn ({error}); install them: pip install 'freecure[demo]'"
-        ) from None
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
         raise InputError(f"--workdir must be a folder, but {args.workdir} is a file")
     check_port_free(args.host, args.port)
+    try:  # after the quick checks: importing Gradio takes seconds
+        from ..demo.app import create_app, find_example, launch
+    except ImportError as error:
+        raise InputError(f"the demo needs Gradio ({error}); install it: pip install 'freecure[demo]'") from None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="freecure-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    app = create_app(args, workdir, find_example(), preload=not args.no_preload)
+    example = find_example()
+    demo = create_app(args, workdir, example, preload=not args.no_preload)
+    allowed = [str(workdir.resolve())] + ([str(example.parent)] if example is not None else [])
+    launch(demo, args.host, args.port, allowed)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"freecure demo: http://{host}:{args.port}/  (runs are written to {workdir}; Ctrl+C stops)", flush=True)
     if args.tiny:
         print("freecure demo: --tiny: tiny random-weight components; the images are noise", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
     return 0

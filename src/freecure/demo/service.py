@@ -1,6 +1,6 @@
-"""The demo's work behind the page: checking a request, caching models, one queue per device.
+"""The demo's work behind the page: checking a request, caching models, running, zipping.
 
-Nothing here knows about HTTP; :mod:`freecure.demo.app` maps it onto routes.
+Nothing here knows about the web framework; :mod:`freecure.demo.app` builds the Gradio page on it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import io
 import itertools
 import logging
 import math
-import queue
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..attributes import COMMON_CLASS_WORDS, ParsedPrompt, detect_class_word, parse_prompt
 from ..backends import BACKENDS
-from ..errors import FreeCureError, InputError
+from ..errors import InputError
 from ..images import load_image, to_rgb
 from .methods import METHODS
 
@@ -199,114 +199,78 @@ class FaceCheck:
 
 class ModelCache:
     """One FreeCure pipeline per backend, built on first use from the ``freecure demo`` options
-    and kept for every later request (only the worker thread touches it)."""
+    and kept for every later request (a lock keeps a preload and a request from building twice)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
 
     def loaded(self) -> list[str]:
         return sorted(self._models)
 
     def get(self, backend: str):
-        if backend not in self._models:
-            from ..cli.generate import build_freecure
+        with self._lock:
+            if backend not in self._models:
+                from ..cli.generate import build_freecure
 
-            args = argparse.Namespace(**vars(self.args))
-            args.backend = backend
-            logger.info("loading backend %s", backend)
-            self._models[backend] = build_freecure(args)
-        return self._models[backend]
+                args = argparse.Namespace(**vars(self.args))
+                args.backend = backend
+                logger.info("loading backend %s", backend)
+                self._models[backend] = build_freecure(args)
+            return self._models[backend]
 
 
-@dataclass
-class Job:
-    """One queued generation and what the page is told about it."""
+ProgressReport = Callable[[str, int, int], None]
+"""``report(stage, done, total)``: what the page shows while a generation runs."""
 
-    id: str
-    request: RunRequest
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished generation: its output folder (what ``freecure generate`` writes) and what the page shows."""
+
     out_dir: Path
-    state: str = "queued"  # queued → running → done | error
-    message: str | None = None
-    progress: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] | None = None
-    created: float = field(default_factory=time.time)
+    files: tuple[str, ...]
+    attributes: dict[str, Any]
+    stages: tuple[dict[str, Any], ...]
+    notes: tuple[str, ...]
+    settings: dict[str, Any]
+    attribute_files: tuple[tuple[str, str], ...]  # (caption, file name): masks and attention maps
+
+    def path(self, name: str) -> Path | None:
+        return self.out_dir / name if name in self.files else None
 
 
-class JobQueue:
-    """First come, first served: one worker thread per device runs one generation at a time."""
+class Runner:
+    """Runs checked requests one after another (the web framework's queue calls :meth:`run` from
+    one worker at a time); each run writes to its own folder under ``workdir``."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, example: Path | None, preload: str | None = None):
+    def __init__(self, args: argparse.Namespace, workdir: Path, preload: str | None = None):
         self.args = args
-        self.preload = preload  # a backend to load before the first request asks for it
         self.workdir = Path(workdir)
-        self.example = example
         self.models = ModelCache(args)
         self.face_check = FaceCheck()
-        self.jobs: dict[str, Job] = {}
-        self._waiting: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._worker = threading.Thread(target=self._work, name="freecure-demo-worker", daemon=True)
-        self._worker.start()
+        if preload is not None:  # load the default backend in the background right away
+            threading.Thread(target=self._preload, args=(preload,), name="freecure-demo-preload", daemon=True).start()
 
-    def submit(self, request: RunRequest) -> Job:
-        with self._lock:
-            job_id = f"{next(self._ids):04d}-{int(time.time() * 1000) % 10**8:08d}"
-            job = Job(job_id, request, self.workdir / job_id)
-            self.jobs[job_id] = job
-            self._waiting.append(job_id)
-        self._queue.put(job_id)
-        return job
+    def _preload(self, backend: str) -> None:
+        try:
+            self.models.get(backend)
+        except Exception:  # the first request retries and shows the error on the page
+            logger.exception("could not preload backend %s", backend)
 
-    def position(self, job: Job) -> int:
-        """How many generations run or wait before this one (0: it is running or done)."""
-        with self._lock:
-            if job.id not in self._waiting:
-                return 0
-            running = any(other.state == "running" for other in self.jobs.values())
-            return self._waiting.index(job.id) + int(running)
-
-    def _work(self) -> None:
-        if self.preload is not None:
-            try:
-                self.models.get(self.preload)
-            except Exception:  # the first request retries and shows the error on the page
-                logger.exception("could not preload backend %s", self.preload)
-        while True:
-            job = self.jobs[self._queue.get()]
-            with self._lock:
-                self._waiting.remove(job.id)
-                job.state = "running"
-            try:
-                job.result = self._run(job)
-                job.state = "done"
-            except FreeCureError as error:
-                job.state, job.message = "error", str(error)
-            except Exception as error:  # the page gets one line; the server log the traceback
-                logger.exception("demo job %s failed", job.id)
-                job.state, job.message = (
-                    "error",
-                    f"internal error ({type(error).__name__}: {error}); see the server log",
-                )
-
-    def _progress(self, job: Job, stage: str, done: int = 0, total: int = 0) -> None:
-        job.progress = {"stage": stage, "done": done, "total": total}
-
-    def _run(self, job: Job) -> dict[str, Any]:
+    def run(self, request: RunRequest, report: ProgressReport = lambda stage, done, total: None) -> RunResult:
         from ..outputs import save_output, slug
         from ..pipeline import FreeCurePipeline
 
-        request = job.request
-        self._progress(job, "checking the reference photos")
+        out_dir = self.workdir / f"{next(self._ids):04d}-{int(time.time() * 1000) % 10**8:08d}"
+        report("checking the reference photos", 0, 0)
         self.face_check(request.references, request.reference_names)
-        self._progress(
-            job, f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)")
-        )
+        report(f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)"), 0, 0)
         loaded = self.models.get(request.backend)
         freecure = FreeCurePipeline(loaded.backend, loaded.face_parser, replace(loaded.config, gamma=request.gamma))
-        freecure.set_progress_bar_config(disable=True, callback=lambda stage, d, t: self._progress(job, stage, d, t))
+        freecure.set_progress_bar_config(disable=True, callback=report)
         guidance = (
             request.guidance_scale if request.guidance_scale is not None else loaded.backend.default_guidance_scale
         )
@@ -326,7 +290,7 @@ class JobQueue:
             generator=torch.Generator().manual_seed(request.seed),
             inject_step=request.inject_step,
         )
-        self._progress(job, "writing the output folder")
+        report("writing the output folder", 0, 0)
         extra = {
             "seed": request.seed,
             "method": request.method,
@@ -335,33 +299,32 @@ class JobQueue:
             "base_model": None if self.args.tiny else self.args.base_model,
             "license": loaded.backend.license,
         }
-        paths = save_output(output, job.out_dir, extra=extra)
-        files = sorted(path.name for path in paths)
-        messages = list(output.notes)
+        files = tuple(sorted(path.name for path in save_output(output, out_dir, extra=extra)))
+        notes = list(output.notes)
         if self.face_check.note:
-            messages.append(self.face_check.note)
-        return {
-            "files": files,
-            "attributes": output.parsed.to_dict(),
-            "stages": [vars(stage) for stage in output.stages],
-            "notes": messages,
-            "settings": output.settings,
-            "unet_calls": output.unet_calls,
-            "attribute_files": [
-                {
-                    "text": text,
-                    "mask": f"mask_{slug(text)}.png" if f"mask_{slug(text)}.png" in files else None,
-                    "attention": f"attention_{slug(text)}.png",
-                }
-                for text in output.attention_maps
-            ],
-        }
+            notes.append(self.face_check.note)
+        attribute_files = []
+        for text in output.attention_maps:
+            if f"mask_{slug(text)}.png" in files:
+                attribute_files.append((f"mask: {text}", f"mask_{slug(text)}.png"))
+            attribute_files.append((f"attention: {text}", f"attention_{slug(text)}.png"))
+        return RunResult(
+            out_dir=out_dir,
+            files=files,
+            attributes=output.parsed.to_dict(),
+            stages=tuple(vars(stage) for stage in output.stages),
+            notes=tuple(notes),
+            settings=dict(output.settings),
+            attribute_files=tuple(attribute_files),
+        )
 
-    def zip_folder(self, job: Job) -> bytes:
-        """The job's output folder — the one ``freecure generate`` writes — as a zip."""
-        buffer = io.BytesIO()
-        folder = f"freecure-{job.request.backend}-seed{job.request.seed}"
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            for name in job.result["files"]:
-                archive.write(job.out_dir / name, f"{folder}/{name}")
-        return buffer.getvalue()
+
+def zip_folder(result: RunResult, request: RunRequest) -> Path:
+    """The run's output folder — the one ``freecure generate`` writes — as a zip next to it."""
+    folder = f"freecure-{request.backend}-seed{request.seed}"
+    path = result.out_dir.with_name(f"{result.out_dir.name}.zip") / f"{folder}.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in result.files:
+            archive.write(result.out_dir / name, f"{folder}/{name}")
+    return path
