@@ -225,14 +225,35 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Runs `python -m freecure` with every socket connection or name lookup off this machine refused
+# and logged: the demo (Gradio included) must start and serve offline, without telemetry.
+NETWORK_GUARD = """
+import runpy, socket, sys
+LOCAL = ("127.0.0.1", "::1", "localhost", "0.0.0.0", "")
+def refuse(what):
+    print(f"NETWORK ATTEMPT: {what}", file=sys.stderr, flush=True)
+    raise OSError(f"network disabled in the test: {what}")
+def is_local(address):
+    return not isinstance(address, tuple) or str(address[0]) in LOCAL
+connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+socket.socket.connect = lambda self, a: connect(self, a) if is_local(a) else refuse(a)
+socket.socket.connect_ex = lambda self, a: connect_ex(self, a) if is_local(a) else refuse(a)
+socket.getaddrinfo = lambda host, *a, **k: getaddrinfo(host, *a, **k) if str(host) in LOCAL else refuse(host)
+sys.argv = ["freecure", *sys.argv[1:]]
+runpy.run_module("freecure", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    """`freecure demo --tiny` as a subprocess on a free localhost port; its URL."""
+    """`freecure demo --tiny` as a subprocess on a free localhost port, offline: its URL and log."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("demo-runs")
-    log = (workdir / "server.log").open("w")
+    log_path = workdir / "server.log"
+    log = log_path.open("w")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "freecure", "demo", "--tiny", "--port", str(port), "--steps", "3"]
+    env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the demo must turn telemetry off itself
+    command = [sys.executable, "-c", NETWORK_GUARD, "demo", "--tiny", "--port", str(port), "--steps", "3"]
     server = subprocess.Popen([*command, "--workdir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -244,9 +265,9 @@ def demo_server(tmp_path_factory):
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"freecure demo did not start: {(workdir / 'server.log').read_text()[-2000:]}")
+                    pytest.fail(f"freecure demo did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.5)
-        yield url
+        yield argparse.Namespace(url=url, port=port, log=log_path)
     finally:
         server.terminate()
         try:
@@ -284,7 +305,7 @@ def wait_for_results(page, timeout=120_000):
 
 
 def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
-    open_page(page, demo_server)
+    open_page(page, demo_server.url)
     page.set_input_files("#references input[type=file]", str(EXAMPLE))
     page.locator("#references").get_by_text("astronaut").first.wait_for()
     page.fill("#prompt textarea", PROMPT)
@@ -323,7 +344,7 @@ def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
 
 
 def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path):
-    open_page(page, demo_server)
+    open_page(page, demo_server.url)
     text = tmp_path / "notes.txt"
     text.write_text("this is not a photo\n")
     page.set_input_files("#references input[type=file]", str(text))
@@ -342,7 +363,7 @@ def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path)
 
 def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
     # the tiny runs' layout parser labels hair, face, ears… but never eyeglasses
-    open_page(page, demo_server)
+    open_page(page, demo_server.url)
     page.fill("#prompt textarea", "a woman wearing sunglasses")
     page.fill("#steps input", "2")
     page.click("#run")  # no upload: the bundled example is used
@@ -387,7 +408,7 @@ def test_page_shows_stage_progress_and_a_second_user_their_place_in_the_queue(pa
     second = page.context.new_page()
     try:
         for tab, steps in ((page, "8"), (second, "2")):
-            open_page(tab, demo_server)
+            open_page(tab, demo_server.url)
             tab.fill("#prompt textarea", "a woman with red hair")
             tab.fill("#steps input", steps)
         page.click("#run")
@@ -398,3 +419,12 @@ def test_page_shows_stage_progress_and_a_second_user_their_place_in_the_queue(pa
         wait_for_results(page)
     finally:
         second.close()
+
+
+def test_server_prints_its_url_and_never_reaches_the_network(page, demo_server):
+    """Runs last: after every page case, the server (Gradio included) tried no connection off this
+    machine — no telemetry, no version check, no share link — and printed its localhost URL."""
+    log = demo_server.log.read_text()
+    assert f"freecure demo: http://127.0.0.1:{demo_server.port}/" in log
+    assert "NETWORK ATTEMPT" not in log, log[-2000:]
+    assert "gradio.live" not in log and "share=True" not in log

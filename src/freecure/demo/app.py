@@ -151,7 +151,9 @@ def create_app(
     def on_backend(prompt: str, backend: str):
         return preview(prompt, backend), gr.update(placeholder=guidance_placeholder(backend))
 
-    def run(files, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step, progress=gr.Progress()):
+    def run(
+        files, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step, progress=gr.Progress()
+    ):
         form = {
             "prompt": prompt or "",
             "backend": backend or "",
@@ -220,9 +222,13 @@ def create_app(
                         elem_id="method",
                     )
                 with gr.Row():
-                    steps = gr.Number(args.steps, label="steps", precision=0, minimum=2, maximum=MAX_STEPS, elem_id="steps")
+                    steps = gr.Number(
+                        args.steps, label="steps", precision=0, minimum=2, maximum=MAX_STEPS, elem_id="steps"
+                    )
                     seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed")
-                    gamma = gr.Number(args.gamma, label="γ (expression)", minimum=0, maximum=1, step=0.05, elem_id="gamma")
+                    gamma = gr.Number(
+                        args.gamma, label="γ (expression)", minimum=0, maximum=1, step=0.05, elem_id="gamma"
+                    )
                 with gr.Row():
                     # text, not gr.Number: empty means "the backend's own", which a number field cannot say
                     guidance = gr.Textbox(
@@ -240,11 +246,14 @@ def create_app(
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 with gr.Row():
-                    fd = gr.Image(label="FD (foundation)", type="filepath", interactive=False, height=220, elem_id="fd")
-                    pd = gr.Image(label="PD (personalized)", type="filepath", interactive=False, height=220, elem_id="pd")
-                    cured = gr.Image(label="FreeCure", type="filepath", interactive=False, height=220, elem_id="freecure")
-                    overlay = gr.Image(label="merged mask on PD", type="filepath", interactive=False, height=220, elem_id="overlay")
-                maps = gr.Gallery(label="per-attribute masks and attention maps", columns=4, height="auto", elem_id="maps")
+                    image = {"type": "filepath", "interactive": False, "height": 220}
+                    fd = gr.Image(label="FD (foundation)", elem_id="fd", **image)
+                    pd = gr.Image(label="PD (personalized)", elem_id="pd", **image)
+                    cured = gr.Image(label="FreeCure", elem_id="freecure", **image)
+                    overlay = gr.Image(label="merged mask on PD", elem_id="overlay", **image)
+                maps = gr.Gallery(
+                    label="per-attribute masks and attention maps", columns=4, height=280, elem_id="maps"
+                )
                 notes = gr.HTML(elem_id="notes")
                 attribute_table = gr.HTML(elem_id="attribute-table")
                 stage_table = gr.HTML(elem_id="stages")
