@@ -359,6 +359,14 @@ def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path)
     # a prompt without a class word is flagged while typing
     page.fill("#prompt textarea", "a cat with red hair")
     page.locator("#attributes .fc-error").filter(has_text="names no subject").wait_for()
+    # choosing PhotoMaker: its trigger word is expected, and its own guidance is the default shown
+    page.fill("#prompt textarea", "a woman img with red hair")
+    page.locator("#attributes .fc-unknown").filter(has_text="img").wait_for()
+    page.locator("#backend input").click()
+    page.get_by_role("option", name="photomaker").click()
+    page.locator("#guidance").get_by_placeholder("empty: the backend's own (5.0)").wait_for()
+    page.locator("#attributes .fc-chip").filter(has_text="red hair · localized").wait_for()
+    assert page.locator("#attributes .fc-unknown").count() == 0
 
 
 def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
