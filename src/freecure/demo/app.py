@@ -23,7 +23,6 @@ from ..backends import BACKENDS  # noqa: E402
 from ..errors import FreeCureError, InputError  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .service import (  # noqa: E402
-    MAX_GUIDANCE,
     MAX_STEPS,
     MAX_UPLOAD_BYTES,
     Runner,
