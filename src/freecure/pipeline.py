@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -206,6 +206,26 @@ class _Stages:
         self.records.append(StageRecord(name, ran=False, reason=reason))
 
 
+class _ReportingBar:
+    """A tqdm bar that also reports ``(stage, done, total)`` to a callback after each step."""
+
+    def __init__(self, bar, stage: str, total: int, callback: Callable[[str, int, int], None]):
+        self.bar, self.stage, self.total, self.callback, self.done = bar, stage, total, callback, 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.callback(self.stage, 0, self.total)
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.bar.__exit__(*exc_info)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.callback(self.stage, self.done, self.total)
+
+
 def decode_latents(pipeline, latents: torch.Tensor, image_size: tuple[int, int] | None = None) -> list[Image.Image]:
     """VAE-decode latents to PIL images the way the pipeline's family does (SD: unscale;
     FLUX: unpack, unscale and unshift), upcasting the VAE where its config asks for it.
@@ -236,16 +256,23 @@ class FreeCurePipeline:
             check_one_batch(backend)
             fasa_layers(backend.unet, self.config.fasa.layers)
         self.progress = True
+        self.progress_callback: Callable[[str, int, int], None] | None = None
 
     @property
     def pipeline(self):
         return self.backend.pipeline
 
-    def set_progress_bar_config(self, disable: bool = False) -> None:
+    def set_progress_bar_config(
+        self, disable: bool = False, callback: Callable[[str, int, int], None] | None = None
+    ) -> None:
+        """``disable`` hides the tqdm bars; ``callback(stage, done, total)`` is called after
+        every denoising step of every stage (e.g. to feed a web page's progress bar)."""
         self.progress = not disable
+        self.progress_callback = callback
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        bar = tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        return bar if self.progress_callback is None else _ReportingBar(bar, desc, total, self.progress_callback)
 
     def expression_guidance(self, guidance_scale: float) -> float:
         """Guidance of the expression re-denoising: the config's, else the run's loop guidance

@@ -1,0 +1,38 @@
+"""The FreeCure methods the demo offers: the one place the page's method list comes from.
+
+A method turns a :class:`~freecure.pipeline.FreeCurePipeline` and the call's keyword arguments
+(those of ``FreeCurePipeline.__call__``) into a :class:`~freecure.pipeline.FreeCureOutput`.
+A new method registers itself by adding an entry to :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..pipeline import FreeCureOutput, FreeCurePipeline
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the page's method list.
+
+    Args:
+        name: the value the page sends ("rofa").
+        title: what the page shows.
+        run: ``run(freecure, **call_kwargs)`` → the run's output.
+    """
+
+    name: str
+    title: str
+    run: Callable[..., FreeCureOutput]
+
+
+def _rofa(freecure: FreeCurePipeline, **call_kwargs) -> FreeCureOutput:
+    """The paper's method: SAME masks, ROFA noise blending (eq. 6), expression restore (§4.2)."""
+    return freecure(**call_kwargs)
+
+
+METHODS: dict[str, Method] = {
+    "rofa": Method("rofa", "ROFA: SAME masks + noise blending + expression restore (paper §4)", _rofa),
+}

@@ -1,0 +1,330 @@
+"""The demo's work behind the page: checking a request, caching models, running, zipping.
+
+Nothing here knows about the web framework; :mod:`freecure.demo.app` builds the Gradio page on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import logging
+import math
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..attributes import COMMON_CLASS_WORDS, ParsedPrompt, detect_class_word, parse_prompt
+from ..backends import BACKENDS
+from ..errors import InputError
+from ..images import load_image, to_rgb
+from .methods import METHODS
+
+logger = logging.getLogger(__name__)
+
+MAX_STEPS = 200
+MAX_REFERENCES = 8
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 30.0
+
+
+def backend_trigger(args: argparse.Namespace, backend: str) -> str | None:
+    """The trigger word the backend's prompts carry after the class word (PhotoMaker: "img")."""
+    if args.trigger is not None:
+        return args.trigger
+    if backend == "photomaker":
+        from ..backends.photomaker import TRIGGER_WORD
+
+        return TRIGGER_WORD
+    return None
+
+
+def find_class_word(prompt: str) -> str:
+    """The subject's class word, with a message for the page (not the CLI's option) when there is none."""
+    try:
+        return detect_class_word(prompt)
+    except InputError:
+        raise InputError(
+            f"the prompt names no subject FreeCure knows ({', '.join(COMMON_CLASS_WORDS)}); "
+            "write one, e.g. “a woman with red hair, laughing happily”"
+        ) from None
+
+
+def preview_attributes(prompt: str, trigger: str | None) -> dict[str, Any]:
+    """The prompt's attributes as the page shows them while the user types (no model needed).
+
+    Returns a dict with ``ok``; either the parsed prompt (``attributes`` with their kind,
+    ``unknown_words``, ``class_word``) or ``error``: what is wrong with the prompt.
+    """
+    if not prompt.strip():
+        return {"ok": False, "error": "type a prompt, e.g. “a woman with red hair, laughing happily”"}
+    try:
+        parsed = parse_prompt(prompt, find_class_word(prompt), trigger=trigger)
+    except InputError as error:
+        return {"ok": False, "error": str(error)}
+    return {"ok": True, **parsed.to_dict()}
+
+
+def read_upload(name: str, data: bytes) -> Image.Image:
+    """Decode an uploaded reference photo to RGB, or say why it cannot be used."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(f"{name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; upload a smaller photo")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise InputError(
+            f"{name} is not an image; upload a photo of a face (PNG, JPEG, WebP or another format Pillow reads)"
+        ) from None
+
+
+def _number(form: dict[str, str], key: str, kind: type, low, high, default, what: str):
+    """The form field ``key`` as a finite ``kind`` in [low, high]; ``default`` when left empty."""
+    text = (form.get(key) or "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise InputError(f"{what} must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{what} must be finite, got {text!r}")
+    if not low <= value <= high:
+        raise InputError(f"{what} must lie in [{low}, {high}], got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A checked request: every value is in range and the prompt parses."""
+
+    prompt: str
+    backend: str
+    method: str
+    class_word: str
+    trigger: str | None
+    references: tuple[Image.Image, ...]
+    reference_names: tuple[str, ...]
+    steps: int
+    seed: int
+    gamma: float
+    guidance_scale: float | None
+    inject_step: int | None
+    parsed: ParsedPrompt
+
+
+def check_request(
+    form: dict[str, str], uploads: list[tuple[str, bytes]], example: Path | None, args: argparse.Namespace
+) -> RunRequest:
+    """Check the page's form before anything is queued.
+
+    Raises:
+        InputError: an empty prompt, a prompt without class word, an unknown backend or
+            method, a number out of range, a file that is not an image, no reference photo.
+    """
+    prompt = (form.get("prompt") or "").strip()
+    if not prompt:
+        raise InputError("the prompt is empty; type one, e.g. “a woman with red hair, laughing happily”")
+    backend = form.get("backend") or args.backend
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
+    method = form.get("method") or next(iter(METHODS))
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    steps = _number(form, "steps", int, 2, MAX_STEPS, args.steps, "steps")
+    seed = _number(form, "seed", int, 0, MAX_SEED, 0, "seed")
+    gamma = _number(form, "gamma", float, 0.0, 1.0, args.gamma, "γ")
+    if gamma == 0.0:
+        raise InputError("γ must lie in (0, 1]: it is the fraction of the steps the expression stage inverts")
+    guidance = _number(form, "guidance_scale", float, 0.0, MAX_GUIDANCE, args.guidance_scale, "guidance scale")
+    inject_step = _number(form, "inject_step", int, 0, steps - 1, args.inject_step, "injection step")
+    if len(uploads) > MAX_REFERENCES:
+        raise InputError(f"upload at most {MAX_REFERENCES} reference photos, got {len(uploads)}")
+    references = [read_upload(name, data) for name, data in uploads]
+    names = [name for name, _ in uploads]
+    if not references and example is not None and form.get("use_example") in ("1", "on", "true"):
+        references, names = [load_image(example)], [example.name]
+    if not references:
+        raise InputError("upload at least one reference photo of the identity (or tick the bundled example)")
+    trigger = backend_trigger(args, backend)
+    class_word = find_class_word(prompt)
+    parsed = parse_prompt(prompt, class_word, trigger=trigger)
+    return RunRequest(
+        prompt=prompt,
+        backend=backend,
+        method=method,
+        class_word=class_word,
+        trigger=trigger,
+        references=tuple(references),
+        reference_names=tuple(names),
+        steps=steps,
+        seed=seed,
+        gamma=gamma,
+        guidance_scale=guidance,
+        inject_step=inject_step,
+        parsed=parsed,
+    )
+
+
+class FaceCheck:
+    """Refuses reference photos without a face (MTCNN, CPU), when a detector is installed."""
+
+    def __init__(self):
+        self._detector = None
+        self.note: str | None = None
+
+    def __call__(self, references, names) -> None:
+        if self._detector is None and self.note is None:
+            from ..parsing.face_crop import MTCNNFaceDetector
+
+            try:
+                self._detector = MTCNNFaceDetector("cpu")
+            except ImportError as error:
+                self.note = f"reference photos are not checked for a face: {error}"
+                logger.warning("%s", self.note)
+        if self._detector is None:
+            return
+        for image, name in zip(references, names):
+            if self._detector(image) is None:
+                raise InputError(f"no face found in the reference photo {name}; upload a photo that shows a face")
+
+
+class ModelCache:
+    """One FreeCure pipeline per backend, built on first use from the ``freecure demo`` options
+    and kept for every later request (a lock keeps a preload and a request from building twice)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def loaded(self) -> list[str]:
+        return sorted(self._models)
+
+    def get(self, backend: str):
+        with self._lock:
+            if backend not in self._models:
+                from ..cli.generate import build_freecure
+
+                args = argparse.Namespace(**vars(self.args))
+                args.backend = backend
+                logger.info("loading backend %s", backend)
+                self._models[backend] = build_freecure(args)
+            return self._models[backend]
+
+
+ProgressReport = Callable[[str, int, int], None]
+"""``report(stage, done, total)``: what the page shows while a generation runs."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished generation: its output folder (what ``freecure generate`` writes) and what the page shows."""
+
+    out_dir: Path
+    files: tuple[str, ...]
+    attributes: dict[str, Any]
+    stages: tuple[dict[str, Any], ...]
+    notes: tuple[str, ...]
+    settings: dict[str, Any]
+    attribute_files: tuple[tuple[str, str], ...]  # (caption, file name): masks and attention maps
+
+    def path(self, name: str) -> Path | None:
+        return self.out_dir / name if name in self.files else None
+
+
+class Runner:
+    """Runs checked requests one after another (the web framework's queue calls :meth:`run` from
+    one worker at a time); each run writes to its own folder under ``workdir``."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, preload: str | None = None):
+        self.args = args
+        self.workdir = Path(workdir)
+        self.models = ModelCache(args)
+        self.face_check = FaceCheck()
+        self._ids = itertools.count(1)
+        if preload is not None:  # load the default backend in the background right away
+            threading.Thread(target=self._preload, args=(preload,), name="freecure-demo-preload", daemon=True).start()
+
+    def _preload(self, backend: str) -> None:
+        try:
+            self.models.get(backend)
+        except Exception:  # the first request retries and shows the error on the page
+            logger.exception("could not preload backend %s", backend)
+
+    def run(self, request: RunRequest, report: ProgressReport = lambda stage, done, total: None) -> RunResult:
+        from ..outputs import save_output, slug
+        from ..pipeline import FreeCurePipeline
+
+        out_dir = self.workdir / f"{next(self._ids):04d}-{int(time.time() * 1000) % 10**8:08d}"
+        report("checking the reference photos", 0, 0)
+        self.face_check(request.references, request.reference_names)
+        report(f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)"), 0, 0)
+        loaded = self.models.get(request.backend)
+        freecure = FreeCurePipeline(loaded.backend, loaded.face_parser, replace(loaded.config, gamma=request.gamma))
+        freecure.set_progress_bar_config(disable=True, callback=report)
+        guidance = (
+            request.guidance_scale if request.guidance_scale is not None else loaded.backend.default_guidance_scale
+        )
+        import torch
+
+        output = METHODS[request.method].run(
+            freecure,
+            prompt=request.prompt,
+            reference_images=list(request.references),
+            class_word=request.class_word,
+            trigger_word=request.trigger,
+            negative_prompt=self.args.negative_prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=guidance,
+            height=self.args.height,
+            width=self.args.width,
+            generator=torch.Generator().manual_seed(request.seed),
+            inject_step=request.inject_step,
+        )
+        report("writing the output folder", 0, 0)
+        extra = {
+            "seed": request.seed,
+            "method": request.method,
+            "references": list(request.reference_names),
+            "weights": "random (tiny components)" if self.args.tiny else "pretrained",
+            "base_model": None if self.args.tiny else self.args.base_model,
+            "license": loaded.backend.license,
+        }
+        files = tuple(sorted(path.name for path in save_output(output, out_dir, extra=extra)))
+        notes = list(output.notes)
+        if self.face_check.note:
+            notes.append(self.face_check.note)
+        attribute_files = []
+        for text in output.attention_maps:
+            if f"mask_{slug(text)}.png" in files:
+                attribute_files.append((f"mask: {text}", f"mask_{slug(text)}.png"))
+            attribute_files.append((f"attention: {text}", f"attention_{slug(text)}.png"))
+        return RunResult(
+            out_dir=out_dir,
+            files=files,
+            attributes=output.parsed.to_dict(),
+            stages=tuple(vars(stage) for stage in output.stages),
+            notes=tuple(notes),
+            settings=dict(output.settings),
+            attribute_files=tuple(attribute_files),
+        )
+
+
+def zip_folder(result: RunResult, request: RunRequest) -> Path:
+    """The run's output folder — the one ``freecure generate`` writes — as a zip next to it."""
+    folder = f"freecure-{request.backend}-seed{request.seed}"
+    path = result.out_dir.with_name(f"{result.out_dir.name}.zip") / f"{folder}.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in result.files:
+            archive.write(result.out_dir / name, f"{folder}/{name}")
+    return path

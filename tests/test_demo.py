@@ -1,0 +1,438 @@
+"""`freecure demo`: the request checks, the model cache, the runner and its zip, the progress hook,
+and the Gradio page driven in a real headless Chromium (Debian's package, via Playwright) against
+`freecure demo --tiny`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+if importlib.util.find_spec("gradio") is None:  # not imported here: the server subprocess imports it
+    pytest.skip("the demo needs the `demo` extra: pip install 'freecure[demo]' (Gradio)", allow_module_level=True)
+
+from freecure.demo import METHODS  # noqa: E402
+from freecure.demo.service import (  # noqa: E402
+    FaceCheck,
+    ModelCache,
+    Runner,
+    check_request,
+    preview_attributes,
+    read_upload,
+    zip_folder,
+)
+from freecure.errors import InputError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "astronaut.png"
+PROMPT = "a woman with red hair, laughing happily"
+
+
+def demo_args(**changes) -> argparse.Namespace:
+    from freecure.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--tiny"])
+    for key, value in changes.items():
+        setattr(args, key, value)
+    return args
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- request checks
+
+
+def test_preview_shows_kinds_and_unknown_words_and_explains_a_missing_subject():
+    parsed = preview_attributes("a woman with red hair, laughing happily next to a zebra", trigger=None)
+    assert parsed["ok"] and parsed["class_word"] == "woman"
+    assert [(a["text"], a["kind"]) for a in parsed["attributes"]] == [
+        ("red hair", "localized"),
+        ("laughing happily", "abstract"),
+    ]
+    assert "zebra" in parsed["unknown_words"]
+    missing = preview_attributes("a cat with red hair", trigger=None)
+    assert not missing["ok"] and "names no subject" in missing["error"] and "--class-word" not in missing["error"]
+    assert not preview_attributes("   ", trigger=None)["ok"]
+    # PhotoMaker's trigger word is not an unknown word
+    assert preview_attributes("a woman img with red hair", trigger="img")["unknown_words"] == []
+
+
+@pytest.mark.parametrize(
+    "form, uploads, message",
+    [
+        ({"prompt": ""}, [("a.png", None)], "prompt is empty"),
+        ({"prompt": "a cat with red hair"}, [("a.png", None)], "names no subject"),
+        ({"prompt": PROMPT}, [("notes.txt", b"not an image")], "notes.txt is not an image"),
+        ({"prompt": PROMPT, "steps": "1"}, [("a.png", None)], "steps must lie in"),
+        ({"prompt": PROMPT, "gamma": "nan"}, [("a.png", None)], "must be finite"),
+        ({"prompt": PROMPT, "gamma": "0"}, [("a.png", None)], "γ must lie in (0, 1]"),
+        ({"prompt": PROMPT, "steps": "4", "inject_step": "4"}, [("a.png", None)], "injection step must lie in"),
+        ({"prompt": PROMPT, "guidance_scale": "x"}, [("a.png", None)], "must be a number"),
+        ({"prompt": PROMPT, "backend": "nope"}, [("a.png", None)], "unknown backend"),
+        ({"prompt": PROMPT, "method": "nope"}, [("a.png", None)], "unknown method"),
+        ({"prompt": PROMPT, "use_example": "0"}, [], "upload at least one reference photo"),
+    ],
+)
+def test_bad_requests_are_refused_with_one_line(form, uploads, message, grey_image):
+    uploads = [(name, png_bytes(grey_image) if data is None else data) for name, data in uploads]
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_request(form, uploads, EXAMPLE, demo_args())
+
+
+def test_a_good_request_uses_the_example_and_the_backend_trigger():
+    request = check_request(
+        {"prompt": "a woman img with red hair", "backend": "photomaker", "use_example": "1", "steps": "3"},
+        [],
+        EXAMPLE,
+        demo_args(),
+    )
+    assert request.reference_names == ("astronaut.png",) and request.references[0].mode == "RGB"
+    assert request.trigger == "img" and request.class_word == "woman" and request.steps == 3
+    assert request.method in METHODS and request.guidance_scale is None and request.inject_step is None
+
+
+def test_read_upload_refuses_non_images_and_keeps_real_ones(astronaut):
+    assert read_upload("a.png", png_bytes(astronaut)).size == astronaut.size
+    with pytest.raises(InputError, match="x.jpg is not an image"):
+        read_upload("x.jpg", b"\xff\xd8 truncated")
+
+
+def test_face_check_refuses_a_photo_without_a_face(astronaut, grey_image):
+    pytest.importorskip("facenet_pytorch", reason="MTCNN comes with `pip install --no-deps facenet-pytorch`")
+    check = FaceCheck()
+    check([astronaut], ["astronaut.png"])  # a face: passes
+    with pytest.raises(InputError, match="no face found in the reference photo grey.png"):
+        check([astronaut, grey_image], ["astronaut.png", "grey.png"])
+
+
+# --------------------------------------------------------------------------- models and queue
+
+
+def test_models_load_once_per_backend(monkeypatch):
+    built = []
+    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: built.append(args.backend) or object())
+    cache = ModelCache(demo_args())
+    first = cache.get("token-fusion")
+    assert cache.get("token-fusion") is first and cache.get("photomaker") is not first
+    assert built == ["token-fusion", "photomaker"] and cache.loaded() == ["photomaker", "token-fusion"]
+
+
+def test_runner_writes_the_generate_folder_reports_progress_and_zips_it(monkeypatch, tmp_path, tiny_sd15):
+    from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.pipeline import FreeCurePipeline
+    from freecure.tiny import LayoutFaceParser
+
+    loaded = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
+    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
+    runner = Runner(demo_args(), tmp_path)
+    monkeypatch.setattr(FaceCheck, "__call__", lambda self, references, names: None)  # MTCNN: tested above
+    request = check_request({"prompt": PROMPT, "use_example": "1", "steps": "2", "seed": "7"}, [], EXAMPLE, demo_args())
+    seen = []
+    result = runner.run(request, lambda stage, done, total: seen.append((stage, done, total)))
+    assert seen[0][0] == "checking the reference photos" and seen[-1][0] == "writing the output folder"
+    assert ("SAME: FD+PD", 2, 2) in seen
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert list(result.files) == manifest["files"] and manifest["seed"] == 7 and manifest["method"] == "rofa"
+    assert [caption for caption, _ in result.attribute_files] == [
+        "mask: red hair",
+        "attention: red hair",
+        "attention: laughing happily",
+    ]
+    assert all(result.path(name) is not None for _, name in result.attribute_files)
+    with zipfile.ZipFile(zip_folder(result, request)) as archive:
+        assert sorted(archive.namelist()) == [f"freecure-token-fusion-seed7/{name}" for name in result.files]
+
+
+def test_progress_callback_reports_every_step_of_every_stage(tiny_sd15, astronaut):
+    import torch
+
+    from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.pipeline import FreeCurePipeline
+    from freecure.tiny import LayoutFaceParser
+
+    freecure = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
+    seen = []
+    freecure.set_progress_bar_config(
+        disable=True, callback=lambda stage, done, total: seen.append((stage, done, total))
+    )
+    output = freecure(PROMPT, [astronaut], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    stages = list(dict.fromkeys(stage for stage, _, _ in seen))
+    assert [s.name for s in output.stages if s.ran] == ["same_pass", "masks", "rofa", "expression"]
+    assert stages == ["SAME: FD+PD", "ROFA: blend", "Expression: invert+denoise"]
+    for stage in stages:
+        counts = [(done, total) for name, done, total in seen if name == stage]
+        total = counts[0][1]
+        assert counts == [(done, total) for done in range(total + 1)], stage
+
+
+# --------------------------------------------------------------------------- the page in Chromium
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL_CHROMIUM = "apt-get update && apt-get install -y chromium"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium; the browser tests skip without it (and fail when
+    FREECURE_REQUIRE_BROWSER=1, as in .ci/run, which installs it)."""
+    missing = None
+    if CHROMIUM is None:
+        missing = f"Debian's chromium is not installed: `{INSTALL_CHROMIUM}` (.ci/run does this)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            missing = "Playwright is not installed: pip install playwright (never `playwright install`)"
+    if missing and os.environ.get("FREECURE_REQUIRE_BROWSER") == "1":
+        pytest.fail(missing)
+    if missing:
+        pytest.skip(missing)
+    return CHROMIUM
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Runs `python -m freecure` with every socket connection or name lookup off this machine refused
+# and logged: the demo (Gradio included) must start and serve offline, without telemetry.
+NETWORK_GUARD = """
+import runpy, socket, sys
+LOCAL = ("127.0.0.1", "::1", "localhost", "0.0.0.0", "")
+def refuse(what):
+    print(f"NETWORK ATTEMPT: {what}", file=sys.stderr, flush=True)
+    raise OSError(f"network disabled in the test: {what}")
+def is_local(address):
+    return not isinstance(address, tuple) or str(address[0]) in LOCAL
+connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+socket.socket.connect = lambda self, a: connect(self, a) if is_local(a) else refuse(a)
+socket.socket.connect_ex = lambda self, a: connect_ex(self, a) if is_local(a) else refuse(a)
+socket.getaddrinfo = lambda host, *a, **k: getaddrinfo(host, *a, **k) if str(host) in LOCAL else refuse(host)
+sys.argv = ["freecure", *sys.argv[1:]]
+runpy.run_module("freecure", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """`freecure demo --tiny` as a subprocess on a free localhost port, offline: its URL and log."""
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("demo-runs")
+    log_path = workdir / "server.log"
+    log = log_path.open("w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the demo must turn telemetry off itself
+    command = [sys.executable, "-c", NETWORK_GUARD, "demo", "--tiny", "--port", str(port), "--steps", "3"]
+    server = subprocess.Popen([*command, "--workdir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240  # importing Gradio takes ~30 s on 2 busy cores
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/config", timeout=2) as response:
+                    assert json.load(response)["title"] == "FreeCure demo"
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"freecure demo did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield argparse.Namespace(url=url, port=port, log=log_path)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, demo_server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh --user-data-dir
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 1000},
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def open_page(page, url):
+    page.goto(url)
+    page.wait_for_selector("#prompt textarea")
+
+
+def wait_for_results(page, timeout=120_000):
+    page.locator("#stages tr.fc-stage").first.wait_for(timeout=timeout)
+
+
+def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
+    open_page(page, demo_server.url)
+    page.set_input_files("#references input[type=file]", str(EXAMPLE))
+    page.locator("#references").get_by_text("astronaut").first.wait_for()
+    page.fill("#prompt textarea", PROMPT)
+    chips = page.locator("#attributes .fc-chip")
+    chips.filter(has_text="laughing happily · abstract").wait_for()
+    assert chips.all_inner_texts() == ["red hair · localized", "laughing happily · abstract"]
+    page.fill("#steps input", "3")
+    page.click("#run")
+    wait_for_results(page)
+
+    for name in ("fd", "pd", "freecure", "overlay"):  # FD, PD, FreeCure, merged mask on PD
+        image = page.locator(f"#{name} img").first
+        image.wait_for()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    maps = page.locator("#maps .caption-label")
+    maps.first.wait_for()
+    assert maps.all_inner_texts() == ["mask: red hair", "attention: red hair", "attention: laughing happily"]
+    stages = page.locator("#stages tr.fc-stage")
+    assert [row.get_attribute("data-stage") for row in stages.all()] == ["same_pass", "masks", "rofa", "expression"]
+    assert all(text.split("\t")[1] == "ran" for text in stages.all_inner_texts())
+    kinds = page.locator("#attribute-table tr.fc-attribute").all_inner_texts()
+    assert [row.split("\t")[:2] for row in kinds] == [["red hair", "localized"], ["laughing happily", "abstract"]]
+
+    # the zip holds the folder `freecure generate` writes, manifest included
+    link = page.locator("#download a[download]").first
+    assert link.get_attribute("download") == "freecure-token-fusion-seed0.zip"
+    archive = zipfile.ZipFile(io.BytesIO(page.request.get(link.get_attribute("href")).body()))
+    manifest_name = next(name for name in archive.namelist() if name.endswith("manifest.json"))
+    manifest = json.loads(archive.read(manifest_name))
+    assert sorted(Path(name).name for name in archive.namelist()) == sorted(manifest["files"])
+    assert manifest["settings"]["num_inference_steps"] == 3 and manifest["method"] == "rofa"
+    assert manifest["references"] == ["astronaut.png"]
+    assert np.asarray(Image.open(io.BytesIO(archive.read(manifest_name.replace("manifest.json", "fd.png"))))).std() > 0
+    if os.environ.get("FREECURE_DEMO_SCREENSHOT"):
+        page.screenshot(path=os.environ["FREECURE_DEMO_SCREENSHOT"], full_page=True)
+
+
+def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path):
+    open_page(page, demo_server.url)
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a photo\n")
+    page.set_input_files("#references input[type=file]", str(text))
+    page.locator("#references").get_by_text("notes").first.wait_for()
+    page.fill("#prompt textarea", PROMPT)
+    page.click("#run")
+    error = page.locator("[data-testid=toast-text]")
+    error.first.wait_for(timeout=30_000)
+    assert error.first.inner_text().startswith("notes.txt is not an image")
+    assert "Traceback" not in page.content()
+    assert page.locator("#stages tr.fc-stage").count() == 0
+    # a prompt without a class word is flagged while typing
+    page.fill("#prompt textarea", "a cat with red hair")
+    page.locator("#attributes .fc-error").filter(has_text="names no subject").wait_for()
+    # choosing PhotoMaker: its trigger word is expected, and its own guidance is the default shown
+    page.fill("#prompt textarea", "a woman img with red hair")
+    page.locator("#attributes .fc-unknown").filter(has_text="img").wait_for()
+    page.locator("#backend input").click()
+    page.get_by_role("option", name="photomaker").click()
+    page.locator("#guidance").get_by_placeholder("empty: the backend's own (5.0)").wait_for()
+    page.locator("#attributes .fc-chip").filter(has_text="red hair · localized").wait_for()
+    assert page.locator("#attributes .fc-unknown").count() == 0
+
+
+def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
+    # the tiny runs' layout parser labels hair, face, ears… but never eyeglasses
+    open_page(page, demo_server.url)
+    page.fill("#prompt textarea", "a woman wearing sunglasses")
+    page.fill("#steps input", "2")
+    page.click("#run")  # no upload: the bundled example is used
+    wait_for_results(page)
+    warning = page.locator("#notes .fc-note").filter(has_text="sunglasses")
+    assert "not blended" in warning.inner_text()
+    rofa = page.locator("#stages tr[data-stage='rofa']").inner_text()
+    assert "skipped: no localized attribute was found in both the FD and the PD image" in rofa
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--port", "0"], "--port must lie in 1..65535"),
+        (["--steps", "1"], "--steps must lie in 2..200"),
+        (["--gamma", "nan"], "--gamma must lie in (0, 1]"),
+        (["--guidance-scale", "inf"], "--guidance-scale must lie in"),
+        (["--steps", "4", "--inject-step", "4"], "--inject-step must lie in 0..3"),
+    ],
+)
+def test_demo_command_refuses_bad_defaults_before_serving(options, message, capsys):
+    from freecure.cli import main
+
+    assert main(["demo", "--tiny", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_command_refuses_a_busy_port(capsys, tmp_path):
+    from freecure.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--tiny", "--port", str(port), "--workdir", str(tmp_path)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_page_shows_stage_progress_and_a_second_user_their_place_in_the_queue(page, demo_server):
+    """Gradio's queue runs one generation at a time (concurrency 1): while the first tab's run
+    reports its stage steps, the second tab's run waits and Gradio shows its place."""
+    second = page.context.new_page()
+    try:
+        for tab, steps in ((page, "8"), (second, "2")):
+            open_page(tab, demo_server.url)
+            tab.fill("#prompt textarea", "a woman with red hair")
+            tab.fill("#steps input", steps)
+        page.click("#run")
+        page.locator("#fd").get_by_text(re.compile(r"(SAME: FD\+PD|ROFA: blend): step \d/8")).first.wait_for()
+        second.click("#run")
+        second.locator("#fd .progress-text").filter(has_text=re.compile(r"queue: 1/1")).first.wait_for()
+        wait_for_results(second)
+        wait_for_results(page)
+    finally:
+        second.close()
+
+
+def test_server_prints_its_url_and_never_reaches_the_network(page, demo_server):
+    """Runs last: after every page case, the server (Gradio included) tried no connection off this
+    machine — no telemetry, no version check, no share link — and printed its localhost URL."""
+    log = demo_server.log.read_text()
+    assert f"freecure demo: http://127.0.0.1:{demo_server.port}/" in log
+    assert "NETWORK ATTEMPT" not in log, log[-2000:]
+    assert "gradio.live" not in log and "share=True" not in log
