@@ -436,3 +436,22 @@ def test_server_prints_its_url_and_never_reaches_the_network(page, demo_server):
     assert f"freecure demo: http://127.0.0.1:{demo_server.port}/" in log
     assert "NETWORK ATTEMPT" not in log, log[-2000:]
     assert "gradio.live" not in log and "share=True" not in log
+
+
+def test_fasa_method_runs_the_authors_correction_with_the_pages_progress(tiny_sd15, astronaut):
+    import torch
+
+    from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.pipeline import FreeCurePipeline
+    from freecure.tiny import LayoutFaceParser
+
+    freecure = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
+    seen = []
+    freecure.set_progress_bar_config(disable=True, callback=lambda stage, done, total: seen.append(stage))
+    output = METHODS["fasa"].run(
+        freecure, prompt=PROMPT, reference_images=[astronaut], num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [s.name for s in output.stages if s.ran] == ["same_pass", "masks", "fasa"]
+    assert output.settings["method"] == "fasa" and freecure.config.method == "rofa"  # the cached pipeline is untouched
+    assert "SAME: FD+PD" in seen

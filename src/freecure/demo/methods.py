@@ -8,7 +8,7 @@ A new method registers itself by adding an entry to :data:`METHODS`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..pipeline import FreeCureOutput, FreeCurePipeline
 
@@ -33,6 +33,14 @@ def _rofa(freecure: FreeCurePipeline, **call_kwargs) -> FreeCureOutput:
     return freecure(**call_kwargs)
 
 
+def _fasa(freecure: FreeCurePipeline, **call_kwargs) -> FreeCureOutput:
+    """The authors' released correction: foundation-aware self-attention (:mod:`freecure.fasa`)."""
+    fasa = FreeCurePipeline(freecure.backend, freecure.face_parser, replace(freecure.config, method="fasa"))
+    fasa.progress, fasa.progress_callback = freecure.progress, freecure.progress_callback
+    return fasa(**call_kwargs)
+
+
 METHODS: dict[str, Method] = {
     "rofa": Method("rofa", "ROFA: SAME masks + noise blending + expression restore (paper §4)", _rofa),
+    "fasa": Method("fasa", "FASA: foundation-aware self-attention (the authors' released code)", _fasa),
 }
