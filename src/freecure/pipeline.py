@@ -69,7 +69,11 @@ class FreeCureConfig:
 
 @dataclass
 class StageRecord:
-    """One stage of a run: whether it ran, why not, its wall time and its UNet work."""
+    """One stage of a run: whether it ran, why not, its wall time and its UNet work.
+
+    ``freecure_bytes`` is FreeCure's own memory beyond the model's that the stage holds,
+    computed from tensor sizes: the SAME pass's ε_f cache, injection snapshot and attention
+    sums; the masks; ROFA's mask; the expression stage's latents."""
 
     name: str
     ran: bool
@@ -77,6 +81,7 @@ class StageRecord:
     seconds: float = 0.0
     unet_calls: int = 0
     batch_items: int = 0
+    freecure_bytes: int = 0
 
 
 @dataclass
@@ -224,11 +229,12 @@ class FreeCurePipeline:
         guidance_rescale: float = 0.0,
         height: int | None = None,
         width: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         inject_step: int | None = None,
         true_cfg_scale: float = 1.0,
-    ) -> FreeCureOutput:
+        num_images_per_prompt: int = 1,
+    ) -> FreeCureOutput | list[FreeCureOutput]:
         """Run FreeCure. Arguments follow diffusers' text-to-image pipelines.
 
         Args:
@@ -243,12 +249,32 @@ class FreeCurePipeline:
                 FLUX the embedded guidance (3.5 for FLUX.1-dev).
             guidance_rescale: diffusers' guidance rescale φ (0 = off).
             height, width: image size in pixels; default from the denoiser's sample size.
-            generator: seeds z_T (drawn on the generator's device, then moved).
-            latents: z_T itself, overriding ``generator``.
+            generator: seeds z_T (drawn on the generator's device, then moved); for several
+                images a list of one generator per image (as diffusers), image k then equals
+                a one-image run with generator k. One generator for several images draws
+                their z_T one after the other.
+            latents: z_T itself, overriding ``generator`` ((n, …) for n images).
             inject_step: override the backend's identity-injection step (for ablations).
             true_cfg_scale: FLUX's true classifier-free guidance with ``negative_prompt``
                 (1 = off: one row per lane); must stay 1 for Stable Diffusion.
+            num_images_per_prompt: n images (seeds) that share every denoiser call of every
+                stage (:meth:`freecure.sampling.BatchLayout.for_images`), each with its own
+                masks and its own stage skipping.
+
+        Returns:
+            One :class:`FreeCureOutput`; for ``num_images_per_prompt`` > 1 a list of them, one
+            per image, whose stage records are the shared batch's.
         """
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise InputError(f"num_images_per_prompt must be an integer, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if isinstance(generator, Sequence) and len(generator) != num_images_per_prompt:
+            raise InputError(
+                f"{len(generator)} generators were given for {num_images_per_prompt} images; give one per image"
+            )
+        if latents is not None and latents.shape[0] != num_images_per_prompt:
+            raise InputError(f"latents hold {latents.shape[0]} images, num_images_per_prompt is {num_images_per_prompt}")
         if num_inference_steps < 2:
             raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
         if inject_step is not None and not 0 <= inject_step < num_inference_steps:
@@ -269,8 +295,8 @@ class FreeCurePipeline:
 
         counter = UNetCounter()
         stages = _Stages(counter)
-        notes: list[str] = []
-        output = FreeCureOutput(images={}, parsed=parsed, notes=notes)
+        n = num_images_per_prompt
+        outputs = [FreeCureOutput(images={}, parsed=parsed, notes=[]) for _ in range(n)]
         image_size = (height, width)
         latent_size = family.latent_size(pipeline, height, width)
         # for predictions that depend on w: Face-diffuser's saliency, FLUX's guidance embedding
@@ -284,12 +310,12 @@ class FreeCurePipeline:
                 conditions = replace(conditions, inject_step=inject_step)
             scheduler = pipeline.scheduler
             family.set_timesteps(scheduler, num_inference_steps, device, latent_size)
-            z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, device, dtype, latents)
+            z_T = _initial_latents(family, pipeline, scheduler, latent_size, generator, device, dtype, latents, n)
 
-            # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
+            # 1. SAME pass: FD and PD from one z_T per image, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
             store = AttentionStore(columns, latent_size) if columns else None
-            with stages.run("same_pass"), self._bar(num_inference_steps, "SAME: FD+PD") as bar:
+            with stages.run("same_pass") as record, self._bar(num_inference_steps, "SAME: FD+PD") as bar:
                 capture = (
                     family.attention_capture(self.backend.denoiser, store, self.config.attention_layers)
                     if store is not None
@@ -307,47 +333,64 @@ class FreeCurePipeline:
                         self.config.approximate_shared_uncond,
                         on_step=lambda i: bar.update(),
                     )
-            fd_image, pd_image = decode_latents(pipeline, same.z0, image_size)
-            output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
-            output.latents.update(fd=same.z0[FD_LANE : FD_LANE + 1], pd=same.z0[PD_LANE : PD_LANE + 1])
-            z_out = same.z0[PD_LANE : PD_LANE + 1]
-            if store is not None:
-                output.attention_maps = {a.text: store.token_map(a.token_indices) for a in parsed.attributes}
+                record.freecure_bytes = same.stored_bytes() + (0 if store is None else store.stored_bytes())
+            decoded = decode_latents(pipeline, same.z0, image_size)
+            for k, output in enumerate(outputs):
+                fd_image, pd_image = decoded[FD_LANE * n + k], decoded[PD_LANE * n + k]
+                output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
+                output.latents.update(fd=same.fd[k : k + 1], pd=same.pd[k : k + 1])
+                if store is not None:
+                    output.attention_maps = {a.text: store.token_map(a.token_indices, k) for a in parsed.attributes}
+            z_out = same.pd
 
-            # 2. SAME masks: parse both images, eq. (4) per attribute, eq. (5) merge.
+            # 2. SAME masks: parse both images, eq. (4) per attribute, eq. (5) merge; per image.
             if parsed.localized:
-                with stages.run("masks"):
-                    self._build_masks(output, fd_image, pd_image, latent_size)
+                with stages.run("masks") as record:
+                    for output in outputs:
+                        self._build_masks(output, output.images["fd"], output.images["pd"], latent_size)
+                    record.freecure_bytes = sum(_mask_bytes(output) for output in outputs)
             else:
                 stages.skip("masks", "the prompt names no localized attribute")
 
-            # 3. ROFA noise blending from the injection step, with the cached ε_f.
-            if output.latent_mask is None:
-                stages.skip(
-                    "rofa",
-                    "no localized attribute was found in both the FD and the PD image"
-                    if parsed.localized
-                    else "the prompt names no localized attribute",
-                )
+            # 3. ROFA noise blending from the injection step, with the cached ε_f. Images share
+            # the pass; an image whose mask is empty (nothing found) keeps its PD latent as is.
+            blended = [k for k, output in enumerate(outputs) if output.latent_mask is not None]
+            unblended_reason = (
+                "no localized attribute was found in both the FD and the PD image"
+                if parsed.localized
+                else "the prompt names no localized attribute"
+            )
+            if not blended:
+                stages.skip("rofa", unblended_reason)
             else:
                 steps = num_inference_steps - conditions.inject_step
-                with stages.run("rofa"), self._bar(steps, "ROFA: blend") as bar:
-                    z_out = rofa_pass(
+                mask = torch.cat(
+                    [
+                        torch.zeros(1, 1, *latent_size) if output.latent_mask is None else output.latent_mask.cpu()
+                        for output in outputs
+                    ]
+                ).to(device)
+                with stages.run("rofa") as record, self._bar(steps, "ROFA: blend") as bar:
+                    z_rofa = rofa_pass(
                         self.backend,
                         same,
                         conditions,
-                        family.model_mask(output.latent_mask.to(device), same.z0),
+                        family.model_mask(mask, same.z0),
                         guidance,
                         image_size,
                         on_step=lambda i: bar.update(),
                     )
-                output.images["blended"] = output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
-                output.latents["blended"] = z_out
+                    record.freecure_bytes = mask.numel() * mask.element_size()
+                z_out = torch.cat([z_rofa[k : k + 1] if k in blended else same.pd[k : k + 1] for k in range(n)])
+                images = decode_latents(pipeline, z_rofa[blended], image_size)
+                for k, image in zip(blended, images):
+                    outputs[k].images["blended"] = outputs[k].images["freecure"] = image
+                    outputs[k].latents["blended"] = z_out[k : k + 1]
 
             # 4. Expression restore: invert with the template prompt, denoise with the expression.
             if parsed.abstract:
-                n = inversion_steps(num_inference_steps, self.config.gamma)
-                with stages.run("expression"), self._bar(2 * n, "Expression: invert+denoise") as bar:
+                steps = inversion_steps(num_inference_steps, self.config.gamma)
+                with stages.run("expression") as record, self._bar(2 * steps, "Expression: invert+denoise") as bar:
                     z_out = expression_restore(
                         self.backend,
                         z_out,
@@ -361,15 +404,15 @@ class FreeCurePipeline:
                         image_size,
                         on_step=lambda i: bar.update(),
                     )
-                output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
+                    record.freecure_bytes = z_out.numel() * z_out.element_size()
+                for output, image in zip(outputs, decode_latents(pipeline, z_out, image_size)):
+                    output.images["freecure"] = image
             else:
                 stages.skip("expression", "the prompt names no abstract attribute (expression)")
-            output.latents["freecure"] = z_out
+            for k, output in enumerate(outputs):
+                output.latents["freecure"] = z_out[k : k + 1]
 
-        if not parsed.attributes:
-            notes.append("the prompt names no attribute FreeCure can cure: the result is PD unchanged")
-        output.stages = stages.records
-        output.settings = dict(
+        settings = dict(
             backend=self.backend.name,
             prompt=prompt,
             class_word=parsed.class_word,
@@ -388,7 +431,23 @@ class FreeCurePipeline:
             expression_guidance_scale=self.config.expression_guidance_scale,
             approximate_shared_uncond=self.config.approximate_shared_uncond,
         )
-        return output
+        if n > 1:
+            settings.update(num_images_per_prompt=n)
+        for k, output in enumerate(outputs):
+            if not parsed.attributes:
+                output.notes.append("the prompt names no attribute FreeCure can cure: the result is PD unchanged")
+            output.stages = [
+                StageRecord("rofa", ran=False, reason=f"{unblended_reason} (this image's PD is kept)")
+                if record.name == "rofa" and record.ran and k not in blended
+                else record
+                for record in stages.records
+            ]
+            if n > 1:
+                output.notes.append(
+                    f"image {k + 1} of {n} sharing every model call; stage times and calls are the whole batch's"
+                )
+            output.settings = dict(settings, image_index=k) if n > 1 else dict(settings)
+        return outputs[0] if n == 1 else outputs
 
     def _build_masks(self, output: FreeCureOutput, fd_image, pd_image, latent_size) -> None:
         """Eq. (4) for every localized attribute found in both images, eq. (5) to merge."""
@@ -412,6 +471,22 @@ class FreeCurePipeline:
         if output.attribute_masks:
             output.mask = merge_masks(list(output.attribute_masks.values()))
             output.latent_mask = to_latent_resolution(output.mask, latent_size)
+
+
+def _initial_latents(family, pipeline, scheduler, latent_size, generator, device, dtype, latents, n: int):
+    """z_T of n images, (n, …): one draw per image (image k from ``generator[k]`` when a list
+    is given, so that it equals a one-image run with that generator)."""
+    if latents is not None:
+        return family.initial_latents(pipeline, scheduler, latent_size, None, device, dtype, latents)
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] * n
+    draws = [family.initial_latents(pipeline, scheduler, latent_size, g, device, dtype) for g in generators]
+    return torch.cat(draws)
+
+
+def _mask_bytes(output: FreeCureOutput) -> int:
+    """Bytes of one image's masks and attention maps (FreeCure's own memory)."""
+    tensors = [*output.attribute_masks.values(), *output.attention_maps.values(), output.mask, output.latent_mask]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _to(conditions: Conditions, device, dtype) -> Conditions:
