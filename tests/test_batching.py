@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,21 @@ def test_flux_batched_seeds_equal_their_single_seed_runs(tiny_flux):
     batch = _run(fc, SEEDS[:2], guidance_scale=3.5)
     for batched, seed in zip(batch, SEEDS[:2]):
         _assert_same_image(batched, _run(fc, (seed,), guidance_scale=3.5))
+
+
+def test_generate_num_images_writes_one_folder_per_seed(tmp_path, astronaut):
+    from freecure.cli import main
+
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    common = ["generate", "--tiny", "--prompt", "a man with black curly hair", "--ref", str(tmp_path / "ref.png")]
+    common += ["--steps", "3", "--no-progress"]
+    assert main([*common, "--num-images", "2", "--seed", "5", "--out", str(tmp_path / "batch")]) == 0
+    assert main([*common, "--seed", "6", "--out", str(tmp_path / "alone")]) == 0
+    for seed in (5, 6):
+        manifest = json.loads((tmp_path / "batch" / f"seed{seed}" / "manifest.json").read_text())
+        assert manifest["seed"] == seed and manifest["settings"]["num_images_per_prompt"] == 2
+    assert not (tmp_path / "alone" / "seed6").exists() and (tmp_path / "alone" / "freecure.png").is_file()
+    batched = np.asarray(Image.open(tmp_path / "batch" / "seed6" / "freecure.png"), dtype=int)
+    alone = np.asarray(Image.open(tmp_path / "alone" / "freecure.png"), dtype=int)
+    assert np.abs(batched - alone).max() <= 1  # float tolerance, then 8-bit rounding
+    assert main([*common, "--num-images", "0", "--out", str(tmp_path / "bad")]) == 2

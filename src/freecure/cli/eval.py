@@ -58,6 +58,14 @@ def register(subparsers) -> None:
         "--num-seeds", type=int, default=10, metavar="N", help="images per ⟨identity, prompt⟩ and method (paper: 10)"
     )
     parser.add_argument("--seed-offset", type=int, default=0, help="seeds are OFFSET … OFFSET+N-1 (default 0)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="seeds of one ⟨identity, prompt⟩ generated together, sharing every model call (default 1); "
+        "a batch is stored whole or re-run on resume",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder (created; resumed)")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument(
@@ -203,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_seeds < 1:
         raise InputError(f"--num-seeds must be at least 1, got {args.num_seeds}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit_prompts is not None and args.limit_prompts < 1:
         raise InputError(f"--limit-prompts must be at least 1, got {args.limit_prompts}")
     if args.out.exists() and not args.out.is_dir():
@@ -249,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
             world,
             progress=not args.no_progress,
             extra={"world_size": world, "device": str(evaluator.freecure.backend.device)},
+            batch_size=args.batch_size,
         )
         rate = f"{summary.items_per_second:.3f} items/s" if summary.completed else "nothing to do"
         print(

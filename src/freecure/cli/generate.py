@@ -38,6 +38,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N images from seeds SEED … SEED+N−1, sharing every model call; each goes to "
+        "--out/seed<S>/ (default 1: the files go to --out itself)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -146,8 +154,10 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ..attributes import detect_class_word
-    from ..outputs import save_output
+    from ..outputs import check_writable, planned_files, save_output
 
+    if args.num_images < 1:
+        raise InputError(f"--num-images must be at least 1, got {args.num_images}")
     class_word = args.class_word or detect_class_word(args.prompt)
     out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
     if out_dir.exists() and not out_dir.is_dir():
@@ -158,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
     backend = freecure.backend
     freecure.set_progress_bar_config(disable=args.no_progress)
     guidance = guidance_scale(args, backend)
-    output = freecure(
+    seeds = [args.seed + k for k in range(args.num_images)]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    folders = [out_dir] if len(seeds) == 1 else [out_dir / f"seed{seed}" for seed in seeds]
+    outputs = freecure(
         args.prompt,
         reference_images=args.ref,
         class_word=class_word,
@@ -168,18 +181,26 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=guidance,
         height=args.height,
         width=args.width,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=generators if len(seeds) > 1 else generators[0],
         inject_step=args.inject_step,
+        num_images_per_prompt=len(seeds),
     )
-    extra = {
-        "seed": args.seed,
-        "references": [str(path) for path in args.ref],
-        "weights": "random (tiny components)" if args.tiny else "pretrained",
-        "base_model": None if args.tiny else args.base_model,
-        "license": backend.license,
-    }
-    paths = save_output(output, out_dir, overwrite=args.overwrite, extra=extra)
-    print(f"freecure: wrote {len(paths)} files to {out_dir}")
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    for output, folder in zip(outputs, folders):  # refuse before writing anything
+        check_writable([folder / name for name in [*planned_files(output), "manifest.json"]], args.overwrite)
+    for output, seed, folder in zip(outputs, seeds, folders):
+        extra = {
+            "seed": seed,
+            "references": [str(path) for path in args.ref],
+            "weights": "random (tiny components)" if args.tiny else "pretrained",
+            "base_model": None if args.tiny else args.base_model,
+            "license": backend.license,
+        }
+        paths = save_output(output, folder, overwrite=args.overwrite, extra=extra)
+        print(f"freecure: wrote {len(paths)} files to {folder}")
+    output = outputs[0]
+    if len(outputs) > 1:
+        print(f"  {len(outputs)} images in one batch; the stage figures are the whole batch's")
     for stage in output.stages:
         state = (
             f"{stage.seconds:6.2f}s  {stage.unet_calls:3d} UNet calls  {stage.batch_items:3d} items"
