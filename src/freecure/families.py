@@ -134,7 +134,9 @@ def _vae_decode(pipeline, latents: torch.Tensor) -> list[Image.Image]:
     vae = pipeline.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     dtype = torch.float32 if upcast else vae.dtype
-    device = next(vae.parameters()).device
+    # under CPU offload the weights rest on the CPU (or meta) and the hook moves them to the
+    # execution device for the call: the latents go there
+    device = getattr(pipeline, "_execution_device", None) or next(vae.parameters()).device
     images = []
     with torch.no_grad():
         if upcast:

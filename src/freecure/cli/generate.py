@@ -10,7 +10,15 @@ import torch
 
 from ..backends import BACKENDS
 from ..errors import InputError
-from ..runtime import SCHEDULERS, resolve_device, resolve_dtype, set_scheduler
+from ..runtime import (
+    OFFLOAD_MODES,
+    SCHEDULERS,
+    apply_memory_options,
+    compile_denoiser,
+    resolve_device,
+    resolve_dtype,
+    set_scheduler,
+)
 
 
 def register(subparsers) -> None:
@@ -102,6 +110,21 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--parser-weights", default=None, help="BiSeNet checkpoint 79999_iter.pth")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)")
+    memory = parser.add_argument_group("memory and speed")
+    memory.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="none",
+        help="diffusers CPU offload: model (one model on the GPU at a time) or sequential (layer by layer)",
+    )
+    memory.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    memory.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time")
+    memory.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser (static batch shapes: each stage compiles once)",
+    )
+    memory.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (GPU)")
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -132,6 +155,10 @@ def build_freecure(args: argparse.Namespace):
 
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
+    if args.compile and args.offload != "none":
+        raise InputError("--compile and --offload do not combine (offload hooks move weights inside the compiled call)")
+    if args.offload == "sequential" and args.device.type == "cpu":
+        raise InputError("--offload sequential needs a GPU (accelerate cannot stream weights to the CPU); use model")
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
@@ -144,6 +171,9 @@ def build_freecure(args: argparse.Namespace):
         choices = ", ".join(family.schedulers)
         raise InputError(f"--scheduler {args.scheduler} does not fit a {family.name} model; choose one of {choices}")
     set_scheduler(backend.pipeline, args.scheduler)
+    apply_memory_options(backend.pipeline, args.device, args.offload, args.vae_tiling, args.vae_slicing)
+    if args.compile:
+        compile_denoiser(backend.denoiser, mode=args.compile_mode)
     return FreeCurePipeline(backend, build_face_parser(args), config)
 
 
