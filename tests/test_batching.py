@@ -166,3 +166,22 @@ def test_generate_num_images_writes_one_folder_per_seed(tmp_path, astronaut):
     alone = np.asarray(Image.open(tmp_path / "alone" / "freecure.png"), dtype=int)
     assert np.abs(batched - alone).max() <= 1  # float tolerance, then 8-bit rounding
     assert main([*common, "--num-images", "0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_eval_tiny_batch_size_runs_seeds_together(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    pytest.importorskip("facenet_pytorch")
+    from freecure.cli import main
+    from freecure.evaluation.store import read_jsonl, shard_paths
+
+    (tmp_path / "prompts.csv").write_text("prompt\na <S> with black curly hair\n")
+    args = ["eval", "--tiny", "--identities", "examples/identities", "--prompts", str(tmp_path / "prompts.csv")]
+    args += ["--num-seeds", "3", "--steps", "2", "--out", str(tmp_path / "eval"), "--no-progress", "--no-report"]
+    assert main([*args, "--batch-size", "2"]) == 0
+    assert "3 new, 0 already done" in capsys.readouterr().out
+    rows = [row for path in shard_paths(tmp_path / "eval") for row in read_jsonl(path)]
+    assert sorted(row["seed"] for row in rows) == [0, 1, 2]
+    assert sorted(len(row.get("batch_keys", [row["key"]])) for row in rows) == [1, 2, 2]
+    assert main([*args, "--batch-size", "3"]) == 0  # resumed with another batch size: nothing to do
+    assert "0 new, 3 already done" in capsys.readouterr().out
+    assert main([*args, "--batch-size", "0"]) == 2
