@@ -161,6 +161,7 @@ def test_generate_num_images_writes_one_folder_per_seed(tmp_path, astronaut):
     for seed in (5, 6):
         manifest = json.loads((tmp_path / "batch" / f"seed{seed}" / "manifest.json").read_text())
         assert manifest["seed"] == seed and manifest["settings"]["num_images_per_prompt"] == 2
+        assert manifest["stages"][0]["name"] == "same_pass" and manifest["stages"][0]["freecure_bytes"] > 0
     assert not (tmp_path / "alone" / "seed6").exists() and (tmp_path / "alone" / "freecure.png").is_file()
     batched = np.asarray(Image.open(tmp_path / "batch" / "seed6" / "freecure.png"), dtype=int)
     alone = np.asarray(Image.open(tmp_path / "alone" / "freecure.png"), dtype=int)
