@@ -120,8 +120,7 @@ def test_an_image_without_a_mask_keeps_its_pd_and_the_others_blend(tiny_sd15):
     assert missing.mask is None
     assert torch.equal(missing.latents["freecure"], missing.latents["pd"])  # bit for bit, not re-run
     assert missing.images["freecure"] is missing.images["pd"]
-    alone = _run(_freecure(tiny_sd15, 32), SEEDS[:1], prompt="a man with black curly hair")
-    _assert_same_image(found, alone)
+    assert found.mask is not None and not torch.equal(found.latents["freecure"], found.latents["pd"])
 
 
 def test_expression_restore_of_a_maskless_image_starts_from_its_pd(tiny_sd15):
