@@ -16,6 +16,14 @@ pass, masks, ROFA, expression restore.
     python benchmarks/bench_engine.py --family flux --flux-reduced --steps 6 --inject-step 2 \
         --size 512 --device cpu --dtype fp32                                      # CPU ratio
 
+Scenarios (``--scenarios``), each timing plain PD and FreeCure side by side in one process:
+``single`` (one image), ``batch`` (``--num-images`` seeds in one batch: plain PD batched the
+same way, FreeCure with ``num_images_per_prompt``), ``offload`` (model CPU offload hooks on
+the UNet and VAE, as diffusers' ``enable_model_cpu_offload``) and ``compiled`` (the UNet's
+forward under ``torch.compile``, static shapes; the first, compiling run is reported apart).
+Peak memory is CUDA's peak allocation on a GPU; on the CPU it is the peak resident set above
+the resident set before the run, sampled every 5 ms.
+
 Prints one JSON object per family; record results with card, date and settings in
 benchmarks/RESULTS.md.
 """
@@ -23,9 +31,12 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -120,6 +131,9 @@ class RandomConditioningBackend(Backend):
         )
 
 
+SCENARIOS = ("single", "batch", "offload", "compiled")
+
+
 def build(family: str, size: int | None, device, dtype, reduced: bool = False):
     if family == "flux":
         from diffusers import FluxTransformer2DModel
@@ -139,16 +153,52 @@ def build(family: str, size: int | None, device, dtype, reduced: bool = False):
     return pipeline, size
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident set size above the start, sampled in a thread (CPU runs)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.interval)
+
+    @contextlib.contextmanager
+    def watch(self):
+        self.base = self.peak = _rss()
+        thread = threading.Thread(target=self._sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+    @property
+    def gib(self) -> float:
+        return (self.peak - self.base) / 2**30
+
+
 def timed(fn, device):
+    """(result, seconds, peak GiB): CUDA's peak allocation, or the CPU's peak RSS above the start."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return result, time.perf_counter() - start, peak
+    rss = PeakRSS()
+    with rss.watch() if device.type != "cuda" else contextlib.nullcontext():
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss.gib
+    return result, seconds, round(peak, 3)
 
 
 def main() -> None:
@@ -163,6 +213,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--approximate-shared-uncond", action="store_true")
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--num-images", type=int, default=4, help="seeds of the batch scenario (default 4)")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled scenario")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -187,17 +240,20 @@ def bench_family(family: str, args, device, dtype) -> dict:
     backend.guidance_scale = guidance_scale
     latent_size = model_family.latent_size(pipeline, size, size)
 
-    def plain():
+    def plain(n: int = 1):
         scheduler = copy.deepcopy(pipeline.scheduler)
         model_family.set_timesteps(scheduler, args.steps, device, latent_size)
         parse_prompt(prompt, "man", tokenizer=backend.tokenizer)
         conditions = freecure_conditions(backend, args.steps, device, dtype)
-        generator = torch.Generator().manual_seed(0)
-        z = model_family.initial_latents(pipeline, scheduler, latent_size, generator, device, dtype)
+        generators = [torch.Generator().manual_seed(k) for k in range(n)]
+        z = torch.cat(
+            [model_family.initial_latents(pipeline, scheduler, latent_size, g, device, dtype) for g in generators]
+        )
         z = plain_pass(backend, scheduler, z, conditions, guidance, (size, size))
         return decode_latents(pipeline, z, (size, size))
 
-    def cured():
+    def cured(n: int = 1):
+        generators = [torch.Generator().manual_seed(k) for k in range(n)]
         return freecure(
             prompt,
             [],
@@ -206,16 +262,71 @@ def bench_family(family: str, args, device, dtype) -> dict:
             guidance_scale=guidance_scale,
             height=size,
             width=size,
-            generator=torch.Generator().manual_seed(0),
+            generator=generators if n > 1 else generators[0],
+            num_images_per_prompt=n,
         )
 
-    timed(plain, device)  # warm-up (kernels, allocator)
-    plain_runs = [timed(plain, device) for _ in range(args.repeats)]
-    cured_runs = [timed(cured, device) for _ in range(args.repeats)]
-    plain_s = statistics.median(r[1] for r in plain_runs)
-    cured_s = statistics.median(r[1] for r in cured_runs)
-    plain_peak, cured_peak = plain_runs[-1][2], cured_runs[-1][2]
-    output = cured_runs[-1][0]
+    def side_by_side(n: int = 1) -> dict:
+        plain_runs = [timed(lambda: plain(n), device) for _ in range(args.repeats)]
+        cured_runs = [timed(lambda: cured(n), device) for _ in range(args.repeats)]
+        plain_s = statistics.median(r[1] for r in plain_runs)
+        cured_s = statistics.median(r[1] for r in cured_runs)
+        plain_peak, cured_peak = max(r[2] for r in plain_runs), max(r[2] for r in cured_runs)
+        output = cured_runs[-1][0]
+        output = output[0] if isinstance(output, list) else output
+        return {
+            "images": n,
+            "plain_pd_s": round(plain_s, 3),
+            "freecure_s": round(cured_s, 3),
+            "time_ratio": round(cured_s / plain_s, 3),
+            "freecure_images_per_s": round(n / cured_s, 4),
+            "plain_pd_peak_gib": plain_peak,
+            "freecure_peak_gib": cured_peak,
+            "memory_ratio": round(cured_peak / plain_peak, 3) if plain_peak else None,
+            "stages": {
+                s.name: dict(s=round(s.seconds, 3), calls=s.unet_calls, items=s.batch_items, bytes=s.freecure_bytes)
+                for s in output.stages
+            },
+        }
+
+    # warm-up: one denoiser call (kernels, allocator)
+    with torch.no_grad():
+        scheduler = copy.deepcopy(pipeline.scheduler)
+        model_family.set_timesteps(scheduler, args.steps, device, latent_size)
+        z = model_family.initial_latents(pipeline, scheduler, latent_size, torch.Generator(), device, dtype)
+        rows = [backend._random(0).to(device, dtype)] * 2
+        backend.predict_noise(torch.cat([z, z]).to(dtype), scheduler.timesteps[0], rows, ("uncond", "fd"), 0, (size, size))
+    scenarios = {}
+    for scenario in args.scenarios:
+        start = time.perf_counter()
+        if scenario == "single":
+            scenarios["single"] = side_by_side(1)
+        elif scenario == "batch":
+            scenarios["batch"] = side_by_side(args.num_images)
+        elif scenario == "offload":
+            with model_offload(backend.denoiser, pipeline.vae, device):
+                scenarios["offload"] = side_by_side(1)
+        elif scenario == "compiled":
+            from freecure.runtime import compile_denoiser
+
+            forward = backend.denoiser.forward
+            compile_denoiser(backend.denoiser, mode=args.compile_mode)
+            warm = time.perf_counter()
+            plain(1), cured(1)  # every stage's graph compiles here
+            row = side_by_side(1)
+            row["compile_warmup_s"] = round(time.perf_counter() - warm, 1)
+            scenarios["compiled"] = row
+            backend.denoiser.forward = forward
+        scenarios[scenario]["scenario_wall_s"] = round(time.perf_counter() - start, 1)
+    if "single" in scenarios and "batch" in scenarios:
+        single, batch = scenarios["single"], scenarios["batch"]
+        batch["throughput_vs_single_freecure"] = round(
+            batch["freecure_images_per_s"] / single["freecure_images_per_s"], 3
+        )
+    if "single" in scenarios and "compiled" in scenarios:
+        scenarios["compiled"]["compiled_freecure_vs_eager_plain_pd"] = round(
+            scenarios["compiled"]["freecure_s"] / scenarios["single"]["plain_pd_s"], 3
+        )
     return {
         "family": family,
         "flux_reduced": family == "flux" and getattr(args, "flux_reduced", False),
@@ -225,18 +336,31 @@ def bench_family(family: str, args, device, dtype) -> dict:
         "gamma": args.gamma,
         "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
         "approximate_shared_uncond": args.approximate_shared_uncond,
-        "plain_pd_s": round(plain_s, 3),
-        "freecure_s": round(cured_s, 3),
-        "time_ratio": round(cured_s / plain_s, 3),
-        "plain_pd_peak_gib": plain_peak,
-        "freecure_peak_gib": cured_peak,
-        "memory_ratio": None if plain_peak is None else round(cured_peak / plain_peak, 3),
-        "stages": {
-            s.name: {"s": round(s.seconds, 3), "calls": s.unet_calls, "items": s.batch_items} for s in output.stages
-        },
+        "methods": ["rofa"],
+        "scenarios": scenarios,
         "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+@contextlib.contextmanager
+def model_offload(denoiser, vae, device):
+    """diffusers' model CPU offload on the bench pipeline's denoiser and VAE (accelerate's
+    ``cpu_offload_with_hook``, chained denoiser → VAE as ``enable_model_cpu_offload`` does)."""
+    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
+
+    _, hook = cpu_offload_with_hook(denoiser, device)
+    _, vae_hook = cpu_offload_with_hook(vae, device, prev_module_hook=hook)
+    try:
+        yield
+    finally:
+        for module in (denoiser, vae):
+            remove_hook_from_module(module, recurse=True)
+            module.to(device)
 
 
 def freecure_conditions(backend, steps, device, dtype):

@@ -499,3 +499,54 @@ def test_diversity_uses_the_same_five_seeds_for_every_method(face_results):
 def test_report_without_results_says_so(tmp_path):
     with pytest.raises(InputError, match="no results"):
         write_report([tmp_path], tmp_path / "report")
+
+
+# --------------------------------------------------------------------------- batches of seeds
+
+
+class BatchStubFreeCure(StubFreeCure):
+    """The stub with FreeCurePipeline's batch interface: one generator per image, a list back."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def __call__(self, prompt, reference_images, class_word, trigger_word, generator, num_images_per_prompt=1, **kw):
+        self.batch_sizes.append(num_images_per_prompt)
+        if num_images_per_prompt == 1:
+            return super().__call__(prompt, reference_images, class_word, trigger_word, generator, **kw)
+        assert len(generator) == num_images_per_prompt
+        single = super().__call__
+        return [single(prompt, reference_images, class_word, trigger_word, g) for g in generator]
+
+
+def _rows_without_times(directory):
+    drop = {"seconds", "finished", "batch_keys", "stages"}
+    return {row["key"]: {k: v for k, v in row.items() if k not in drop} for row in read_jsonl(shard_path(directory, 0))}
+
+
+def test_batched_seeds_give_the_rows_of_one_at_a_time(tmp_path):
+    from freecure.evaluation.runner import batches
+
+    items = _items(1, 2, 3)
+    assert [[i.seed for i in batch] for batch in batches(items, 2)] == [[0, 1], [2], [0, 1], [2]]
+    freecure = BatchStubFreeCure()
+    summary = run_shard(_evaluator(tmp_path / "batched", freecure), items, progress=False, batch_size=2)
+    assert summary.completed == 6 and freecure.batch_sizes == [2, 1, 2, 1]
+    run_shard(_evaluator(tmp_path / "single"), items, progress=False)
+    assert _rows_without_times(tmp_path / "batched") == _rows_without_times(tmp_path / "single")
+    row = read_jsonl(shard_path(tmp_path / "batched", 0))[0]
+    assert row["batch_keys"] == [items[0].key, items[1].key]
+
+
+def test_a_batch_that_landed_in_part_is_rerun_whole(tmp_path):
+    items = _items(1, 1, 2)
+    run_shard(_evaluator(tmp_path, BatchStubFreeCure()), items, progress=False, batch_size=2)
+    path = shard_path(tmp_path, 0)
+    first, second = path.read_text().splitlines()
+    path.write_text(first + "\n")  # only one row of the batch stored
+    assert done_keys(tmp_path) == set()
+    freecure = BatchStubFreeCure()
+    summary = run_shard(_evaluator(tmp_path, freecure), items, progress=False, batch_size=2)
+    assert freecure.batch_sizes == [2] and summary.completed == 2
+    assert done_keys(tmp_path) == {item.key for item in items}

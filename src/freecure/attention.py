@@ -43,6 +43,11 @@ class AttentionStore:
             resolution counts equally; ``"per_layer"``: one mean over all layers. They agree
             when every resolution has as many layers (SD1.5: 3 each); on SDXL's up blocks
             (30 layers at 32², 6 at 64² for 1024²) per-layer lets the coarse layers dominate.
+
+    Several images (seeds) in one pass: the context names one capture row per image and each
+    sum gains a leading image axis, (images, query_tokens, tokens); ``image`` picks one in
+    :meth:`layer_map`, :meth:`aggregate` and :meth:`token_map`. With one row the sums stay
+    (query_tokens, tokens).
     """
 
     token_indices: tuple[int, ...]
@@ -52,17 +57,28 @@ class AttentionStore:
     counts: dict[str, int] = field(default_factory=dict)
     steps_seen: set[int] = field(default_factory=set)
     step: int | None = None
-    row: int | None = None
+    row: int | tuple[int, ...] | None = None
 
-    def set_context(self, step: int, row: int | None) -> None:
-        """Declare the step being run and the batch row to capture (None: capture nothing)."""
-        self.step, self.row = step, row
+    def set_context(self, step: int, row: int | Sequence[int] | None) -> None:
+        """Declare the step being run and the batch row(s) to capture, one per image (None:
+        capture nothing)."""
+        self.step, self.row = step, row if row is None or isinstance(row, int) else tuple(row)
         if row is not None:
             self.steps_seen.add(step)
 
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """The capture rows of the current call, one per image; () when nothing is captured."""
+        if self.row is None:
+            return ()
+        return (self.row,) if isinstance(self.row, int) else self.row
+
     def add(self, layer: str, probs: torch.Tensor) -> None:
-        """Add one layer's head-averaged attention, shape (query_tokens, len(token_indices))."""
+        """Add one layer's head-averaged attention, shape (query_tokens, len(token_indices)),
+        or (images, query_tokens, len(token_indices)) for several capture rows."""
         probs = probs.detach().float()
+        if probs.ndim == 3 and probs.shape[0] == 1:
+            probs = probs[0]
         if layer in self.sums:
             self.sums[layer] += probs
             self.counts[layer] += 1
@@ -70,13 +86,17 @@ class AttentionStore:
             self.sums[layer] = probs.clone()
             self.counts[layer] = 1
 
-    def layer_map(self, layer: str) -> torch.Tensor:
+    def layer_map(self, layer: str, image: int = 0) -> torch.Tensor:
         """Mean over steps of one layer: (h, w, tokens) on that layer's own grid."""
         mean = self.sums[layer] / self.counts[layer]
+        if mean.ndim == 3:
+            mean = mean[image]
+        elif image != 0:
+            raise IndexError(f"one image was captured, not image {image}")
         h, w = _grid_for(mean.shape[0], self.latent_size)
         return mean.reshape(h, w, -1)
 
-    def aggregate(self) -> torch.Tensor:
+    def aggregate(self, image: int = 0) -> torch.Tensor:
         """Mean over heads, steps and layers at latent resolution: (tokens, h, w).
 
         Layers are averaged per resolution, then across resolutions (``aggregation=
@@ -88,17 +108,21 @@ class AttentionStore:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         groups: dict[tuple[int, int], list[torch.Tensor]] = {}
         for layer in self.sums:
-            grid = self.layer_map(layer)
+            grid = self.layer_map(layer, image)
             key = tuple(grid.shape[:2]) if self.aggregation == "per_resolution" else (0, 0)
             grid = grid.permute(2, 0, 1)[None]  # (1, tokens, h, w)
             resized = F.interpolate(grid, size=self.latent_size, mode="bilinear", align_corners=False)
             groups.setdefault(key, []).append(resized[0])
         return torch.stack([torch.stack(maps).mean(dim=0) for maps in groups.values()]).mean(dim=0)
 
-    def token_map(self, columns: Sequence[int]) -> torch.Tensor:
+    def token_map(self, columns: Sequence[int], image: int = 0) -> torch.Tensor:
         """H_i: the aggregated map averaged over the given prompt columns, shape (h, w)."""
         positions = [self.token_indices.index(column) for column in columns]
-        return self.aggregate()[positions].mean(dim=0)
+        return self.aggregate(image)[positions].mean(dim=0)
+
+    def stored_bytes(self) -> int:
+        """Memory held by the running sums (FreeCure's own, beyond the model's)."""
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
 
 
 def _grid_for(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
@@ -128,16 +152,16 @@ class CrossAttentionCapture:
         temb: torch.Tensor | None = None,
         ip_adapter_masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        row = self.store.row
-        if row is not None and encoder_hidden_states is not None:
-            self._record(attn, hidden_states[row : row + 1], encoder_hidden_states, row)
+        rows = self.store.rows
+        if rows and encoder_hidden_states is not None:
+            self._record(attn, hidden_states[list(rows)], encoder_hidden_states, rows)
         extra = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **extra)
 
     @torch.no_grad()
-    def _record(self, attn: Attention, hidden_states, encoder_hidden_states, row: int) -> None:
+    def _record(self, attn: Attention, hidden_states, encoder_hidden_states, rows: tuple[int, ...]) -> None:
         text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-        text = text[row : row + 1]
+        text = text[list(rows)]
         if hidden_states.ndim == 4:
             hidden_states = hidden_states.flatten(2).transpose(1, 2)
         if attn.group_norm is not None:
@@ -146,9 +170,10 @@ class CrossAttentionCapture:
             text = attn.norm_encoder_hidden_states(text)
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(text))
-        probs = attn.get_attention_scores(query, key)  # (heads, queries, keys)
+        probs = attn.get_attention_scores(query, key)  # (rows·heads, queries, keys), row-major
+        probs = probs.unflatten(0, (len(rows), -1))
         columns = list(self.store.token_indices)
-        self.store.add(self.name, probs[:, :, columns].mean(dim=0))
+        self.store.add(self.name, probs[..., columns].mean(dim=1))
 
 
 def up_block_cross_attention_layers(unet) -> list[str]:
@@ -212,14 +237,21 @@ class JointAttentionCapture:
         image_rotary_emb=None,
         ip_hidden_states=None,
     ):
-        row = self.store.row
-        if row is not None:
-            self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb, row)
+        rows = self.store.rows
+        if rows:
+            self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb, rows)
         extra = {} if ip_hidden_states is None else {"ip_hidden_states": ip_hidden_states}
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
 
     @torch.no_grad()
-    def _record(self, attn, hidden_states, encoder_hidden_states, rotary, row: int) -> None:
+    def _record(self, attn, hidden_states, encoder_hidden_states, rotary, rows: tuple[int, ...]) -> None:
+        """One row at a time (each image's probabilities are computed in query chunks)."""
+        self.store.add(
+            self.name,
+            torch.stack([self._row_map(attn, hidden_states, encoder_hidden_states, rotary, row) for row in rows]),
+        )
+
+    def _row_map(self, attn, hidden_states, encoder_hidden_states, rotary, row: int) -> torch.Tensor:
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(x):
@@ -252,7 +284,7 @@ class JointAttentionCapture:
         for chunk in query.split(self.chunk_size, dim=1):
             probs = torch.softmax(chunk @ key.transpose(1, 2) * scale, dim=-1)  # (heads, chunk, joint)
             maps.append(probs[:, :, columns].mean(dim=0))
-        self.store.add(self.name, torch.cat(maps))
+        return torch.cat(maps)
 
 
 def double_stream_attention_layers(transformer) -> list[str]:

@@ -50,8 +50,9 @@ def _run_steps(
     image_size: tuple[int, int],
     on_step: Callable[[int], None] | None,
 ) -> torch.Tensor:
-    """Step one lane through ``scheduler.timesteps[steps]`` under ``cond`` (guided when w ≠ 1)."""
-    layout = single_lane_layout("cond", guided=guidance_scale != 1.0)
+    """Step one lane per image of ``z`` (n, …) through ``scheduler.timesteps[steps]`` under
+    ``cond`` (guided when w ≠ 1)."""
+    layout = single_lane_layout("cond", guided=guidance_scale != 1.0).for_images(z.shape[0])
     guidance = Guidance(scale=guidance_scale)
     lookup = {"cond": cond, "uncond": uncond}.__getitem__
     for i in steps:

@@ -103,7 +103,11 @@ class FreeCureConfig:
 
 @dataclass
 class StageRecord:
-    """One stage of a run: whether it ran, why not, its wall time and its UNet work."""
+    """One stage of a run: whether it ran, why not, its wall time and its UNet work.
+
+    ``freecure_bytes`` is FreeCure's own memory beyond the model's that the stage holds,
+    computed from tensor sizes: the SAME pass's ε_f cache, injection snapshot and attention
+    sums; the masks; ROFA's mask; the expression stage's latents."""
 
     name: str
     ran: bool
@@ -111,6 +115,7 @@ class StageRecord:
     seconds: float = 0.0
     unet_calls: int = 0
     batch_items: int = 0
+    freecure_bytes: int = 0
 
 
 @dataclass
@@ -253,6 +258,11 @@ class FreeCurePipeline:
         self.face_parser = face_parser
         self.config = config if config is not None else FreeCureConfig()
         if self.config.method == "fasa":  # fail now, not after the SAME pass
+            if getattr(backend.pipeline, "unet", None) is None:
+                raise InputError(
+                    f"method fasa changes a UNet's self-attention; the {backend.family.name} model of backend "
+                    f"{backend.name!r} has none (FASA on FLUX's joint attention is not implemented): use method rofa"
+                )
             check_one_batch(backend)
             fasa_layers(backend.unet, self.config.fasa.layers)
         self.progress = True
@@ -297,11 +307,12 @@ class FreeCurePipeline:
         guidance_rescale: float = 0.0,
         height: int | None = None,
         width: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         inject_step: int | None = None,
         true_cfg_scale: float = 1.0,
-    ) -> FreeCureOutput:
+        num_images_per_prompt: int = 1,
+    ) -> FreeCureOutput | list[FreeCureOutput]:
         """Run FreeCure. Arguments follow diffusers' text-to-image pipelines.
 
         Args:
@@ -316,12 +327,37 @@ class FreeCurePipeline:
                 FLUX the embedded guidance (3.5 for FLUX.1-dev).
             guidance_rescale: diffusers' guidance rescale φ (0 = off).
             height, width: image size in pixels; default from the denoiser's sample size.
-            generator: seeds z_T (drawn on the generator's device, then moved).
-            latents: z_T itself, overriding ``generator``.
+            generator: seeds z_T (drawn on the generator's device, then moved); for several
+                images a list of one generator per image (as diffusers), image k then equals
+                a one-image run with generator k. One generator for several images draws
+                their z_T one after the other.
+            latents: z_T itself, overriding ``generator`` ((n, …) for n images).
             inject_step: override the backend's identity-injection step (for ablations).
             true_cfg_scale: FLUX's true classifier-free guidance with ``negative_prompt``
                 (1 = off: one row per lane); must stay 1 for Stable Diffusion.
+            num_images_per_prompt: n images (seeds) that share every denoiser call of every
+                stage (:meth:`freecure.sampling.BatchLayout.for_images`), each with its own
+                masks and its own stage skipping.
+
+        Returns:
+            One :class:`FreeCureOutput`; for ``num_images_per_prompt`` > 1 a list of them, one
+            per image, whose stage records are the shared batch's.
         """
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise InputError(f"num_images_per_prompt must be an integer, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if isinstance(generator, Sequence) and len(generator) != num_images_per_prompt:
+            raise InputError(
+                f"{len(generator)} generators were given for {num_images_per_prompt} images; give one per image"
+            )
+        if latents is not None and latents.shape[0] != num_images_per_prompt:
+            raise InputError(f"latents hold {latents.shape[0]} images, num_images_per_prompt is {num_images_per_prompt}")
+        if self.config.method == "fasa" and num_images_per_prompt > 1:
+            raise InputError(
+                "method fasa runs one image at a time (its FASA pass is not batched over seeds yet); "
+                "use num_images_per_prompt=1 or method rofa"
+            )
         pipeline = self.pipeline
         trained = pipeline.scheduler.config.num_train_timesteps
         check_number("num_inference_steps", num_inference_steps, 2, trained, integer=True)
@@ -350,8 +386,8 @@ class FreeCurePipeline:
 
         counter = UNetCounter()
         stages = _Stages(counter)
-        notes: list[str] = []
-        output = FreeCureOutput(images={}, parsed=parsed, notes=notes)
+        n = num_images_per_prompt
+        outputs = [FreeCureOutput(images={}, parsed=parsed, notes=[]) for _ in range(n)]
         image_size = (height, width)
         latent_size = family.latent_size(pipeline, height, width)
         # for predictions that depend on w: Face-diffuser's saliency, FLUX's guidance embedding
@@ -365,14 +401,12 @@ class FreeCurePipeline:
                 conditions = replace(conditions, inject_step=inject_step)
             scheduler = pipeline.scheduler
             family.set_timesteps(scheduler, num_inference_steps, device, latent_size)
-            # the lanes are fp32 whatever the model's dtype (z_T is drawn in the model's dtype,
-            # as diffusers does, so a seed gives the same noise)
-            z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, device, dtype, latents)
+            z_T = _initial_latents(family, pipeline, scheduler, latent_size, generator, device, dtype, latents, n)
 
-            # 1. SAME pass: FD and PD from one z_T, FD's attention captured.
+            # 1. SAME pass: FD and PD from one z_T per image, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
-            store = AttentionStore(columns, latent_size, self.config.attention_aggregation) if columns else None
-            with stages.run("same_pass"), self._bar(num_inference_steps, "SAME: FD+PD") as bar:
+            store = AttentionStore(columns, latent_size, aggregation=self.config.attention_aggregation) if columns else None
+            with stages.run("same_pass") as record, self._bar(num_inference_steps, "SAME: FD+PD") as bar:
                 capture = (
                     family.attention_capture(self.backend.denoiser, store, self.config.attention_layers)
                     if store is not None
@@ -390,52 +424,68 @@ class FreeCurePipeline:
                         self.config.approximate_shared_uncond,
                         on_step=lambda i: bar.update(),
                     )
-            fd_image, pd_image = decode_latents(pipeline, same.z0, image_size)
-            output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
-            output.latents.update(fd=same.z0[FD_LANE : FD_LANE + 1], pd=same.z0[PD_LANE : PD_LANE + 1])
-            z_out = same.z0[PD_LANE : PD_LANE + 1]
-            if store is not None:
-                output.attention_maps = {a.text: store.token_map(a.token_indices) for a in parsed.attributes}
+                record.freecure_bytes = same.stored_bytes() + (0 if store is None else store.stored_bytes())
+            decoded = decode_latents(pipeline, same.z0, image_size)
+            for k, output in enumerate(outputs):
+                fd_image, pd_image = decoded[FD_LANE * n + k], decoded[PD_LANE * n + k]
+                output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
+                output.latents.update(fd=same.fd[k : k + 1], pd=same.pd[k : k + 1])
+                if store is not None:
+                    output.attention_maps = {a.text: store.token_map(a.token_indices, k) for a in parsed.attributes}
+            z_out = same.pd
 
-            # 2. SAME masks: parse both images, eq. (4) per attribute, eq. (5) merge.
+            # 2. SAME masks: parse both images, eq. (4) per attribute, eq. (5) merge; per image.
             if parsed.localized:
-                with stages.run("masks"):
-                    self._build_masks(output, fd_image, pd_image, latent_size)
+                with stages.run("masks") as record:
+                    for output in outputs:
+                        self._build_masks(output, output.images["fd"], output.images["pd"], latent_size)
+                    record.freecure_bytes = sum(_mask_bytes(output) for output in outputs)
             else:
                 stages.skip("masks", "the prompt names no localized attribute")
 
-            # 3 (method "fasa"). The authors' FASA regeneration instead of ROFA + expression.
-            if self.config.method == "fasa":
-                z_out = fasa_stage(self, output, same, conditions, guidance, image_size, stages)
-            # 3. ROFA noise blending from the injection step, with the cached ε_f.
-            elif output.latent_mask is None:
-                stages.skip(
-                    "rofa",
-                    "no localized attribute was found in both the FD and the PD image"
-                    if parsed.localized
-                    else "the prompt names no localized attribute",
-                )
+            # 3. ROFA noise blending from the injection step, with the cached ε_f. Images share
+            # the pass; an image whose mask is empty (nothing found) keeps its PD latent as is.
+            blended = [k for k, output in enumerate(outputs) if output.latent_mask is not None]
+            unblended_reason = (
+                "no localized attribute was found in both the FD and the PD image"
+                if parsed.localized
+                else "the prompt names no localized attribute"
+            )
+            if self.config.method == "fasa":  # 3'. The authors' FASA regeneration instead of ROFA
+                z_out = fasa_stage(self, outputs[0], same, conditions, guidance, image_size, stages)
+            elif not blended:
+                stages.skip("rofa", unblended_reason)
             else:
                 steps = num_inference_steps - conditions.inject_step
-                with stages.run("rofa"), self._bar(steps, "ROFA: blend") as bar:
-                    z_out = rofa_pass(
+                mask = torch.cat(
+                    [
+                        torch.zeros(1, 1, *latent_size) if output.latent_mask is None else output.latent_mask.cpu()
+                        for output in outputs
+                    ]
+                ).to(device)
+                with stages.run("rofa") as record, self._bar(steps, "ROFA: blend") as bar:
+                    z_rofa = rofa_pass(
                         self.backend,
                         same,
                         conditions,
-                        family.model_mask(output.latent_mask.to(device), same.z0),
+                        family.model_mask(mask, same.z0),
                         guidance,
                         image_size,
                         on_step=lambda i: bar.update(),
                     )
-                output.images["blended"] = output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
-                output.latents["blended"] = z_out
+                    record.freecure_bytes = mask.numel() * mask.element_size()
+                z_out = torch.cat([z_rofa[k : k + 1] if k in blended else same.pd[k : k + 1] for k in range(n)])
+                images = decode_latents(pipeline, z_rofa[blended], image_size)
+                for k, image in zip(blended, images):
+                    outputs[k].images["blended"] = outputs[k].images["freecure"] = image
+                    outputs[k].latents["blended"] = z_out[k : k + 1]
 
             # 4. Expression restore: invert with the template prompt, denoise with the expression.
             if self.config.method == "fasa":
                 stages.skip("expression", "method fasa: the authors' FASA schedule has no expression stage")
             elif parsed.abstract:
-                n = inversion_steps(num_inference_steps, self.config.gamma)
-                with stages.run("expression"), self._bar(2 * n, "Expression: invert+denoise") as bar:
+                steps = inversion_steps(num_inference_steps, self.config.gamma)
+                with stages.run("expression") as record, self._bar(2 * steps, "Expression: invert+denoise") as bar:
                     z_out = expression_restore(
                         self.backend,
                         z_out,
@@ -450,15 +500,15 @@ class FreeCurePipeline:
                         on_step=lambda i: bar.update(),
                         inversion_guidance_scale=self.config.inversion_guidance_scale,
                     )
-                output.images["freecure"] = decode_latents(pipeline, z_out, image_size)[0]
+                    record.freecure_bytes = z_out.numel() * z_out.element_size()
+                for output, image in zip(outputs, decode_latents(pipeline, z_out, image_size)):
+                    output.images["freecure"] = image
             else:
                 stages.skip("expression", "the prompt names no abstract attribute (expression)")
-            output.latents["freecure"] = z_out
+            for k, output in enumerate(outputs):
+                output.latents["freecure"] = z_out[k : k + 1]
 
-        if not parsed.attributes:
-            notes.append("the prompt names no attribute FreeCure can cure: the result is PD unchanged")
-        output.stages = stages.records
-        output.settings = dict(
+        settings = dict(
             backend=self.backend.name,
             prompt=prompt,
             class_word=parsed.class_word,
@@ -482,7 +532,23 @@ class FreeCurePipeline:
             method=self.config.method,
             fasa=asdict(self.config.fasa) if self.config.method == "fasa" else None,
         )
-        return output
+        if n > 1:
+            settings.update(num_images_per_prompt=n)
+        for k, output in enumerate(outputs):
+            if not parsed.attributes:
+                output.notes.append("the prompt names no attribute FreeCure can cure: the result is PD unchanged")
+            output.stages = [
+                StageRecord("rofa", ran=False, reason=f"{unblended_reason} (this image's PD is kept)")
+                if record.name == "rofa" and record.ran and k not in blended
+                else record
+                for record in stages.records
+            ]
+            if n > 1:
+                output.notes.append(
+                    f"image {k + 1} of {n} sharing every model call; stage times and calls are the whole batch's"
+                )
+            output.settings = dict(settings, image_index=k) if n > 1 else dict(settings)
+        return outputs[0] if n == 1 else outputs
 
     def _build_masks(self, output: FreeCureOutput, fd_image, pd_image, latent_size) -> None:
         """Eq. (4) for every localized attribute with a region in both images, eq. (5) to merge.
@@ -515,6 +581,22 @@ class FreeCurePipeline:
         if output.attribute_masks:
             output.mask = merge_masks(list(output.attribute_masks.values()))
             output.latent_mask = to_latent_resolution(output.mask, latent_size)
+
+
+def _initial_latents(family, pipeline, scheduler, latent_size, generator, device, dtype, latents, n: int):
+    """z_T of n images, (n, …): one draw per image (image k from ``generator[k]`` when a list
+    is given, so that it equals a one-image run with that generator)."""
+    if latents is not None:
+        return family.initial_latents(pipeline, scheduler, latent_size, None, device, dtype, latents)
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] * n
+    draws = [family.initial_latents(pipeline, scheduler, latent_size, g, device, dtype) for g in generators]
+    return torch.cat(draws)
+
+
+def _mask_bytes(output: FreeCureOutput) -> int:
+    """Bytes of one image's masks and attention maps (FreeCure's own memory)."""
+    tensors = [*output.attribute_masks.values(), *output.attention_maps.values(), output.mask, output.latent_mask]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _to(conditions: Conditions, device, dtype) -> Conditions:

@@ -84,3 +84,69 @@ def load_base_pipeline(model: str, device: torch.device, dtype: torch.dtype, sdx
             "needed) or a local folder saved with save_pretrained. Offline, try --tiny."
         ) from None
     return pipeline.to(device)
+
+
+#: ``--offload`` choices: diffusers' CPU offload hooks.
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+def apply_memory_options(
+    pipeline,
+    device: torch.device,
+    offload: str = "none",
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
+) -> None:
+    """Offload and VAE memory savers on a loaded diffusers pipeline.
+
+    ``offload="model"``: :meth:`~diffusers.DiffusionPipeline.enable_model_cpu_offload` (one
+    whole model on ``device`` at a time); ``"sequential"``:
+    :meth:`~diffusers.DiffusionPipeline.enable_sequential_cpu_offload` (each layer's weights
+    moved in for its forward). FreeCure's attention processors are installed inside the
+    denoiser and call its own (hooked) projections, so they work under both. ``vae_tiling``
+    decodes large images tile by tile, ``vae_slicing`` one image at a time.
+
+    Raises:
+        InputError: an unknown mode, or sequential offload without an accelerator (accelerate
+            cannot stream weights to a CPU execution device).
+    """
+    if offload not in OFFLOAD_MODES:
+        raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+    if offload == "sequential" and device.type == "cpu":
+        raise InputError("--offload sequential needs a GPU (accelerate cannot stream weights to the CPU); use model")
+    if offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    vae = getattr(pipeline, "vae", None)
+    if vae_tiling and vae is not None:
+        vae.enable_tiling()
+    if vae_slicing and vae is not None:
+        vae.enable_slicing()
+    if offload != "none":
+        logger.info("CPU offload %s: models live on the CPU and move to %s for their forward", offload, device)
+
+
+def compile_denoiser(denoiser: torch.nn.Module, mode: str | None = None, backend: str = "inductor") -> None:
+    """``torch.compile`` the denoiser's forward in place, with static shapes (``dynamic=False``).
+
+    FreeCure's stages call the denoiser with a few fixed batch sizes (for n images: the SAME
+    pass 2n rows before injection and 4n after, ROFA 2n, expression n or 2n), so each stage
+    compiles once and then reuses its graph. Hooks on the module (FreeCure's call counter)
+    stay outside the compiled function, and the attention-capture processor is installed only
+    on the layers it records, so the other layers keep the processors they compile with. The
+    dynamo cache is raised to hold every stage's graph (:data:`COMPILE_CACHE_SIZE`).
+
+    Args:
+        mode: ``torch.compile`` mode, e.g. ``"reduce-overhead"`` (CUDA graphs) on a GPU.
+        backend: the compiler backend (tests use a counting one).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
+    denoiser.forward = torch.compile(denoiser.forward, dynamic=False, mode=mode, backend=backend)
+
+
+#: Graphs a compiled denoiser may hold: 2 SAME shapes (± capture on its first step), ROFA,
+#: expression, plain generation, for a few batch sizes.
+COMPILE_CACHE_SIZE = 32

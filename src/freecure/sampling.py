@@ -50,16 +50,44 @@ class BatchLayout:
         lanes: per output lane, ``(unconditional row or None, conditional row)``; None means
             the lane is not guided (guidance scale 1).
         capture_row: the row holding FD's conditional branch, whose cross-attention SAME
-            records; None when nothing is captured.
+            records; None when nothing is captured. For several images, the row of the
+            one-image layout (see :attr:`capture_rows`).
+        images: how many images share the pass (:meth:`for_images`).
+
+    Several images (seeds) at once: lane ``l`` of image ``k`` is lane ``l·n + k`` (lanes stacked
+    lane-major: [FD_0 … FD_{n−1}, PD_0 … PD_{n−1}]), and row ``r`` of the one-image layout
+    becomes rows ``r·n … r·n + n − 1``, one per image, so the rows of one conditioning key stay
+    contiguous and every row keeps its key (a backend's :meth:`Backend.predict_noise` sees
+    which rows are FD and which PD, whatever ``n``).
     """
 
     rows: tuple[tuple[int, str], ...]
     lanes: tuple[tuple[int | None, int], ...]
     capture_row: int | None = None
+    images: int = 1
 
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(key for _, key in self.rows)
+
+    @property
+    def capture_rows(self) -> tuple[int, ...] | None:
+        """The rows whose attention SAME records, one per image (image order); None: none."""
+        if self.capture_row is None:
+            return None
+        return tuple(self.capture_row * self.images + k for k in range(self.images))
+
+    def for_images(self, n: int) -> BatchLayout:
+        """This one-image layout for ``n`` images sharing every denoiser call (see the class doc)."""
+        if self.images != 1:
+            raise ValueError("for_images expands a one-image layout")
+        if n == 1:
+            return self
+        rows = tuple((lane * n + k, key) for lane, key in self.rows for k in range(n))
+        lanes = tuple(
+            (None if uncond is None else uncond * n + k, cond * n + k) for uncond, cond in self.lanes for k in range(n)
+        )
+        return BatchLayout(rows=rows, lanes=lanes, capture_row=self.capture_row, images=n)
 
     def gather(self, z: torch.Tensor) -> torch.Tensor:
         """Model inputs: ``z[lane]`` for each row, from lanes stacked as (lanes, …)."""
@@ -185,9 +213,10 @@ class SamePassResult:
     """What the SAME pass leaves for the later stages.
 
     Attributes:
-        z0: final latents, stacked (2, …): [FD, PD], in the family's layout.
-        eps_f: FD's guided prediction at every step from injection on (ROFA's ε_f).
-        injection_latents: both lanes at the injection step, before it is taken.
+        z0: final latents, stacked (2n, …): [FD_0 … FD_{n−1}, PD_0 … PD_{n−1}] for n images
+            (one image: [FD, PD]), in the family's layout.
+        eps_f: FD's guided prediction at every step from injection on (ROFA's ε_f), (n, …).
+        injection_latents: every lane at the injection step, before it is taken.
         injection_scheduler: a copy of the scheduler's state at the injection step.
         fd_latents: FD's latent at the start of every step (FASA replays FD from them).
     """
@@ -197,6 +226,25 @@ class SamePassResult:
     injection_latents: torch.Tensor
     injection_scheduler: object
     fd_latents: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return self.z0.shape[0] // 2
+
+    @property
+    def fd(self) -> torch.Tensor:
+        """FD's final latents, (n, …)."""
+        return self.z0[: self.images]
+
+    @property
+    def pd(self) -> torch.Tensor:
+        """PD's final latents, (n, …)."""
+        return self.z0[self.images :]
+
+    def stored_bytes(self) -> int:
+        """FreeCure's own memory held by this result: the ε_f cache and the injection snapshot."""
+        tensors = [*self.eps_f.values(), self.injection_latents]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.no_grad()
@@ -215,8 +263,12 @@ def same_pass(
 
     FD's cross-attention is recorded into ``store`` at every step; FD's guided ε and the
     injection-step state are cached for ROFA, so FD never has to be run again.
+
+    ``z_T`` holds one latent per image, (n, …): the n images share every denoiser call, each
+    row of the one-image layout repeated per image (:meth:`BatchLayout.for_images`).
     """
-    z = z_T.expand(2, *z_T.shape[1:]).clone()  # lanes [FD, PD] start from the same z_T
+    n = z_T.shape[0]
+    z = z_T.repeat(2, *[1] * (z_T.ndim - 1))  # lanes [FD_0…FD_{n−1}, PD_0…PD_{n−1}]: FD_k, PD_k share z_T[k]
     eps_f: dict[int, torch.Tensor] = {}
     fd_latents: list[torch.Tensor] = []
     snapshot = None
@@ -224,12 +276,12 @@ def same_pass(
         fd_latents.append(z[FD_LANE : FD_LANE + 1].clone())
         if i == conditions.inject_step:
             snapshot = (z.clone(), copy.deepcopy(scheduler))
-        layout = same_layout(i, conditions, approximate_shared_uncond, guided=guidance.cfg)
+        layout = same_layout(i, conditions, approximate_shared_uncond, guided=guidance.cfg).for_images(n)
         if store is not None:
-            store.set_context(i, layout.capture_row)
+            store.set_context(i, layout.capture_rows)
         eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
         if i >= conditions.inject_step:
-            eps_f[i] = eps[FD_LANE].clone()
+            eps_f[i] = eps[FD_LANE * n : FD_LANE * n + n].clone()
         z = scheduler.step(eps, t, z, return_dict=False)[0]  # one step on the stacked lanes
         if on_step is not None:
             on_step(i)
@@ -255,24 +307,26 @@ def rofa_pass(
 
     The FD lane is replayed from the cache (no denoiser call) so that the scheduler state
     stays that of the SAME pass; only PD's rows go through the denoiser. ``mask`` is ℳ laid
-    out like the predictions (:meth:`freecure.families.ModelFamily.model_mask`).
+    out like the predictions (:meth:`freecure.families.ModelFamily.model_mask`), one per
+    image ((n, …) for n images; an image whose ℳ is zero keeps its PD prediction).
 
     Returns:
-        The noise-blended latent z_0 of PD, shape (1, …).
+        The noise-blended latents z_0 of PD, shape (n, …).
     """
     scheduler = copy.deepcopy(same.injection_scheduler)
     z = same.injection_latents.clone()
+    n = same.images
     timesteps = scheduler.timesteps
-    layout = ROFA_LAYOUT if guidance.cfg else ROFA_LAYOUT_UNGUIDED
+    layout = (ROFA_LAYOUT if guidance.cfg else ROFA_LAYOUT_UNGUIDED).for_images(n)
     for i in range(conditions.inject_step, len(timesteps)):
         t = timesteps[i]
         eps_p = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
         eps_f = same.eps_f[i]
-        eps_p = rofa_blend(eps_p, eps_f[None], mask)
-        z = scheduler.step(torch.cat([eps_f[None], eps_p]), t, z, return_dict=False)[0]
+        eps_p = rofa_blend(eps_p, eps_f, mask)
+        z = scheduler.step(torch.cat([eps_f, eps_p]), t, z, return_dict=False)[0]
         if on_step is not None:
             on_step(i)
-    return z[PD_LANE : PD_LANE + 1]
+    return z[PD_LANE * n : PD_LANE * n + n]
 
 
 @torch.no_grad()
@@ -288,14 +342,14 @@ def plain_pass(
     """Plain generation of one lane alone (PD with its injection step, or FD), full CFG.
 
     This is what the personalization model does without FreeCure; it serves as the
-    baseline in cost counts and as the oracle of tests.
+    baseline in cost counts and as the oracle of tests. ``z_T`` may hold several images (n, …).
     """
     z = z_T.clone()
     for i, t in enumerate(scheduler.timesteps):
         injected = lane == PD and i >= conditions.inject_step
         key = PD if injected else FD
         uncond_key = PD_UNCOND if lane == PD else UNCOND
-        layout = single_lane_layout(key, guided=guidance.cfg, uncond_key=uncond_key)
+        layout = single_lane_layout(key, guided=guidance.cfg, uncond_key=uncond_key).for_images(z.shape[0])
         eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
         z = scheduler.step(eps, t, z, return_dict=False)[0]
     return z

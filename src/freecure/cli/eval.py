@@ -67,6 +67,14 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--seed-offset", type=options.seed, default=0, help="seeds are OFFSET … OFFSET+N-1 (default 0)"
     )
+    parser.add_argument(
+        "--batch-size",
+        type=options.positive_int,
+        default=1,
+        metavar="N",
+        help="seeds of one ⟨identity, prompt⟩ generated together, sharing every model call (default 1); "
+        "a batch is stored whole or re-run on resume",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder (created; resumed)")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument(
@@ -278,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
                 world,
                 progress=not args.no_progress,
                 extra={"world_size": world, "device": str(evaluator.freecure.backend.device)},
+                batch_size=args.batch_size,
             )
             rate = f"{summary.items_per_second:.3f} items/s" if summary.completed else "nothing to do"
             print(

@@ -10,7 +10,16 @@ import torch
 
 from ..backends import BACKENDS
 from ..errors import InputError
-from ..runtime import DTYPES, SCHEDULERS, resolve_device, resolve_dtype, set_scheduler
+from ..runtime import (
+    DTYPES,
+    OFFLOAD_MODES,
+    SCHEDULERS,
+    apply_memory_options,
+    compile_denoiser,
+    resolve_device,
+    resolve_dtype,
+    set_scheduler,
+)
 from . import options
 
 
@@ -38,6 +47,14 @@ def register(subparsers) -> None:
         "--class-word", default=None, help="the subject's class word in the prompt (default: found in the prompt)"
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="seed of z_T: 0 … 2^64-1 (default 0)")
+    parser.add_argument(
+        "--num-images",
+        type=options.positive_int,
+        default=1,
+        metavar="N",
+        help="N images from seeds SEED … SEED+N−1, sharing every model call; each goes to "
+        "--out/seed<S>/ (default 1: the files go to --out itself)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -143,6 +160,21 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="float16 / bfloat16 / float32 (default: fp16 on CUDA)"
     )
+    memory = parser.add_argument_group("memory and speed")
+    memory.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="none",
+        help="diffusers CPU offload: model (one model on the GPU at a time) or sequential (layer by layer)",
+    )
+    memory.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    memory.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time")
+    memory.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser (static batch shapes: each stage compiles once)",
+    )
+    memory.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (GPU)")
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -255,6 +287,10 @@ def build_freecure(args: argparse.Namespace):
 
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
+    if args.compile and args.offload != "none":
+        raise InputError("--compile and --offload do not combine (offload hooks move weights inside the compiled call)")
+    if args.offload == "sequential" and args.device.type == "cpu":
+        raise InputError("--offload sequential needs a GPU (accelerate cannot stream weights to the CPU); use model")
     config = FreeCureConfig(
         gamma=args.gamma,
         expression_guidance_scale=args.expression_guidance_scale,
@@ -272,6 +308,9 @@ def build_freecure(args: argparse.Namespace):
         choices = ", ".join(family.schedulers)
         raise InputError(f"--scheduler {args.scheduler} does not fit a {family.name} model; choose one of {choices}")
     set_scheduler(backend.pipeline, args.scheduler)
+    apply_memory_options(backend.pipeline, args.device, args.offload, args.vae_tiling, args.vae_slicing)
+    if args.compile:
+        compile_denoiser(backend.denoiser, mode=args.compile_mode)
     return FreeCurePipeline(backend, build_face_parser(args), config)
 
 
@@ -282,10 +321,13 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ..attributes import detect_class_word
+    from ..atomic import atomic_folder
     from ..images import load_reference
     from ..outputs import save_output
 
     # Everything a user gave is checked before any model loads.
+    if args.seed + args.num_images - 1 > options.MAX_SEED:
+        raise InputError(f"--seed + --num-images - 1 must be at most {options.MAX_SEED}")
     class_word = args.class_word or detect_class_word(args.prompt)
     out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
     options.check_output_folder(out_dir, overwrite=args.overwrite)
@@ -297,7 +339,10 @@ def run(args: argparse.Namespace) -> int:
     backend = freecure.backend
     freecure.set_progress_bar_config(disable=args.no_progress)
     guidance = guidance_scale(args, backend)
-    output = freecure(
+    seeds = [args.seed + k for k in range(args.num_images)]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    folders = [out_dir] if len(seeds) == 1 else [out_dir / f"seed{seed}" for seed in seeds]
+    outputs = freecure(
         args.prompt,
         reference_images=references,
         class_word=class_word,
@@ -307,19 +352,34 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=guidance,
         height=args.height,
         width=args.width,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=generators if len(seeds) > 1 else generators[0],
         inject_step=args.inject_step,
         true_cfg_scale=args.true_cfg_scale,
+        num_images_per_prompt=len(seeds),
     )
-    extra = {
-        "seed": args.seed,
-        "references": [str(path) for path in args.ref],
-        "weights": "random (tiny components)" if args.tiny else "pretrained",
-        "base_model": None if args.tiny else args.base_model,
-        "license": backend.license,
-    }
-    paths = save_output(output, out_dir, overwrite=args.overwrite, extra=extra)
-    print(f"freecure: wrote {len(paths)} files to {out_dir}")
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+
+    def write(output, seed: int, folder: Path) -> list[Path]:
+        extra = {
+            "seed": seed,
+            "references": [str(path) for path in args.ref],
+            "weights": "random (tiny components)" if args.tiny else "pretrained",
+            "base_model": None if args.tiny else args.base_model,
+            "license": backend.license,
+        }
+        return save_output(output, folder, overwrite=args.overwrite, extra=extra)
+
+    if len(outputs) == 1:
+        paths = write(outputs[0], seeds[0], out_dir)
+        print(f"freecure: wrote {len(paths)} files to {out_dir}")
+    else:  # the whole batch lands at once (and --overwrite replaces the earlier run whole)
+        with atomic_folder(out_dir, replace=True) as staging:
+            for output, seed, folder in zip(outputs, seeds, folders):
+                write(output, seed, staging / folder.name)
+        print(f"freecure: wrote {len(outputs)} runs to {', '.join(str(folder) for folder in folders)}")
+    output = outputs[0]
+    if len(outputs) > 1:
+        print(f"  {len(outputs)} images in one batch; the stage figures are the whole batch's")
     for stage in output.stages:
         state = (
             f"{stage.seconds:6.2f}s  {stage.unet_calls:3d} UNet calls  {stage.batch_items:3d} items"

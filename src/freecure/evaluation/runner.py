@@ -10,6 +10,11 @@ kept for the diversity metric, and the item becomes one row of the process's res
 Resuming: an item whose key is in any shard of the output folder is skipped, so running
 the same command again finishes what a killed run left and never writes a row twice.
 
+Batches of seeds (``batch_size`` > 1): consecutive items of one ⟨identity, prompt⟩ run as
+one FreeCure call whose images share every model call. Their rows are written with one
+``os.write`` and each names the whole batch (``batch_keys``); an item counts as done only
+when every row of its batch is stored, so a batch lands whole or is re-run.
+
 Sharding: items are listed in a stable order (identity, prompt, seed) and process ``r`` of
 ``n`` takes items ``r, r + n, r + 2n, …``. The assignment depends only on the item list, so
 every process agrees on it without talking to the others.
@@ -98,8 +103,27 @@ def shard(items: Sequence[WorkItem], rank: int, world_size: int) -> list[WorkIte
 
 
 def done_keys(directory: str | os.PathLike) -> set[str]:
-    """Keys of every item already in any shard of ``directory``."""
-    return set(merge_rows(read_results([directory])))
+    """Keys of every item already in any shard of ``directory`` whose whole batch is stored."""
+    rows = merge_rows(read_results([directory]))
+    return {key for key, row in rows.items() if all(other in rows for other in row.get("batch_keys", ()))}
+
+
+def batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """Consecutive items of one ⟨identity, prompt⟩ (seeds), at most ``batch_size`` per batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups: list[list[WorkItem]] = []
+    for item in items:
+        last = groups[-1] if groups else None
+        if (
+            last is not None
+            and len(last) < batch_size
+            and (last[0].identity.id, last[0].prompt.index) == (item.identity.id, item.prompt.index)
+        ):
+            last.append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -149,18 +173,40 @@ class Evaluator:
 
     def run(self, item: WorkItem) -> dict:
         """Generate, save and score one item; returns its result row."""
+        return self.run_batch([item])[0]
+
+    def run_batch(self, items: Sequence[WorkItem]) -> list[dict]:
+        """Generate the seeds of one ⟨identity, prompt⟩ in one FreeCure call (every model call
+        shared), then save and score each; returns their rows, in order."""
         start = time.perf_counter()
-        images, reference = self.references(item.identity)
-        class_word = item.identity.class_word
-        prompt = item.prompt.render(class_word, self.trigger)
-        output = self.freecure(
+        first = items[0]
+        if any((i.identity.id, i.prompt.index) != (first.identity.id, first.prompt.index) for i in items):
+            raise ValueError("a batch holds the seeds of one identity and one prompt")
+        images, _ = self.references(first.identity)
+        class_word = first.identity.class_word
+        prompt = first.prompt.render(class_word, self.trigger)
+        generators = [torch.Generator().manual_seed(item.seed) for item in items]
+        outputs = self.freecure(
             prompt,
             reference_images=images,
             class_word=class_word,
             trigger_word=self.trigger,
-            generator=torch.Generator().manual_seed(item.seed),
+            generator=generators if len(items) > 1 else generators[0],
+            num_images_per_prompt=len(items),
             **self.call_kwargs,
         )
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        seconds = (time.perf_counter() - start) / len(items)
+        rows = [self._score(item, output, prompt, class_word, seconds) for item, output in zip(items, outputs)]
+        if len(items) > 1:
+            for row in rows:
+                row["batch_keys"] = [item.key for item in items]
+        return rows
+
+    def _score(self, item: WorkItem, output, prompt: str, class_word: str, generation_seconds: float) -> dict:
+        """Save and score one image's FD, PD and FreeCure; its result row."""
+        start = time.perf_counter() - generation_seconds
+        _, reference = self.references(item.identity)
         generated = {method: output.images[method] for method in METHODS}
         foundation_prompt = output.parsed.foundation_prompt
         pc = self.prompt_consistency([generated[m] for m in METHODS], foundation_prompt)
@@ -240,6 +286,7 @@ def run_shard(
     progress: bool = True,
     on_item_done: Callable[[dict], None] | None = None,
     extra: dict | None = None,
+    batch_size: int = 1,
 ) -> RunSummary:
     """Run this process's shard of ``items``, skipping items already in any shard.
 
@@ -250,6 +297,7 @@ def run_shard(
         progress: show a progress bar (items done, rate, ETA).
         on_item_done: called with each new row after it is stored.
         extra: fields added to every row (for example the run's world size).
+        batch_size: seeds of one ⟨identity, prompt⟩ generated together (:func:`batches`).
     """
     mine = shard(items, rank, world_size)
     done = done_keys(evaluator.out_dir)
@@ -267,16 +315,18 @@ def run_shard(
     )
     start = time.perf_counter()
     try:
-        for item in todo:
-            row = evaluator.run(item)
-            row.update(rank=rank, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
-            store.append(row)
-            summary.completed += 1
-            for method in METHODS:
-                summary.failures[method] += not row["metrics"][method]["face_found"]
-            bar.update(1)
-            if on_item_done is not None:
-                on_item_done(row)
+        for batch in batches(todo, batch_size):
+            rows = evaluator.run_batch(batch) if len(batch) > 1 else [evaluator.run(batch[0])]
+            for row in rows:
+                row.update(rank=rank, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
+            store.append_many(rows)  # one write: the batch lands whole (see done_keys)
+            for row in rows:
+                summary.completed += 1
+                for method in METHODS:
+                    summary.failures[method] += not row["metrics"][method]["face_found"]
+                bar.update(1)
+                if on_item_done is not None:
+                    on_item_done(row)
     finally:
         summary.seconds = time.perf_counter() - start
         bar.close()

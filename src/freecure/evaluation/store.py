@@ -77,7 +77,13 @@ class ResultStore:
 
     def append(self, row: dict) -> None:
         """Write ``row`` as one JSON line: one ``os.write`` with O_APPEND, then fsync."""
-        data = (json.dumps(row, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        self.append_many([row])
+
+    def append_many(self, rows: list[dict]) -> None:
+        """Write ``rows`` as JSON lines with one ``os.write`` with O_APPEND, then fsync."""
+        data = "".join(
+            json.dumps(row, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n" for row in rows
+        ).encode("utf-8")
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(descriptor, data)
