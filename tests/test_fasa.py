@@ -278,8 +278,9 @@ def test_generate_tiny_method_fasa(tmp_path, astronaut, family):
 def test_generate_rejects_bad_fasa_options(tmp_path, capsys, grey_image):
     grey_image.save(tmp_path / "ref.png")
     base = ["generate", "--tiny", "--method", "fasa", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png")]
-    code = main([*base, "--fasa-mask-weight", "inf", "--out", str(tmp_path / "x")])
-    assert code == 2 and "mask weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # refused at parse time, one line
+        main([*base, "--fasa-mask-weight", "inf", "--out", str(tmp_path / "x")])
+    assert refused.value.code == 2 and "--fasa-mask-weight" in capsys.readouterr().err
     code = main([*base, "--fasa-layers", "nothing.*", "--out", str(tmp_path / "y")])
     assert code == 2 and "no self-attention layer" in capsys.readouterr().err
 

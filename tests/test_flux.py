@@ -426,5 +426,7 @@ def test_identity_embedding_file_for_token_fusion(tmp_path):
     save_file({"identity": torch.ones(2, 32)}, str(tmp_path / "id.safetensors"))
     assert load_identity_embedding(tmp_path / "id.safetensors").shape == (2, 32)
     (tmp_path / "bad.safetensors").write_text("not safetensors")
-    with pytest.raises(InputError, match="cannot read"):
+    from freecure.errors import FreeCureError
+
+    with pytest.raises(FreeCureError, match="cannot read"):
         load_identity_embedding(tmp_path / "bad.safetensors")

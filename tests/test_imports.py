@@ -14,7 +14,7 @@ import freecure
 
 SRC = Path(freecure.__file__).resolve().parent  # the package under test, wherever it is installed
 #: Optional packages that a CPU test environment may lack; their imports are checked when present.
-OPTIONAL = {"insightface", "onnxruntime", "open_clip", "facenet_pytorch", "dlib", "lpips", "skimage"}
+OPTIONAL = {"insightface", "onnxruntime", "open_clip", "facenet_pytorch", "dlib", "lpips", "skimage", "facexlib"}
 
 
 def module_name(path: Path) -> str:

@@ -216,7 +216,8 @@ def test_without_insightface_the_cli_says_what_to_install_or_pass(monkeypatch, t
     import sys
 
     monkeypatch.setitem(sys.modules, "insightface", None)  # as if not installed
-    args = ["generate", "--backend", backend_name, "--prompt", PROMPT, "--ref", "x.png", "--device", "cpu"]
+    ref = _reference_file(tmp_path)
+    args = ["generate", "--backend", backend_name, "--prompt", PROMPT, "--ref", ref, "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "freecure[insightface]" in error and "--face-embedding" in error and "Traceback" not in error
@@ -235,10 +236,20 @@ def test_captured_attention_is_text_only_with_identity_tokens_active(backend, as
         torch.testing.assert_close(mean.sum(-1), torch.ones(mean.shape[0]), rtol=1e-5, atol=1e-5)
 
 
+def _reference_file(folder) -> str:
+    """A readable reference photo (references are checked before the face files)."""
+    from PIL import Image
+
+    path = folder / "ref.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(path)
+    return str(path)
+
+
 def test_bad_face_files_fail_before_any_model_loads(tmp_path, capsys):
     (tmp_path / "kps.json").write_text("[[1, 2], [3, 4]]")
     (tmp_path / "face.safetensors").write_bytes(b"junk")
-    base = ["generate", "--backend", "instantid", "--prompt", PROMPT, "--ref", "x.png", "--device", "cpu"]
+    ref = _reference_file(tmp_path)
+    base = ["generate", "--backend", "instantid", "--prompt", PROMPT, "--ref", ref, "--device", "cpu"]
     assert main([*base, "--face-embedding", str(tmp_path / "face.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "cannot read the face-embedding file" in capsys.readouterr().err
     assert main([*base, "--face-embedding", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2

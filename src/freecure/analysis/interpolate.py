@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import same_layout
-from .maps import attention_logits, pd_row
+from .maps import attention_logits, pd_row, single_row
 
 
 def interpolate_scores(
@@ -56,6 +56,7 @@ class InterpolationState:
     def set_context(self, step: int, row: int | None) -> None:
         """Called by the SAME loop: active from the injection step on (PD has no identity before)."""
         self.rows = None
+        row = single_row(row)
         if row is None or step < self.conditions.inject_step:
             return
         layout = same_layout(step, self.conditions, self.approximate_shared_uncond)

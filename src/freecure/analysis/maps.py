@@ -71,9 +71,11 @@ class TokenMapStore:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
 
-    def set_context(self, step: int, row: int | None) -> None:
-        """Called by the SAME loop before each UNet call (``row``: FD's conditional row)."""
+    def set_context(self, step: int, row: int | Sequence[int] | None) -> None:
+        """Called by the SAME loop before each UNet call (``row``: FD's conditional row, or
+        one per image of a batch: the analyses run one image)."""
         self.rows = {}
+        row = single_row(row)
         if row is None or (self.steps is not None and step not in self.steps):
             return
         layout = same_layout(step, self.conditions, self.approximate_shared_uncond)
@@ -101,6 +103,15 @@ class TokenMapStore:
         if not maps:
             raise RuntimeError(f"no {lane.upper()} cross-attention was recorded in layers {list(layers)[:3]}…")
         return torch.stack(maps).mean(dim=0)
+
+
+def single_row(row: int | Sequence[int] | None) -> int | None:
+    """The capture row of a one-image pass (the loop names one row per image)."""
+    if row is None or isinstance(row, int):
+        return row
+    if len(row) != 1:
+        raise ValueError(f"the attention analyses run one image at a time, got capture rows {tuple(row)}")
+    return row[0]
 
 
 def pd_row(rows: Sequence[tuple[int, str]], fallback: int) -> int:

@@ -184,7 +184,12 @@ def add_model_arguments(parser) -> None:
     for name, backend in sorted(BACKENDS.items()):
         group = parser.add_argument_group(f"{name} backend")
         backend.add_cli_arguments(group)
-        BACKEND_OPTIONS[name] = {action.dest: action for action in group._group_actions}
+        # Which options the backend reads: several backends share some (--face-embedding), and
+        # a shared option is registered on the parser once, by the first; a scratch parser of
+        # the backend's own shows all of them.
+        own = argparse.ArgumentParser(add_help=False)
+        backend.add_cli_arguments(own)
+        BACKEND_OPTIONS[name] = {action.dest: action for action in own._actions}
 
 
 #: backend name → its own options (dest → argparse action), filled by :func:`add_model_arguments`.
