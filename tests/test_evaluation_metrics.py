@@ -335,3 +335,8 @@ def test_lpips_value_is_pinned_and_goes_through_the_linear_heads(lpips, astronau
     for head in headless.heads:
         head.weight.data.zero_()
     assert headless.distance([face], others[:1], size=64).item() == 0.0
+
+
+def test_unknown_identity_model_is_an_input_error():
+    with pytest.raises(InputError, match="unknown identity model 'arcface'"):
+        IdentityFidelity.from_name("arcface")

@@ -224,3 +224,35 @@ def test_a_half_precision_model_steps_fp32_lanes(tiny_sd15):
     assert all(stage.ran for stage in out.stages)
     assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
     assert {latent.dtype for latent in out.latents.values()} == {torch.float32}
+
+
+class KeySpyBackend:
+    """Records the conditioning keys of every row; predicts zeros."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        self.keys = []
+
+    def predict_noise(self, latents, timestep, rows, row_keys, step_index, image_size):
+        self.keys.append(tuple(row_keys))
+        return torch.zeros_like(latents)
+
+
+def test_plain_pass_guides_each_lane_with_its_own_negative_branch(tiny_sd15, grey_image):
+    from dataclasses import replace
+
+    from freecure.sampling import Guidance, plain_pass
+
+    backend = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32))
+    parsed = pipeline_module.parse_prompt("a man with black curly hair", "man", tokenizer=backend.tokenizer)
+    conditions = replace(backend.conditions(parsed, [grey_image], 4), inject_step=2)
+    conditions = replace(conditions, pd_uncond=backend.encode_text("blurry"))  # PD's own negative branch
+    scheduler = DDIMScheduler.from_config(tiny_sd15.scheduler.config)
+    # PD's lane uses PD's negative branch throughout (as the personalized method alone does)
+    pd_rows = [("pd_uncond", "fd")] * 2 + [("pd_uncond", "pd")] * 2
+    for lane, expected in ((PD, pd_rows), (FD, [("uncond", "fd")] * 4)):
+        spy = KeySpyBackend()
+        scheduler.set_timesteps(4)
+        plain_pass(spy, scheduler, z_T(tiny_sd15, 64, 64), conditions, Guidance(), (64, 64), lane=lane)
+        assert spy.keys == expected
