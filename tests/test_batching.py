@@ -165,7 +165,9 @@ def test_generate_num_images_writes_one_folder_per_seed(tmp_path, astronaut):
     batched = np.asarray(Image.open(tmp_path / "batch" / "seed6" / "freecure.png"), dtype=int)
     alone = np.asarray(Image.open(tmp_path / "alone" / "freecure.png"), dtype=int)
     assert np.abs(batched - alone).max() <= 1  # float tolerance, then 8-bit rounding
-    assert main([*common, "--num-images", "0", "--out", str(tmp_path / "bad")]) == 2
+    with pytest.raises(SystemExit) as refused:  # at parse time
+        main([*common, "--num-images", "0", "--out", str(tmp_path / "bad")])
+    assert refused.value.code == 2
 
 
 def test_eval_tiny_batch_size_runs_seeds_together(tmp_path, capsys):
@@ -184,4 +186,6 @@ def test_eval_tiny_batch_size_runs_seeds_together(tmp_path, capsys):
     assert sorted(len(row.get("batch_keys", [row["key"]])) for row in rows) == [1, 2, 2]
     assert main([*args, "--batch-size", "3"]) == 0  # resumed with another batch size: nothing to do
     assert "0 new, 3 already done" in capsys.readouterr().out
-    assert main([*args, "--batch-size", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # at parse time
+        main([*args, "--batch-size", "0"])
+    assert refused.value.code == 2

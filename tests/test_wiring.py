@@ -68,7 +68,7 @@ def test_each_stage_receives_the_previous_stages_output(tiny_sd15, monkeypatch):
     assert rofa_args[1] is same_result and rofa_args[2] is conditions
     assert torch.equal(rofa_args[3].cpu(), out.latent_mask)
     # the expression stage inverts ROFA's latent, template first, expression second
-    assert expr_args[1] is rofa_result
+    assert torch.equal(expr_args[1], rofa_result)
     assert expr_args[2] is conditions.template and expr_args[3] is conditions.expression
     assert expr_args[4] is conditions.uncond
     assert expr_args[6] == 5 and expr_args[7] == 0.4
