@@ -47,9 +47,11 @@ def test_layout_for_images_keeps_keys_lanes_and_capture_rows():
         three.for_images(2)
 
 
-def _freecure(pipe, dim, parser=None):
+def _freecure(pipe, dim, parser=None, config=None):
     fc = FreeCurePipeline(
-        TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(dim)), parser or LayoutFaceParser(), FreeCureConfig()
+        TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(dim)),
+        parser or LayoutFaceParser(),
+        config or FreeCureConfig(),
     )
     fc.set_progress_bar_config(disable=True)
     return fc
@@ -130,6 +132,36 @@ def test_expression_restore_of_a_maskless_image_starts_from_its_pd(tiny_sd15):
     assert batch[0].stage("expression").ran
     torch.testing.assert_close(batch[0].latents["freecure"], alone.latents["freecure"], rtol=1e-4, atol=1e-4)
     assert batch[1].stage("rofa").ran
+
+
+def test_method_fasa_batched_seeds_equal_their_single_seed_runs(tiny_sd15):
+    fasa = FreeCureConfig(method="fasa")
+    prompt = "a man with black curly hair"
+    batch = _run(_freecure(tiny_sd15, 32, config=fasa), SEEDS[:2], prompt=prompt)
+    singles = [_run(_freecure(tiny_sd15, 32, config=fasa), (seed,), prompt=prompt) for seed in SEEDS[:2]]
+    for batched, alone in zip(batch, singles):
+        assert alone.stage("fasa").ran and alone.fasa_mask is not None
+        _assert_same_image(batched, alone)
+        torch.testing.assert_close(batched.fasa_mask, alone.fasa_mask)
+        assert not torch.equal(batched.latents["freecure"], batched.latents["pd"])  # FASA moved PD
+    # one FASA pass for both images: same calls, twice the rows (each PD row pairs with its own FD row)
+    assert batch[0].stage("fasa").unet_calls == singles[0].stage("fasa").unet_calls == STEPS
+    assert batch[0].stage("fasa").batch_items == 2 * singles[0].stage("fasa").batch_items
+    assert not torch.equal(batch[0].latents["freecure"], batch[1].latents["freecure"])
+
+
+def test_method_fasa_an_image_with_an_empty_mask_keeps_its_pd(tiny_sd15):
+    fasa = FreeCureConfig(method="fasa")
+    prompt = "a man with black curly hair"
+    found, missing = _run(_freecure(tiny_sd15, 32, BlindParser({1}), fasa), SEEDS[:2], prompt=prompt)
+    alone = _run(_freecure(tiny_sd15, 32, config=fasa), SEEDS[:1], prompt=prompt)
+    assert found.stage("fasa").ran and not missing.stage("fasa").ran
+    assert "this image's PD is kept" in missing.stage("fasa").reason and missing.fasa_mask is None
+    assert torch.equal(missing.latents["freecure"], missing.latents["pd"])  # bit for bit, not re-run
+    assert missing.images["freecure"] is missing.images["pd"]
+    # the other image ran FASA alone in the pass (3 rows per step) and equals its one-seed run
+    assert found.stage("fasa").batch_items == 3 * STEPS
+    _assert_same_image(found, alone)
 
 
 def test_batch_arguments_are_checked(tiny_sd15):

@@ -74,6 +74,24 @@ def test_processor_equals_the_explicit_masked_joint_softmax():
     assert torch.equal(out[1:], plain[1:])  # the other rows keep plain self-attention
 
 
+def test_processor_pairs_each_image_with_its_own_fd_row_and_mask():
+    torch.manual_seed(3)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    hidden = torch.randn(4, 16, 16)  # rows [PD_0, PD_1, FD_0, FD_1], as fasa_layout(images=2) lays them out
+    masks = torch.zeros(2, 4, 4)
+    masks[0, :2] = 1.0
+    masks[1, 2:, 1:3] = 1.0
+    state = FasaState(masks, 1.5, (4, 4))
+    state.set_pairs(((0, 2, 0), (1, 3, 1)))
+    with torch.no_grad():
+        out = FoundationAwareSelfAttention(state, "test")(attn, hidden)
+        for row in (0, 1):
+            expected = explicit_joint(attn, hidden, row, 2 + row, masks[row], 1.5)
+            torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-6)
+        plain = AttnProcessor2_0()(attn, hidden)
+    assert torch.equal(out[2:], plain[2:])
+
+
 def test_blocked_fd_keys_reproduce_plain_self_attention_bit_for_bit():
     attn, hidden = small_case(1)
     with torch.no_grad():
@@ -167,6 +185,11 @@ def test_layout_rows_and_pairs(tiny_sd15, grey_image):
     assert both.layout.rows[3] == (FD_LANE, "uncond") and both.pairs == ((1, 2), (0, 3))
     unguided = fasa_layout(3, conditions, False)
     assert unguided.layout.rows == ((PD_LANE, "pd"), (FD_LANE, "fd")) and unguided.pairs == ((0, 1),)
+    two = fasa_layout(3, conditions, True, images=2)  # rows [pd_uncond×2, pd×2, fd×2], lanes FD_0, FD_1, PD_0, PD_1
+    assert two.layout.rows == after.layout.for_images(2).rows
+    assert [two.layout.rows[q][0] for q, _, _ in two.pairs] == [2, 3]  # PD_k queries …
+    assert [two.layout.rows[k][0] for _, k, _ in two.pairs] == [0, 1]  # … FD_k's keys, with mask k
+    assert two.pairs == ((2, 4, 0), (3, 5, 1))
 
 
 def test_fd_parse_mask_keeps_cells_wholly_inside_and_same_mask_stays_soft():
@@ -330,20 +353,19 @@ def test_eval_both_methods_in_one_report(tmp_path):
         "examples/identities",
         "--prompts",
         str(prompts),
-        "--num-seeds",
-        "1",
         "--steps",
         "3",
         "--out",
         str(out),
         "--no-progress",
     ]
-    assert main(base) == 0
-    assert main([*base, "--method", "fasa"]) == 0
+    assert main([*base, "--num-seeds", "1"]) == 0
+    assert main([*base, "--num-seeds", "2", "--method", "fasa", "--batch-size", "2"]) == 0  # both seeds in one call
     from freecure.evaluation.store import read_jsonl, shard_paths
 
     rows = [row for path in shard_paths(out) for row in read_jsonl(path)]
-    assert sorted(row["method"] for row in rows) == ["fasa", "rofa"]
+    assert sorted(row["method"] for row in rows) == ["fasa", "fasa", "rofa"]
+    assert sorted(len(row.get("batch_keys", [])) for row in rows) == [0, 2, 2]
     table = json.loads((out / "report" / "table1.json").read_text())
     labels = {e["label"] for e in table}
     assert {"token-fusion [ROFA] + FreeCure", "token-fusion [FASA] + FreeCure", "token-fusion [FASA] (PD)"} <= labels

@@ -149,10 +149,11 @@ def joint_attention(
 
 @dataclass
 class FasaState:
-    """The mask, weight and current row pairs shared by every FASA processor.
+    """The masks, weight and current row pairs shared by every FASA processor.
 
     Args:
-        mask: M on any grid with the latent's aspect ratio, (h, w), values in [0, 1].
+        mask: M on any grid with the latent's aspect ratio, values in [0, 1]: (h, w) for one
+            image, or (n, h, w), one per image of a batch of seeds.
         weight: w of :func:`key_bias`.
         latent_size: (h, w) of the latent grid (for laying each layer's tokens out).
     """
@@ -160,19 +161,22 @@ class FasaState:
     mask: torch.Tensor
     weight: float
     latent_size: tuple[int, int]
-    pairs: tuple[tuple[int, int], ...] = ()
+    pairs: tuple[tuple[int, int, int], ...] = ()
     _bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def set_pairs(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Declare ``(query row, key row)`` pairs for the next UNet call (empty: plain attention)."""
-        self.pairs = tuple(pairs)
+    def set_pairs(self, pairs: Sequence[tuple[int, ...]]) -> None:
+        """Declare ``(query row, key row[, image])`` pairs for the next UNet call (empty: plain
+        attention); ``image`` picks the mask of a batch of seeds (default 0, the only one)."""
+        self.pairs = tuple((q, k, image[0] if image else 0) for q, k, *image in pairs)
 
     def bias(self, tokens: int) -> torch.Tensor:
-        """b for a layer with ``tokens`` query positions: M resized (nearest) to its grid."""
+        """b for a layer with ``tokens`` query positions, (images, tokens): each M resized
+        (nearest) to the layer's grid."""
         if tokens not in self._bias:
             grid = _grid_for(tokens, self.latent_size)
-            resized = F.interpolate(self.mask.float()[None, None], size=grid, mode="nearest")[0, 0]
-            self._bias[tokens] = key_bias(resized.flatten(), self.weight)
+            masks = self.mask.float() if self.mask.ndim == 3 else self.mask.float()[None]
+            resized = F.interpolate(masks[:, None], size=grid, mode="nearest")[:, 0]
+            self._bias[tokens] = key_bias(resized.flatten(1), self.weight)
         return self._bias[tokens]
 
 
@@ -222,9 +226,9 @@ class FoundationAwareSelfAttention:
         if self.state.pairs and encoder_hidden_states is None:
             bias = self.state.bias(query.shape[2])
             out = out.clone()
-            for q_row, k_row in self.state.pairs:
+            for q_row, k_row, image in self.state.pairs:  # each PD row: its own image's FD keys and mask
                 out[q_row] = joint_attention(
-                    query[q_row], out[q_row], key[q_row], key[k_row], value[k_row], bias, attn.scale
+                    query[q_row], out[q_row], key[q_row], key[k_row], value[k_row], bias[image], attn.scale
                 )
 
         # 3. output projection, as AttnProcessor2_0
@@ -254,28 +258,38 @@ def foundation_aware_self_attention(unet, state: FasaState, layers: Sequence[str
 
 @dataclass(frozen=True)
 class FasaLayout:
-    """The rows of one FASA step and which rows attend to which (``(query, key)`` pairs)."""
+    """The rows of one FASA step and which rows attend to which: ``(query, key)`` pairs for one
+    image, ``(query, key, image)`` for a batch of seeds."""
 
     layout: BatchLayout
-    pairs: tuple[tuple[int, int], ...]
+    pairs: tuple[tuple[int, ...], ...]
 
 
-def fasa_layout(step: int, conditions: Conditions, guided: bool, uncond: bool = False) -> FasaLayout:
+def fasa_layout(step: int, conditions: Conditions, guided: bool, uncond: bool = False, images: int = 1) -> FasaLayout:
     """Rows of the FASA pass at ``step``: PD's lane (guided), and FD's rows that lend keys.
 
     Guided: [pd_uncond@PD, pd@PD, fd@FD] (+ [uncond@FD] when ``uncond``); PD's conditional row
     attends to FD's conditional row (and PD's unconditional row to FD's). Before injection
     PD's conditional row carries FD's conditioning, as in the SAME pass.
+
+    ``images`` > 1: the rows of :meth:`BatchLayout.for_images` (row r of image k is r·n + k),
+    and each pair repeated per image, ``(q·n + k, key·n + k, k)``: PD's row of image k attends
+    to FD's row of the same image only, with that image's mask.
     """
     key = PD if step >= conditions.inject_step else FD
     if not guided:
-        return FasaLayout(BatchLayout(rows=((PD_LANE, key), (FD_LANE, FD)), lanes=((None, 0),)), ((0, 1),))
-    rows = [(PD_LANE, PD_UNCOND), (PD_LANE, key), (FD_LANE, FD)]
-    pairs = [(1, 2)]
-    if uncond:
-        rows.append((FD_LANE, UNCOND))
-        pairs.append((0, 3))
-    return FasaLayout(BatchLayout(rows=tuple(rows), lanes=((0, 1),)), tuple(pairs))
+        one = FasaLayout(BatchLayout(rows=((PD_LANE, key), (FD_LANE, FD)), lanes=((None, 0),)), ((0, 1),))
+    else:
+        rows = [(PD_LANE, PD_UNCOND), (PD_LANE, key), (FD_LANE, FD)]
+        pairs = [(1, 2)]
+        if uncond:
+            rows.append((FD_LANE, UNCOND))
+            pairs.append((0, 3))
+        one = FasaLayout(BatchLayout(rows=tuple(rows), lanes=((0, 1),)), tuple(pairs))
+    if images == 1:
+        return one
+    pairs = tuple((q * images + k, r * images + k, k) for q, r in one.pairs for k in range(images))
+    return FasaLayout(one.layout.for_images(images), pairs)
 
 
 def fasa_mask(
@@ -312,25 +326,30 @@ def fasa_pass(
     image_size: tuple[int, int],
     uncond: bool = False,
     on_step: Callable[[int], None] | None = None,
+    images: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The authors' second generation, with FD replayed: PD denoises again from z_T with FASA
     on; FD's latents come from the SAME pass (FASA leaves FD's rows plain, so its trajectory is
     unchanged) and only FD's conditional row is run again, to lend its keys and values.
 
     Args:
-        scheduler: a scheduler set to the SAME pass's timesteps, at step 0 (PD's lane alone).
-        state: the installed processors' state (its mask and weight).
+        scheduler: a scheduler set to the SAME pass's timesteps, at step 0 (PD's lanes alone).
+        state: the installed processors' state (its masks, one per image run, and weight).
+        images: which images of the SAME pass to run (indices into its n images; default all).
+            They share every UNet call; ``state``'s j-th mask belongs to ``images[j]``.
 
     Returns:
-        PD's latent z_0 after FASA, shape (1, C, H, W).
+        PD's latents z_0 after FASA, shape (len(images), C, H, W).
     """
     if len(same.fd_latents) != len(scheduler.timesteps):
         raise RuntimeError("the SAME pass did not keep FD's latents of every step; FASA needs them")
-    z_p = same.fd_latents[0].clone()  # PD starts from the same z_T as FD
+    index = list(range(same.images)) if images is None else list(images)
+    m = len(index)
+    z_p = same.fd_latents[0][index].clone()  # PD starts from the same z_T as FD
     guided = guidance.scale != 1.0
     for i, t in enumerate(scheduler.timesteps):
-        step = fasa_layout(i, conditions, guided, uncond)
-        z = torch.cat([same.fd_latents[i], z_p])  # lanes [FD (replayed), PD]
+        step = fasa_layout(i, conditions, guided, uncond, images=m)
+        z = torch.cat([same.fd_latents[i][index], z_p])  # lanes [FD_0…FD_{m−1} (replayed), PD_0…PD_{m−1}]
         state.set_pairs(step.pairs)
         eps_p = predict_guided(backend, scheduler, step.layout, z, t, i, conditions.get, guidance, image_size)
         z_p = scheduler.step(eps_p, t, z_p, return_dict=False)[0]
@@ -347,40 +366,51 @@ def fresh_scheduler(scheduler, device=None):
     return fresh
 
 
-def fasa_stage(freecure, output, same: SamePassResult, conditions: Conditions, guidance: Guidance, image_size, stages):
-    """Stage 3 of ``method="fasa"``: the mask (FD-parse or SAME), then :func:`fasa_pass` with
-    the processors installed on the chosen layers. Returns PD's latent after FASA (PD's own
-    latent when there is nothing to correct) and records the ``fasa`` stage in ``stages``."""
+def fasa_stage(
+    freecure, outputs, same: SamePassResult, conditions: Conditions, guidance: Guidance, image_size, stages
+) -> tuple[torch.Tensor, list[int], str]:
+    """Stage 3 of ``method="fasa"``: each image's mask (FD-parse or SAME), then one
+    :func:`fasa_pass` for every image that has one, sharing its UNet calls, with the processors
+    installed on the chosen layers. Records the ``fasa`` stage in ``stages``.
+
+    Returns:
+        PD's latents after FASA, (n, …) (an image with nothing to correct keeps its PD latent
+        as is, not re-run), the indices of the corrected images, and why the others were not.
+    """
     from .pipeline import decode_latents
 
     config: FasaConfig = freecure.config.fasa
     pipeline = freecure.pipeline
     factor = pipeline.vae_scale_factor
     latent_size = (image_size[0] // factor, image_size[1] // factor)
-    z_out = same.z0[PD_LANE : PD_LANE + 1]
-    fd_regions = []
-    if output.parse_fd is not None:
-        for attribute in output.parsed.localized:
-            region = torch.from_numpy(output.parse_fd.mask(attribute.parse_classes))
-            if region.any():
-                fd_regions.append(region)
-    mask = fasa_mask(config.mask_source, fd_regions, output.mask, latent_size)
-    if mask is None:
-        reason = (
-            "the prompt names no localized attribute"
-            if not output.parsed.localized
-            else f"the {config.mask_source} mask is empty: no attribute region to attend to"
-        )
+    masks: dict[int, torch.Tensor] = {}
+    for k, output in enumerate(outputs):
+        fd_regions = []
+        if output.parse_fd is not None:
+            for attribute in output.parsed.localized:
+                region = torch.from_numpy(output.parse_fd.mask(attribute.parse_classes))
+                if region.any():
+                    fd_regions.append(region)
+        mask = fasa_mask(config.mask_source, fd_regions, output.mask, latent_size)
+        if mask is not None:
+            masks[k] = output.fasa_mask = mask
+    reason = (
+        "the prompt names no localized attribute"
+        if not outputs[0].parsed.localized
+        else f"the {config.mask_source} mask is empty: no attribute region to attend to"
+    )
+    if not masks:
         stages.skip("fasa", reason)
-        return z_out
-    output.fasa_mask = mask
+        return same.pd, [], reason
+    corrected = sorted(masks)
     layers = fasa_layers(pipeline.unet, config.layers)
-    state = FasaState(mask.to(freecure.backend.device), config.mask_weight, latent_size)
-    scheduler = fresh_scheduler(pipeline.scheduler, freecure.backend.device)
+    device = freecure.backend.device
+    state = FasaState(torch.stack([masks[k] for k in corrected]).to(device), config.mask_weight, latent_size)
+    scheduler = fresh_scheduler(pipeline.scheduler, device)
     steps = len(scheduler.timesteps)
     with stages.run("fasa"), freecure._bar(steps, "FASA: PD again") as bar:
         with foundation_aware_self_attention(pipeline.unet, state, layers):
-            z_out = fasa_pass(
+            z_fasa = fasa_pass(
                 freecure.backend,
                 scheduler,
                 same,
@@ -390,8 +420,11 @@ def fasa_stage(freecure, output, same: SamePassResult, conditions: Conditions, g
                 image_size,
                 uncond=config.uncond,
                 on_step=lambda i: bar.update(),
+                images=corrected,
             )
-    image = decode_latents(pipeline, z_out)[0]
-    output.images["blended"] = output.images["freecure"] = image
-    output.latents["blended"] = z_out
-    return z_out
+    rows = {k: j for j, k in enumerate(corrected)}
+    z_out = torch.cat([z_fasa[rows[k]][None] if k in rows else same.pd[k : k + 1] for k in range(len(outputs))])
+    for k, image in zip(corrected, decode_latents(pipeline, z_fasa, image_size)):
+        outputs[k].images["blended"] = outputs[k].images["freecure"] = image
+        outputs[k].latents["blended"] = z_out[k : k + 1]
+    return z_out, corrected, reason

@@ -353,11 +353,6 @@ class FreeCurePipeline:
             )
         if latents is not None and latents.shape[0] != num_images_per_prompt:
             raise InputError(f"latents hold {latents.shape[0]} images, num_images_per_prompt is {num_images_per_prompt}")
-        if self.config.method == "fasa" and num_images_per_prompt > 1:
-            raise InputError(
-                "method fasa runs one image at a time (its FASA pass is not batched over seeds yet); "
-                "use num_images_per_prompt=1 or method rofa"
-            )
         pipeline = self.pipeline
         trained = pipeline.scheduler.config.num_train_timesteps
         check_number("num_inference_steps", num_inference_steps, 2, trained, integer=True)
@@ -452,7 +447,9 @@ class FreeCurePipeline:
                 else "the prompt names no localized attribute"
             )
             if self.config.method == "fasa":  # 3'. The authors' FASA regeneration instead of ROFA
-                z_out = fasa_stage(self, outputs[0], same, conditions, guidance, image_size, stages)
+                z_out, blended, unblended_reason = fasa_stage(
+                    self, outputs, same, conditions, guidance, image_size, stages
+                )
             elif not blended:
                 stages.skip("rofa", unblended_reason)
             else:
@@ -538,8 +535,8 @@ class FreeCurePipeline:
             if not parsed.attributes:
                 output.notes.append("the prompt names no attribute FreeCure can cure: the result is PD unchanged")
             output.stages = [
-                StageRecord("rofa", ran=False, reason=f"{unblended_reason} (this image's PD is kept)")
-                if record.name == "rofa" and record.ran and k not in blended
+                StageRecord(record.name, ran=False, reason=f"{unblended_reason} (this image's PD is kept)")
+                if record.name in ("rofa", "fasa") and record.ran and k not in blended
                 else record
                 for record in stages.records
             ]

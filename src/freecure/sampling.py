@@ -218,7 +218,7 @@ class SamePassResult:
         eps_f: FD's guided prediction at every step from injection on (ROFA's ε_f), (n, …).
         injection_latents: every lane at the injection step, before it is taken.
         injection_scheduler: a copy of the scheduler's state at the injection step.
-        fd_latents: FD's latent at the start of every step (FASA replays FD from them).
+        fd_latents: FD's latents at the start of every step, (n, …) each (FASA replays FD from them).
     """
 
     z0: torch.Tensor
@@ -273,7 +273,7 @@ def same_pass(
     fd_latents: list[torch.Tensor] = []
     snapshot = None
     for i, t in enumerate(scheduler.timesteps):
-        fd_latents.append(z[FD_LANE : FD_LANE + 1].clone())
+        fd_latents.append(z[FD_LANE * n : FD_LANE * n + n].clone())
         if i == conditions.inject_step:
             snapshot = (z.clone(), copy.deepcopy(scheduler))
         layout = same_layout(i, conditions, approximate_shared_uncond, guided=guidance.cfg).for_images(n)
