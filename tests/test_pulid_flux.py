@@ -116,6 +116,15 @@ def test_modules_have_the_released_flux_layout_and_load_strictly():
         load_pulid_flux_weights(fresh, meta_state_dict(read_layout("pulid_v1_1_keys.txt")))
 
 
+def test_weights_load_into_modules_built_on_meta(transformer, modules):
+    # the real modules are built on meta; loading must put the checkpoint's tensors in place
+    with torch.device("meta"):
+        empty = PuLIDFluxModules.for_transformer(transformer, tiny_idformer_config(24), dim_head=8, heads=2)
+    loaded = load_pulid_flux_weights(empty, modules.state_dict())
+    for (name, ours), theirs in zip(loaded.state_dict().items(), modules.state_dict().values()):
+        assert ours.device.type == "cpu" and torch.equal(ours, theirs), name
+
+
 def test_hooked_transformer_equals_the_original_loop_per_row(transformer, modules, inputs):
     g = torch.Generator().manual_seed(3)
     id_tokens = torch.randn(1, 4, 24, generator=g)
@@ -242,6 +251,22 @@ def test_generate_tiny_pulid_flux_runs_every_stage(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "rofa", "expression"]
     assert "non-commercial" in manifest["license"]
+
+
+def test_tiny_from_cli_uses_a_given_face_embedding(tmp_path):
+    import argparse
+
+    from freecure.backends import PuLIDFluxBackend
+    from freecure.backends.pulid_embedding import random_face_embedding, save_face_embedding
+
+    config = tiny_idformer_config(24)
+    face = random_face_embedding(config.id_dim, config.vit_dim, seed=5)
+    save_face_embedding(face, tmp_path / "face.safetensors")
+    args = argparse.Namespace(tiny=True, pulid_id_scale=None, face_embedding=str(tmp_path / "face.safetensors"),
+                              device=torch.device("cpu"))
+    backend = PuLIDFluxBackend.from_cli(args)
+    assert torch.equal(backend.face.id_cond, face.id_cond)
+    assert all(torch.equal(a, b) for a, b in zip(backend.face.vit_hidden, face.vit_hidden))
 
 
 def test_cost_counts_pulid_flux(capsys):
