@@ -125,6 +125,33 @@ def test_weights_load_into_modules_built_on_meta(transformer, modules):
         assert ours.device.type == "cpu" and torch.equal(ours, theirs), name
 
 
+def test_ca_module_is_per_head_attention_written_out(modules):
+    # the original's CA: LN on both inputs, q from the image tokens, k|v from the identity
+    # tokens, head h on features h·d…(h+1)·d, softmax(q·kᵀ/√d)·v, heads concatenated, to_out
+    ca = modules.pulid_ca[0]
+    g = torch.Generator().manual_seed(3)
+    id_tokens, image_tokens = torch.randn(2, 5, 24, generator=g), torch.randn(2, 7, ca.to_q.in_features, generator=g)
+    q = ca.to_q(ca.norm2(image_tokens))
+    k, v = ca.to_kv(ca.norm1(id_tokens)).chunk(2, dim=-1)
+    d = ca.dim_head
+    heads = []
+    for h in range(ca.heads):
+        part = slice(h * d, (h + 1) * d)
+        heads.append(torch.softmax(q[..., part] @ k[..., part].transpose(-2, -1) / math.sqrt(d), dim=-1) @ v[..., part])
+    with torch.no_grad():
+        torch.testing.assert_close(ca(id_tokens, image_tokens), ca.to_out(torch.cat(heads, dim=-1)))
+
+
+def test_injection_step_is_the_start_step_clamped_to_the_last_step(flux_backend, flux_conditions):
+    start = flux_backend.start_step
+    flux_backend.start_step = 10
+    try:
+        assert flux_backend.identity_conditions(None, [], flux_conditions.fd, 4)[1] == 3
+        assert flux_backend.identity_conditions(None, [], flux_conditions.fd, 20)[1] == 10
+    finally:
+        flux_backend.start_step = start
+
+
 def test_hooked_transformer_equals_the_original_loop_per_row(transformer, modules, inputs):
     g = torch.Generator().manual_seed(3)
     id_tokens = torch.randn(1, 4, 24, generator=g)
