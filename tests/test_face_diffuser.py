@@ -245,6 +245,22 @@ def test_fd_and_expression_rows_use_only_the_fd_model(backend, sdm_unet, conditi
     assert backend.unets() == [backend.pipeline.unet, sdm_unet]
 
 
+@pytest.mark.parametrize("step", [1, 2, 4])  # TEXT, SNF and SUBJECT stages
+@torch.no_grad()
+def test_three_pd_pairs_together_equal_each_pair_alone(backend, conditions, step):
+    # a batch of seeds puts several (pd_uncond, pd) pairs after each other (three: a pair's
+    # slice must be right beyond the first two, where a wrong stride still lands in range)
+    rows = [conditions.uncond, conditions.pd]
+    keys = ("pd_uncond", "pd")
+    t = torch.tensor(500)
+    seeds = (1, 2, 3)
+    alone = [backend.predict_noise(latent(s).expand(2, -1, -1, -1), t, rows, keys, step, (64, 64)) for s in seeds]
+    batch = torch.cat([latent(s).expand(2, -1, -1, -1) for s in seeds])
+    together = backend.predict_noise(batch, t, rows * 3, keys * 3, step, (64, 64))
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone[0], alone[1])
+
+
 def test_hook_refuses_layouts_it_cannot_fuse_exactly(backend, conditions):
     z = latent(0).expand(3, -1, -1, -1)
     rows = [conditions.uncond, conditions.fd, conditions.pd]
@@ -360,7 +376,7 @@ def test_registered_with_its_non_commercial_licence():
     assert "non-commercial" in FaceDiffuserBackend.license
 
 
-def test_from_cli_loads_given_checkpoints(tmp_path):
+def test_from_cli_loads_given_checkpoints(tmp_path, caplog):
     sdm = random_state_dict(read_layout("face_diffuser_sdm_tiny_keys.txt"), seed=6)
     tdm = random_state_dict(read_layout("face_diffuser_tdm_tiny_keys.txt"), seed=7)
     (tmp_path / "SDM").mkdir()
@@ -379,7 +395,9 @@ def test_from_cli_loads_given_checkpoints(tmp_path):
         face_diffuser_fd_model="tdm",
         face_diffuser_object_resolution=512,
     )
-    backend = FaceDiffuserBackend.from_cli(args)
+    with caplog.at_level("WARNING", logger="freecure"):
+        backend = FaceDiffuserBackend.from_cli(args)
+    assert not any("non-commercial" in r.getMessage() for r in caplog.records)  # tiny: no licence notice
     assert torch.equal(backend.sdm_unet.conv_in.weight, sdm["unet.conv_in.weight"])
     assert torch.equal(backend.pipeline.unet.conv_in.weight, tdm["unet.conv_in.weight"])  # FD = TDM
     assert backend.tdm_unet is backend.pipeline.unet
@@ -392,7 +410,7 @@ def test_from_cli_loads_given_checkpoints(tmp_path):
     assert backend.schedule(50) == (15, 30) and backend.schedule(4) == (1, 2)
 
 
-def test_missing_weights_offline_point_at_tiny_and_local_paths(tmp_path, monkeypatch, capsys):
+def test_missing_weights_offline_point_at_tiny_and_local_paths(tmp_path, monkeypatch, capsys, caplog):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -416,6 +434,8 @@ def test_missing_weights_offline_point_at_tiny_and_local_paths(tmp_path, monkeyp
     error = capsys.readouterr().err
     assert "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin" in error
     assert "--tiny" in error and "--face-diffuser-sdm PATH" in error
+    # the released weights' licence is shown before they are looked for
+    assert any("non-commercial" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_generate_tiny_end_to_end(tmp_path, astronaut, capsys):

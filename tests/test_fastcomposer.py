@@ -246,6 +246,16 @@ def test_reference_pixels_follow_the_original_transforms(object_resolution):
     assert (ours - x).abs().max() <= 1.01 / 255 / 0.2613
 
 
+def test_wide_references_pad_top_and_bottom():
+    # PadToSquare pads the short side whichever it is: a wide photo is the tall one transposed
+    import numpy as np
+
+    tall = np.random.default_rng(1).integers(0, 256, (90, 50, 3), dtype=np.uint8)
+    ours_tall = reference_pixels(Image.fromarray(tall), 224, 224)
+    ours_wide = reference_pixels(Image.fromarray(tall.transpose(1, 0, 2).copy()), 224, 224)
+    torch.testing.assert_close(ours_wide, ours_tall.transpose(1, 2), rtol=0, atol=1.01 / 255 / 0.2613)
+
+
 # --- conditioning and delayed subject conditioning ----------------------------------------------
 def test_pd_differs_from_fd_only_at_the_subject_token(backend, astronaut):
     parsed = parse_prompt(PROMPT, "man", tokenizer=backend.tokenizer)

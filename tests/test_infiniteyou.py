@@ -173,6 +173,23 @@ def original_loop(backend, conditions, latents):
     return latents
 
 
+def test_control_latent_is_encoded_in_the_vae_dtype(backend):
+    # a half-precision VAE gets its control pixels in its own dtype (fp32 pixels would not run)
+    import copy
+
+    vae, cached = backend.pipeline.vae, dict(backend._control)
+    backend.pipeline.vae = copy.deepcopy(vae).to(torch.bfloat16)
+    backend._control.clear()
+    try:
+        half = backend.control_latents(SIZE)
+    finally:
+        backend.pipeline.vae = vae
+        backend._control.clear()
+        backend._control.update(cached)
+    full = backend.control_latents(SIZE)
+    assert half.shape == full.shape and half.dtype == full.dtype and torch.isfinite(half).all()
+
+
 def test_pd_equals_the_original_sampling_loop(backend, conditions):
     assert conditions.inject_step == 2  # i/T ≥ 0.3 first at i = 2 of 5
     ours = plain_pass(backend, scheduler(backend), z_T(backend), conditions, Guidance(scale=1.0), SIZE, lane=PD)

@@ -338,6 +338,19 @@ def test_bad_settings_are_input_errors(kwargs, message):
         IdentitySettings(**kwargs)
 
 
+def test_settings_bounds_are_inclusive():
+    # [0, 5] for the id scale, 0..256 zero tokens: the ends are allowed, one step past is not
+    for scale in (0.0, 5.0):
+        assert IdentitySettings(id_scale=scale).id_scale == scale
+    for scale in (-0.01, 5.01):
+        with pytest.raises(InputError, match="id scale"):
+            IdentitySettings(id_scale=scale)
+    for zeros in (0, 256):
+        assert IdentitySettings(num_zero=zeros).num_zero == zeros
+    with pytest.raises(InputError, match="num_zero"):
+        IdentitySettings(num_zero=257)
+
+
 def test_face_embedding_file_round_trip_and_errors(tmp_path):
     face = random_face_embedding(24, 16, refs=2)
     save_face_embedding(face, tmp_path / "face.safetensors")

@@ -116,6 +116,42 @@ def test_modules_have_the_released_flux_layout_and_load_strictly():
         load_pulid_flux_weights(fresh, meta_state_dict(read_layout("pulid_v1_1_keys.txt")))
 
 
+def test_weights_load_into_modules_built_on_meta(transformer, modules):
+    # the real modules are built on meta; loading must put the checkpoint's tensors in place
+    with torch.device("meta"):
+        empty = PuLIDFluxModules.for_transformer(transformer, tiny_idformer_config(24), dim_head=8, heads=2)
+    loaded = load_pulid_flux_weights(empty, modules.state_dict())
+    for (name, ours), theirs in zip(loaded.state_dict().items(), modules.state_dict().values()):
+        assert ours.device.type == "cpu" and torch.equal(ours, theirs), name
+
+
+def test_ca_module_is_per_head_attention_written_out(modules):
+    # the original's CA: LN on both inputs, q from the image tokens, k|v from the identity
+    # tokens, head h on features h·d…(h+1)·d, softmax(q·kᵀ/√d)·v, heads concatenated, to_out
+    ca = modules.pulid_ca[0]
+    g = torch.Generator().manual_seed(3)
+    id_tokens, image_tokens = torch.randn(2, 5, 24, generator=g), torch.randn(2, 7, ca.to_q.in_features, generator=g)
+    q = ca.to_q(ca.norm2(image_tokens))
+    k, v = ca.to_kv(ca.norm1(id_tokens)).chunk(2, dim=-1)
+    d = ca.dim_head
+    heads = []
+    for h in range(ca.heads):
+        part = slice(h * d, (h + 1) * d)
+        heads.append(torch.softmax(q[..., part] @ k[..., part].transpose(-2, -1) / math.sqrt(d), dim=-1) @ v[..., part])
+    with torch.no_grad():
+        torch.testing.assert_close(ca(id_tokens, image_tokens), ca.to_out(torch.cat(heads, dim=-1)))
+
+
+def test_injection_step_is_the_start_step_clamped_to_the_last_step(flux_backend, flux_conditions):
+    start = flux_backend.start_step
+    flux_backend.start_step = 10
+    try:
+        assert flux_backend.identity_conditions(None, [], flux_conditions.fd, 4)[1] == 3
+        assert flux_backend.identity_conditions(None, [], flux_conditions.fd, 20)[1] == 10
+    finally:
+        flux_backend.start_step = start
+
+
 def test_hooked_transformer_equals_the_original_loop_per_row(transformer, modules, inputs):
     g = torch.Generator().manual_seed(3)
     id_tokens = torch.randn(1, 4, 24, generator=g)
@@ -242,6 +278,22 @@ def test_generate_tiny_pulid_flux_runs_every_stage(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "rofa", "expression"]
     assert "non-commercial" in manifest["license"]
+
+
+def test_tiny_from_cli_uses_a_given_face_embedding(tmp_path):
+    import argparse
+
+    from freecure.backends import PuLIDFluxBackend
+    from freecure.backends.pulid_embedding import random_face_embedding, save_face_embedding
+
+    config = tiny_idformer_config(24)
+    face = random_face_embedding(config.id_dim, config.vit_dim, seed=5)
+    save_face_embedding(face, tmp_path / "face.safetensors")
+    args = argparse.Namespace(tiny=True, pulid_id_scale=None, face_embedding=str(tmp_path / "face.safetensors"),
+                              device=torch.device("cpu"))
+    backend = PuLIDFluxBackend.from_cli(args)
+    assert torch.equal(backend.face.id_cond, face.id_cond)
+    assert all(torch.equal(a, b) for a, b in zip(backend.face.vit_hidden, face.vit_hidden))
 
 
 def test_cost_counts_pulid_flux(capsys):
