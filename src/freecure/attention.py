@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -176,6 +176,22 @@ class CrossAttentionCapture:
         self.store.add(self.name, probs[..., columns].mean(dim=1))
 
 
+@contextlib.contextmanager
+def installed_processors(model, layers: Sequence[str], make: Callable[[str, object], object]) -> Iterator[None]:
+    """Give each of ``layers`` the processor ``make(name, its current processor)`` for the
+    duration of the block; every processor of ``model`` is restored in ``finally``, even when
+    generation raises. The one way FreeCure's processors (capture, FASA, the analyses) go in."""
+    original = dict(model.attn_processors)
+    processors = dict(original)
+    for name in layers:
+        processors[name] = make(name, original[name])
+    model.set_attn_processor(processors)
+    try:
+        yield
+    finally:
+        model.set_attn_processor(original)
+
+
 def up_block_cross_attention_layers(unet) -> list[str]:
     """Names of the cross-attention processors (``attn2``) in the UNet's up-sampling blocks."""
     return [name for name in unet.attn_processors if name.startswith("up_blocks.") and ".attn2." in name]
@@ -187,18 +203,11 @@ def capture_cross_attention(
 ) -> Iterator[AttentionStore]:
     """Install :class:`CrossAttentionCapture` on ``layers`` (default: up-block cross-attention)
     for the duration of the block; the original processors are restored in ``finally``."""
-    original = dict(unet.attn_processors)
     layers = list(layers) if layers is not None else up_block_cross_attention_layers(unet)
     if not layers:
         raise ValueError("the UNet has no cross-attention layers in its up-sampling blocks to capture")
-    processors = dict(original)
-    for name in layers:
-        processors[name] = CrossAttentionCapture(original[name], store, name)
-    unet.set_attn_processor(processors)
-    try:
+    with installed_processors(unet, layers, lambda name, inner: CrossAttentionCapture(inner, store, name)):
         yield store
-    finally:
-        unet.set_attn_processor(original)
 
 
 # --- FLUX: joint attention over [text; image] ---------------------------------------------
@@ -299,9 +308,8 @@ def capture_joint_attention(
     """Install :class:`JointAttentionCapture` on ``layers`` of a FLUX transformer (default: every
     double-stream block) for the duration of the block. Every other processor is left as it is
     (the fast SDPA path); the originals are restored in ``finally``."""
-    original = dict(transformer.attn_processors)
     layers = list(layers) if layers is not None else double_stream_attention_layers(transformer)
-    unknown = [name for name in layers if name not in original]
+    unknown = [name for name in layers if name not in transformer.attn_processors]
     if not layers or unknown:
         raise ValueError(f"no such FLUX attention processors to capture: {unknown or 'none given'}")
     context = _JointContext()
@@ -310,13 +318,12 @@ def capture_joint_attention(
         text = kwargs.get("encoder_hidden_states")
         context.text_tokens = None if text is None else int(text.shape[1])
 
-    processors = dict(original)
-    for name in layers:
-        processors[name] = JointAttentionCapture(original[name], store, name, context, chunk_size)
-    transformer.set_attn_processor(processors)
-    handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
-    try:
-        yield store
-    finally:
-        handle.remove()
-        transformer.set_attn_processor(original)
+    def capture(name, inner):
+        return JointAttentionCapture(inner, store, name, context, chunk_size)
+
+    with installed_processors(transformer, layers, capture):
+        handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
+        try:
+            yield store
+        finally:
+            handle.remove()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .attention import _grid_for
+from .attention import _grid_for, installed_processors
 from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
 from .errors import InputError
 from .masks import to_latent_resolution
@@ -245,15 +245,8 @@ class FoundationAwareSelfAttention:
 def foundation_aware_self_attention(unet, state: FasaState, layers: Sequence[str]) -> Iterator[FasaState]:
     """Install :class:`FoundationAwareSelfAttention` on ``layers`` for the duration of the
     block; the original processors are restored in ``finally``."""
-    original = dict(unet.attn_processors)
-    processors = dict(original)
-    for name in layers:
-        processors[name] = FoundationAwareSelfAttention(state, name)
-    unet.set_attn_processor(processors)
-    try:
+    with installed_processors(unet, layers, lambda name, inner: FoundationAwareSelfAttention(state, name)):
         yield state
-    finally:
-        unet.set_attn_processor(original)
 
 
 @dataclass(frozen=True)

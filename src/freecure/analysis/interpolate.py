@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import installed_processors
 from ..sampling import same_layout
 from .maps import attention_logits, pd_row, single_row
 
@@ -100,12 +101,5 @@ class IdentityInterpolation:
 @contextlib.contextmanager
 def interpolate_identity(model, state: InterpolationState, layers: Sequence[str]) -> Iterator[InterpolationState]:
     """Install :class:`IdentityInterpolation` on ``layers``; originals restored in ``finally``."""
-    original = dict(model.attn_processors)
-    processors = dict(original)
-    for name in layers:
-        processors[name] = IdentityInterpolation(original[name], state, name)
-    model.set_attn_processor(processors)
-    try:
+    with installed_processors(model, layers, lambda name, inner: IdentityInterpolation(inner, state, name)):
         yield state
-    finally:
-        model.set_attn_processor(original)

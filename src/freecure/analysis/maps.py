@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..attention import _grid_for
+from ..attention import _grid_for, installed_processors
 from ..backends.base import FD, PD
 from ..sampling import PD_LANE, same_layout
 
@@ -165,12 +165,5 @@ def attention_probs(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> to
 @contextlib.contextmanager
 def record_token_maps(model, store: TokenMapStore, layers: Sequence[str]) -> Iterator[TokenMapStore]:
     """Install :class:`TokenMapRecorder` on ``layers``; originals restored in ``finally``."""
-    original = dict(model.attn_processors)
-    processors = dict(original)
-    for name in layers:
-        processors[name] = TokenMapRecorder(original[name], store, name)
-    model.set_attn_processor(processors)
-    try:
+    with installed_processors(model, layers, lambda name, inner: TokenMapRecorder(inner, store, name)):
         yield store
-    finally:
-        model.set_attn_processor(original)
