@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from ..attributes import ParsedPrompt
-from ..checkpoints import check_state_dict
+from ..checkpoints import check_state_dict, read_tensors
 from ..errors import InputError, WeightsNotFoundError
 from ..families import pack_latents
 from .base import PD, Backend, TextConditioning
@@ -81,13 +81,8 @@ def load_resampler(path: str | os.PathLike, config: dict = RESAMPLER) -> Identit
     """``image_proj_model.bin`` (its ``image_proj`` entry) into an :class:`IdentityResampler`,
     strictly, read with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"InfiniteYou's image_proj_model.bin not found at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors, truncated files
-        raise WeightsNotFoundError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
-    if not isinstance(checkpoint, dict) or "image_proj" not in checkpoint:
+    checkpoint = read_tensors(path, "InfiniteYou's image_proj_model.bin", nested=True)
+    if "image_proj" not in checkpoint:
         raise WeightsNotFoundError(f"{path} has no 'image_proj' entry; is it InfiniteYou's image_proj_model.bin?")
     with torch.device("meta"):
         resampler = IdentityResampler(**config)

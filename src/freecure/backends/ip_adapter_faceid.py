@@ -235,14 +235,8 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, dict[str, torch.Tens
     """Read an IP-Adapter file: ``.bin`` with ``torch.load(weights_only=True)``, or
     ``.safetensors`` with ``image_proj.``/``ip_adapter.`` prefixes (as the original reads it)."""
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return split_adapter_state(load_file(str(path)))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsNotFoundError(f"cannot read the adapter file {path}: {error}") from None
+    state = checkpoints.read_tensors(path, "the IP-Adapter file", nested=True)
+    return split_adapter_state(state) if path.suffix == ".safetensors" else state
 
 
 def resolve_file(repo_id: str, filename: str, size: str, weights, option: str) -> Path:

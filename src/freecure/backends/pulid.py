@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import check_state_dict
+from ..checkpoints import check_state_dict, read_tensors
 from ..errors import InputError, WeightsNotFoundError
 from .base import PD, PD_UNCOND, Backend, TextConditioning
 from .pulid_embedding import (
@@ -260,20 +260,12 @@ def load_pulid_sdxl_weights(modules: PuLIDSDXLModules, state_dict: Mapping[str, 
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a PuLID ``.safetensors`` file (through :func:`freecure.checkpoints.read_tensors`)."""
     from pathlib import Path
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
+    if Path(path).suffix != ".safetensors":
         raise InputError(f"PuLID weights must be a .safetensors file, got {path}")
-    if not path.is_file():
-        raise WeightsNotFoundError(f"PuLID weights not found: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise WeightsNotFoundError(f"cannot read {path} as safetensors: {error}") from None
+    return read_tensors(path, "PuLID weights", hint="Download it again from guozinan/PuLID.")
 
 
 def download_weights(filename: str, given: str | None) -> str:
