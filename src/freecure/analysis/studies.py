@@ -55,6 +55,7 @@ def prepare(
 ) -> StudySetup:
     """Parse, encode and draw z_T as :class:`freecure.pipeline.FreeCurePipeline` does."""
     backend, pipeline = freecure.backend, freecure.pipeline
+    check_rows_in_one_call(backend)
     family = backend.family
     if num_inference_steps < 2:
         raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
@@ -111,12 +112,31 @@ def prepare(
     )
 
 
+#: Backends that override ``predict_noise`` only to add their adapter's inputs to the engine's
+#: one denoiser call on every row (so FD's and PD's rows keep their layout indices). A backend
+#: can also say so itself with a class attribute ``rows_in_one_call = True``.
+ONE_CALL_BACKENDS = frozenset({"ip-adapter-faceid", "instantid", "pulid-sdxl", "infiniteyou", "pulid-flux"})
+
+
+def check_rows_in_one_call(backend) -> None:
+    """Refuse backends whose PD rows are not rows of the engine's one denoiser call (Face-diffuser
+    evaluates PD with its own UNets on rows of its own); :class:`RowGuard` checks it at run time."""
+    from ..backends.base import Backend
+
+    declared = getattr(type(backend), "rows_in_one_call", backend.name in ONE_CALL_BACKENDS)
+    if type(backend).predict_noise is not Backend.predict_noise and not declared:
+        raise InputError(
+            f"the attention studies need FD's and PD's rows in one denoiser call, but the {backend.name} backend "
+            "evaluates PD with its own models in separate calls; analyse another backend"
+        )
+
+
 def _joint_run(freecure, setup: StudySetup, store, on_step) -> torch.Tensor:
     """The SAME pass (FD and PD from one z_T) with ``store`` told each step's rows; z_0 of both.
 
     The analyses address FD's and PD's rows by their index in the engine's one denoiser call;
-    a guard checks every call holds all of the step's rows, so a backend that evaluates PD in
-    separate calls (Face-diffuser's own UNets) is refused instead of being misread.
+    a guard checks every call holds all of the step's rows, so a backend that splits them
+    (IP-Adapter-FaceID with ``fd_lora=False``) is refused instead of being misread.
     """
     backend = freecure.backend
     scheduler = copy.deepcopy(freecure.pipeline.scheduler)
