@@ -18,7 +18,7 @@ from .maps import (
     joint_text_maps,
     record_token_maps,
 )
-from .projections import JointProjection, cross_attention_logits, cross_query_key, joint_projection
+from .projections import JointProjection, cross_attention_logits, cross_query_key, cross_value, joint_projection
 from .studies import AttentionStudy, InterpolationStudy, attention_study, interpolation_study, prepare
 from .tokens import TokenAlignment, align_tokens, identity_in_prompt
 
@@ -40,6 +40,7 @@ __all__ = [
     "cross_attention_groups",
     "cross_attention_logits",
     "cross_query_key",
+    "cross_value",
     "identity_in_prompt",
     "interpolate_identity",
     "interpolate_scores",

@@ -35,8 +35,8 @@ import torch
 
 from ..attention import installed_processors
 from ..sampling import same_layout
-from .maps import attention_logits, is_joint, joint_processors, pd_row, single_row
-from .projections import joint_projection
+from .maps import is_joint, joint_processors, pd_row, single_row
+from .projections import cross_attention_logits, cross_value, joint_projection
 
 
 def interpolate_scores(
@@ -96,12 +96,11 @@ class IdentityInterpolation:
     def change(self, attn, hidden_states, text, pd: int, fd: int) -> torch.Tensor:
         """to_out-projected (softmax(S') − softmax(S))·V_p for PD's row, (queries, channels)."""
         text = text[0] if isinstance(text, tuple) else text
-        scores_p = attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
-        scores_f = attention_logits(attn, hidden_states[fd : fd + 1], text[fd : fd + 1])
+        scores_p = cross_attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
+        scores_f = cross_attention_logits(attn, hidden_states[fd : fd + 1], text[fd : fd + 1])
         mixed = interpolate_scores(scores_p, scores_f, self.state.pairs, self.state.alpha)
         delta = mixed.softmax(dim=-1) - scores_p.softmax(dim=-1)  # (heads, queries, keys)
-        context = attn.norm_encoder_hidden_states(text[pd : pd + 1]) if attn.norm_cross else text[pd : pd + 1]
-        value = attn.head_to_batch_dim(attn.to_v(context)).float()
+        value = cross_value(attn, text[pd : pd + 1])
         change = attn.batch_to_head_dim(delta @ value)[0]  # (queries, heads·d)
         projected = change.to(attn.to_out[0].weight.dtype) @ attn.to_out[0].weight.T  # linear, no bias
         return (projected / attn.rescale_output_factor).to(hidden_states.dtype)

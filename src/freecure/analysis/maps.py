@@ -161,14 +161,9 @@ class TokenMapRecorder:
             self.store.add(lane, self.name, probs.mean(dim=0))
 
 
-def attention_logits(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """QKᵀ·scale of one row, (heads, queries, keys), as the layer computes it."""
-    return cross_attention_logits(attn, hidden_states, text)
-
-
 def attention_probs(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """softmax(QKᵀ·scale) of one row over the keys, (heads, queries, keys)."""
-    return attention_logits(attn, hidden_states, text).softmax(dim=-1)
+    return cross_attention_logits(attn, hidden_states, text).softmax(dim=-1)
 
 
 @contextlib.contextmanager
@@ -264,5 +259,8 @@ def is_joint(model) -> bool:
 @contextlib.contextmanager
 def record_joint_token_maps(transformer, store: TokenMapStore, layers: Sequence[str]) -> Iterator[TokenMapStore]:
     """Install :class:`JointTokenMapRecorder` on ``layers`` of a FLUX transformer."""
-    with joint_processors(transformer, layers, lambda name, inner, text: JointTokenMapRecorder(inner, store, name, text)):
+    def make(name, inner, text):
+        return JointTokenMapRecorder(inner, store, name, text)
+
+    with joint_processors(transformer, layers, make):
         yield store

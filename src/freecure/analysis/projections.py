@@ -28,6 +28,13 @@ def cross_query_key(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> tu
     return query, key
 
 
+def cross_value(attn, text: torch.Tensor) -> torch.Tensor:
+    """Values of one row of a UNet cross-attention layer, (heads, keys, d)."""
+    if attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    return attn.head_to_batch_dim(attn.to_v(text)).float()
+
+
 def cross_attention_logits(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """QKᵀ·scale of one row, (heads, queries, keys), as the layer computes it."""
     query, key = cross_query_key(attn, hidden_states, text)

@@ -141,7 +141,8 @@ def _joint_run(freecure, setup: StudySetup, store, on_step) -> torch.Tensor:
     backend = freecure.backend
     scheduler = copy.deepcopy(freecure.pipeline.scheduler)
     backend.family.set_timesteps(scheduler, setup.steps, backend.device, setup.latent_size)
-    guard = RowGuard(store, setup.conditions, freecure.config.approximate_shared_uncond, setup.guidance.cfg, backend.name)
+    approximate = freecure.config.approximate_shared_uncond
+    guard = RowGuard(store, setup.conditions, approximate, setup.guidance.cfg, backend.name)
     with guard.watching(backend.denoiser):
         same = same_pass(
             backend,
@@ -151,7 +152,7 @@ def _joint_run(freecure, setup: StudySetup, store, on_step) -> torch.Tensor:
             setup.guidance,
             setup.image_size,
             guard,
-            freecure.config.approximate_shared_uncond,
+            approximate,
             on_step=on_step,
         )
     return same.z0
@@ -206,7 +207,7 @@ def _groups(freecure, groups: Sequence[str] | None) -> dict[str, list[str]]:
             chosen[group] = available[group]
         else:
             raise InputError(
-                f"block group {group!r} has no cross-attention here; choose from {', '.join(available)} or all"
+                f"block group {group!r} has no attention to the text here; choose from {', '.join(available)} or all"
             )
     return chosen
 
