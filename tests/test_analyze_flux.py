@@ -93,6 +93,10 @@ def test_flux_steps_heads_and_groups_selection(freecure, setup):
     assert not torch.allclose(later.full["fd", "single"], later.full["pd", "single"])
     every = attention_study(freecure, setup, steps=[2], heads=[0, 1], groups=["single"])
     assert not torch.allclose(every.full["fd", "single"], later.full["fd", "single"])
+    pooled = attention_study(freecure, setup, steps=[2], groups=["all"])  # both groups' layers pooled
+    assert list(pooled.full) == [("fd", "all"), ("pd", "all")]
+    image_keys = pooled.summary["groups"]["all"]["image_keys"]
+    assert image_keys["fd"] == pytest.approx(float(pooled.full["fd", "all"][-1].mean()))
 
 
 # --- the processors against an explicit joint softmax ---------------------------------------------

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..images import load_image
 from ..sampling import Guidance, check_scheduler, same_layout, same_pass
 from .interpolate import InterpolationState, interpolate_identity
-from .maps import JOINT_GROUPS, LANES, TokenMapStore, cross_attention_groups, record_token_maps
+from .maps import LANES, TokenMapStore, cross_attention_groups, is_joint, record_token_maps
 from .tokens import TokenAlignment, align_tokens
 
 
@@ -268,7 +268,7 @@ def attention_study(
             full[lane, group] = grid
             columns = [(c,) for c in alignment.fd_columns] if lane == "fd" else alignment.pd_columns
             maps[lane, group] = torch.stack([grid[list(cols)].sum(dim=0) for cols in columns])
-    summary = mass_summary(setup.parsed, alignment, full, joint=any(g in JOINT_GROUPS for g in chosen))
+    summary = mass_summary(setup.parsed, alignment, full, joint=is_joint(freecure.backend.denoiser))
     return AttentionStudy({"fd": fd_image, "pd": pd_image}, maps, full, summary)
 
 
