@@ -76,7 +76,7 @@ ALIGN_BORDER_RGB = (132, 133, 135)
 EVA_CLIP_REPO = "QuanSun/EVA-CLIP"
 EVA_CLIP_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
 EVA_CLIP_HINT = (
-    f"EVA02-CLIP-L-14-336 comes from {EVA_CLIP_REPO} ({EVA_CLIP_FILE}, ≈0.86 GB): pass a local copy with "
+    f"EVA02-CLIP-L-14-336 comes from {EVA_CLIP_REPO} ({EVA_CLIP_FILE}): pass a local copy with "
     "--eva-clip-weights FILE, or pass --face-embedding FILE.safetensors instead of computing it"
 )
 #: The original's ``eva_clip/rope.py`` buffers, recomputed at build time and deleted from the
