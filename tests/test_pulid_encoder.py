@@ -43,7 +43,7 @@ from freecure.backends.pulid_encoder import (
     warp_face,
 )
 from freecure.cli import main
-from freecure.errors import WeightsNotFoundError
+from freecure.errors import InputError, WeightsNotFoundError
 from freecure.parsing import ParseResult
 
 pytest.importorskip("timm")
@@ -352,7 +352,7 @@ def test_without_insightface_one_line_says_what_to_install(args, tmp_path, capsy
 def test_without_ref_or_embedding_the_backend_says_what_to_pass():
     from freecure.backends.pulid import face_from_cli
 
-    with pytest.raises(Exception, match="needs --ref PHOTO .* or --face-embedding"):
+    with pytest.raises(InputError, match="needs --ref PHOTO .* or --face-embedding"):
         face_from_cli(argparse.Namespace(face_embedding=None, ref=[], device="cpu"), "pulid-flux")
 
 
