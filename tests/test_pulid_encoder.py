@@ -300,6 +300,50 @@ def test_tiny_backends_compute_the_identity_from_the_reference(tiny_flux, astron
     torch.testing.assert_close(pd.uncond_id_tokens, uncond)
 
 
+def test_sdxl_backend_reads_every_reference_one_row_each(tiny_sdxl, astronaut):
+    from freecure.backends import PuLIDSDXLBackend
+    from freecure.backends.base import TextConditioning
+
+    encoder = PuLIDFaceEncoder.tiny()
+    backend = PuLIDSDXLBackend.tiny(pipeline=tiny_sdxl, encoder=encoder)
+    try:
+        refs = [astronaut, astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+        dim = tiny_sdxl.unet.config.cross_attention_dim
+        fd = TextConditioning(torch.zeros(1, 4, dim), torch.zeros(1, 8))
+        pd, _ = backend.identity_conditions(None, refs, fd, 4)
+        tokens, _ = backend.identity_tokens(encoder(refs))
+        torch.testing.assert_close(pd.id_tokens, tokens)
+        one, _ = backend.identity_tokens(encoder(refs[:1]))
+        assert not torch.allclose(pd.id_tokens, one)
+    finally:
+        backend.restore_processors()
+
+
+def test_from_pretrained_uses_antelopev2_raw_embeddings_and_parses_the_whole_aligned_face(monkeypatch):
+    import importlib.util
+
+    from freecure.backends import face_embedding, pulid_encoder
+
+    made = {}
+
+    class Recorder:
+        def __init__(self, name, normed, device=None, root=None, aligned_size=None):
+            made.update(name=name, normed=normed)
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in (
+        "insightface", "onnxruntime") else find_spec(name, *a))
+    monkeypatch.setattr(face_embedding, "InsightFaceAnalyzer", Recorder)
+    monkeypatch.setattr(pulid_encoder, "pretrained_eva_clip_vision", lambda path: EvaCLIPVision(TINY_EVA))
+    from freecure.parsing import BiSeNet, weights
+
+    monkeypatch.setattr(weights, "resolve_bisenet_weights", lambda given: argparse.Namespace(path="bisenet.pth"))
+    monkeypatch.setattr(weights, "load_bisenet", lambda path, device: BiSeNet(width=8))
+    encoder = PuLIDFaceEncoder.from_pretrained(device="cpu")
+    assert made == {"name": "antelopev2", "normed": False}
+    assert encoder.parser.detector is None and encoder.parser.hair_crop_scale is None
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
