@@ -355,6 +355,10 @@ def test_embed_tiny_writes_a_file_the_tiny_backends_read(tmp_path, capsys):
     assert main(args) == 0
     assert "id_cond (1, 24)" in capsys.readouterr().out
     face = load_face_embedding(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert "non-commercial" in f.metadata()["licence"]
     config = tiny_idformer_config(24)
     face.check(config.id_dim, config.vit_dim, "tiny")
     expected = PuLIDFaceEncoder.tiny()([Image.open("examples/astronaut.png")])

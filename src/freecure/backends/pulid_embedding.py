@@ -99,12 +99,15 @@ def load_face_embedding(path) -> PuLIDFaceEmbedding:
     return PuLIDFaceEmbedding(tensors["id_cond"].float(), tuple(tensors[f"vit_hidden.{i}"].float() for i in range(5)))
 
 
-def save_face_embedding(embedding: PuLIDFaceEmbedding, path) -> None:
+def save_face_embedding(embedding: PuLIDFaceEmbedding, path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``embedding`` in the ``--face-embedding`` format; ``metadata`` goes into the
+    safetensors header (``freecure embed`` records where the embedding came from and the
+    insightface licence it carries)."""
     from safetensors.torch import save_file
 
     tensors = {"id_cond": embedding.id_cond.contiguous()}
     tensors.update({f"vit_hidden.{i}": h.contiguous() for i, h in enumerate(embedding.vit_hidden)})
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def face_features_image(aligned: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_file
-    from ..backends.pulid_embedding import save_face_embedding
+    from ..backends.pulid_embedding import INSIGHTFACE_LICENSE, save_face_embedding
     from ..images import load_reference
 
     limit = EMBEDDERS[args.backend]
@@ -63,7 +63,12 @@ def run(args: argparse.Namespace) -> int:
     references = [load_reference(path) for path in args.ref]
     encoder = build_encoder(args)
     face = encoder(references)
-    write_file(args.out, lambda path: save_face_embedding(face, path))
+    metadata = {
+        "freecure": f"PuLID face embedding ({args.backend}) from {len(references)} photo(s)"
+        + (", random tiny stand-in models" if args.tiny else ": insightface antelopev2 + EVA02-CLIP-L-14-336"),
+        "licence": INSIGHTFACE_LICENSE,
+    }
+    write_file(args.out, lambda path: save_face_embedding(face, path, metadata))
     hidden = [f"vit_hidden.{i} {tuple(h.shape)}" for i, h in enumerate(face.vit_hidden)]
     shapes = ", ".join([f"id_cond {tuple(face.id_cond.shape)}", *hidden])
     print(f"wrote {args.out}: {shapes}")
