@@ -322,3 +322,18 @@ def test_pulid_flux_without_tiny_needs_a_face_embedding_and_weights(tmp_path, ca
     missing = ["--face-embedding", face, "--pulid-weights", weights]
     assert main(base + missing) == 2
     assert "PuLID weights not found" in capsys.readouterr().err
+
+
+def test_eval_tiny_runs_pulid_flux(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    pytest.importorskip("facenet_pytorch")
+    from freecure.cli import main
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\na <S> with black curly hair, laughing\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--tiny", "--backend", "pulid-flux", "--identities", "examples/identities", "--prompts",
+            str(prompts), "--num-seeds", "1", "--steps", "3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "1 new, 0 already done" in capsys.readouterr().out
+    assert "pulid-flux + FreeCure" in (out / "report" / "index.html").read_text()

@@ -37,6 +37,7 @@ from ..errors import InputError, WeightsNotFoundError
 from .base import PD, PD_UNCOND, Backend, TextConditioning
 from .pulid_embedding import (
     INSIGHTFACE_LICENSE,
+    FaceSource,
     PuLIDFaceEmbedding,
     load_face_embedding,
     needs_face_embedding,
@@ -318,6 +319,25 @@ def add_face_embedding_argument(group) -> None:
         action.help = f"{action.help}; {PULID_EMBEDDING_HELP}" if action.help else PULID_EMBEDDING_HELP
 
 
+def face_from_cli(args, backend: str):
+    """(face embedding, None) from ``--face-embedding``, else (None, the face encoder) for the
+    ``--ref`` photos; every missing package or input fails here, before any model loads."""
+    if args.face_embedding is not None:
+        return load_face_embedding(args.face_embedding), None
+    if not (getattr(args, "ref", None) or getattr(args, "identities", None)):  # generate's --ref, eval's
+        raise needs_face_embedding(backend)
+    from ..runtime import resolve_device
+    from .pulid_encoder import PuLIDFaceEncoder
+
+    encoder = PuLIDFaceEncoder.from_pretrained(
+        getattr(args, "eva_clip_weights", None),
+        getattr(args, "parser_weights", None),
+        resolve_device(getattr(args, "device", None)),
+        backend=backend,
+    )
+    return None, encoder
+
+
 class PuLIDSDXLBackend(Backend):
     """PuLID SDXL v1.1 on a diffusers SDXL pipeline; FD and PD rows gated per row.
 
@@ -334,18 +354,22 @@ class PuLIDSDXLBackend(Backend):
         self,
         pipeline,
         modules: PuLIDSDXLModules,
-        face: PuLIDFaceEmbedding,
+        face: PuLIDFaceEmbedding | None,
         settings: IdentitySettings = IdentitySettings(),
         inject_step: int = 0,
+        encoder=None,
     ):
         super().__init__(pipeline)
         if not self.is_sdxl:
             raise InputError("PuLID SDXL needs an SDXL-family base model (two text encoders)")
         config = modules.id_adapter.config
-        face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
+        if face is not None:
+            face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
+        self.faces = FaceSource(face, encoder)  # --face-embedding, or the encoder on the --ref photos
         # float32 as the original's IDFormer and id_to_k/id_to_v; keys/values are cast to the UNet's dtype
         self.modules = modules.to(device=self.device).eval()
         self.face, self.settings, self.inject_step = face, settings, inject_step
+        self.encoder = encoder
         self.rows = IdentityRows()
         logger.warning("PuLID: %s", INSIGHTFACE_LICENSE)
         self._original_processors = dict(self.unet.attn_processors)
@@ -371,6 +395,11 @@ class PuLIDSDXLBackend(Backend):
             return
         group.add_argument("--pulid-weights", metavar="FILE", help="PuLID: pulid_v1.1 / pulid_flux safetensors")
         group.add_argument(
+            "--eva-clip-weights",
+            metavar="FILE",
+            help="PuLID: local EVA02_CLIP_L_336_psz14_s6B.pt for the face embedding from --ref (else the Hub)",
+        )
+        group.add_argument(
             "--pulid-id-scale", type=float, default=None, help="PuLID: identity weight (SDXL 0.8, FLUX 1.0)"
         )
         group.add_argument("--pulid-num-zero", type=int, default=20, help="PuLID SDXL: zero tokens (default 20)")
@@ -387,17 +416,18 @@ class PuLIDSDXLBackend(Backend):
             backend.pipeline.to(args.device)
             backend.modules.to(args.device)
             return backend
-        if args.face_embedding is None:
-            raise needs_face_embedding(cls.name)
-        face = load_face_embedding(args.face_embedding)
+        face, encoder = face_from_cli(args, cls.name)
         state = read_safetensors(download_weights(SDXL_WEIGHTS, args.pulid_weights))
         pipeline = load_base_pipeline(args.base_model or DEFAULT_BASE_MODEL, args.device, args.dtype, sdxl=True)
         with torch.device("meta"):
             modules = PuLIDSDXLModules(pipeline.unet.config, list(pipeline.unet.attn_processors), IDFormerConfig())
-        return cls(pipeline, load_pulid_sdxl_weights(modules, state), face, settings)
+        return cls(pipeline, load_pulid_sdxl_weights(modules, state), face, settings, encoder=encoder)
 
     @classmethod
-    def tiny(cls, settings: IdentitySettings = IdentitySettings(), face_embedding=None, seed: int = 0, pipeline=None):
+    def tiny(
+        cls, settings: IdentitySettings = IdentitySettings(), face_embedding=None, seed: int = 0, pipeline=None,
+        encoder=None,
+    ):
         """Tiny random SDXL pipeline and PuLID modules (offline; images are noise)."""
         from ..tiny import tiny_sdxl_pipeline
 
@@ -405,17 +435,21 @@ class PuLIDSDXLBackend(Backend):
         config = tiny_idformer_config(pipeline.unet.config.cross_attention_dim)
         torch.manual_seed(seed)
         modules = PuLIDSDXLModules(pipeline.unet.config, list(pipeline.unet.attn_processors), config)
-        if face_embedding is None:
-            face = random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
-        else:
+        if face_embedding is not None:
             face = load_face_embedding(face_embedding)
-        return cls(pipeline, modules, face, settings)
+        elif encoder is None:
+            face = random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
+        else:  # the face embedding of the reference photos, through ``encoder`` (e.g. PuLIDFaceEncoder.tiny())
+            face = None
+        return cls(pipeline, modules, face, settings, encoder=encoder)
 
     # -- conditioning ----------------------------------------------------------------------
     @torch.no_grad()
     def identity_tokens(self, face: PuLIDFaceEmbedding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(identity tokens, unconditional identity tokens), each (num_queries, dim)."""
         face = face or self.face
+        if face is None:
+            raise ValueError("no face embedding: pass one (the encoder's runs in identity_conditions)")
         encoder = self.modules.id_adapter
         param = next(encoder.parameters())
 
@@ -428,9 +462,12 @@ class PuLIDSDXLBackend(Backend):
     def identity_conditions(self, parsed, references, fd, num_inference_steps):
         """PD: FD's prompt plus the identity tokens, from ``inject_step`` (0 as the original).
 
-        The identity comes from the face embedding (references are not read: the embedding
-        is computed from them outside FreeCure, see :mod:`.pulid_embedding`)."""
-        tokens, uncond_tokens = self.identity_tokens()
+        The identity comes from the ``--face-embedding`` file, or else from the reference
+        photos through the face encoder (:mod:`.pulid_encoder`), as the original."""
+        face = self.faces(references)
+        config = self.modules.id_adapter.config
+        face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
+        tokens, uncond_tokens = self.identity_tokens(face)
         pd = PuLIDConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, tokens, uncond_tokens)
         return pd, min(self.inject_step, num_inference_steps - 1)
 

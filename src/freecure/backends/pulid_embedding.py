@@ -14,8 +14,9 @@ The original (ToTheBeginning/PuLID @ 1aa2fc7, ``get_id_embedding``) builds, per 
 
 The IDFormer's *unconditional* input is all zeros of the same shapes.
 
-insightface and EVA-CLIP are not dependencies of FreeCure: a ``--face-embedding`` safetensors
-file carries steps 1–4's result, with tensors
+:mod:`.pulid_encoder` computes it (optional extra ``freecure[pulid]``: insightface, onnxruntime,
+timm); a ``--face-embedding`` safetensors file (``freecure embed`` writes one) carries steps 1–4's
+result instead, with tensors
 
 * ``id_cond``: (refs, 1280),
 * ``vit_hidden.0`` … ``vit_hidden.4``: (refs, 577, 1024),
@@ -98,12 +99,15 @@ def load_face_embedding(path) -> PuLIDFaceEmbedding:
     return PuLIDFaceEmbedding(tensors["id_cond"].float(), tuple(tensors[f"vit_hidden.{i}"].float() for i in range(5)))
 
 
-def save_face_embedding(embedding: PuLIDFaceEmbedding, path) -> None:
+def save_face_embedding(embedding: PuLIDFaceEmbedding, path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``embedding`` in the ``--face-embedding`` format; ``metadata`` goes into the
+    safetensors header (``freecure embed`` records where the embedding came from and the
+    insightface licence it carries)."""
     from safetensors.torch import save_file
 
     tensors = {"id_cond": embedding.id_cond.contiguous()}
     tensors.update({f"vit_hidden.{i}": h.contiguous() for i, h in enumerate(embedding.vit_hidden)})
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def face_features_image(aligned: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -132,10 +136,49 @@ def random_face_embedding(id_dim: int, vit_dim: int, patches: int = 9, refs: int
 
 
 def needs_face_embedding(backend: str) -> InputError:
-    """The error when no embedding file is given outside ``--tiny``."""
+    """The error when neither ``--face-embedding`` nor a ``--ref`` photo is given outside ``--tiny``."""
     return InputError(
-        f"{backend} needs --face-embedding FILE.safetensors (id_cond and vit_hidden.0-4, see "
-        "docs/backends/pulid.md): computing it from a photo needs insightface's antelopev2 models "
-        f"({INSIGHTFACE_LICENSE}) and EVA02-CLIP-L-14-336, which FreeCure does not install. "
-        "Offline, try --tiny."
+        f"{backend} needs --ref PHOTO (its face embedding is then computed with insightface antelopev2 and "
+        f"EVA02-CLIP-L-14-336; {INSIGHTFACE_LICENSE}) or --face-embedding FILE.safetensors (id_cond and "
+        "vit_hidden.0-4, see docs/backends/pulid.md). Offline, try --tiny."
     )
+
+
+def needs_face_encoder(
+    backend: str, missing: str, instead: str = "pass --face-embedding FILE.safetensors"
+) -> InputError:
+    """The one-line error when the photo → embedding path lacks an optional package."""
+    return InputError(
+        f"{backend} computes its face embedding from --ref with insightface and EVA-CLIP, and {missing} is not "
+        f"installed: `pip install 'freecure[pulid]'` (insightface, onnxruntime, timm; {INSIGHTFACE_LICENSE}), "
+        f"or {instead} (see docs/backends/pulid.md). Offline, try --tiny."
+    )
+
+
+class FaceSource:
+    """Where a PuLID backend's face embedding comes from: a fixed one (the ``--face-embedding``
+    file, or a random one under ``--tiny``) or an encoder run on the reference photos (once per
+    distinct set of photos).
+
+    Args:
+        face: the fixed embedding, or None.
+        encoder: photos → :class:`PuLIDFaceEmbedding` (:class:`~.pulid_encoder.PuLIDFaceEncoder`), or None.
+        max_refs: how many photos the method reads (PuLID-FLUX: 1, the first).
+    """
+
+    def __init__(self, face: PuLIDFaceEmbedding | None = None, encoder=None, max_refs: int | None = None):
+        if face is None and encoder is None:
+            raise ValueError("a face source needs a face embedding or an encoder")
+        self.face, self.encoder, self.max_refs = face, encoder, max_refs
+        self._cache: tuple[tuple, PuLIDFaceEmbedding] | None = None
+
+    def __call__(self, references) -> PuLIDFaceEmbedding:
+        if self.face is not None:
+            return self.face
+        references = list(references)[: self.max_refs]
+        if not references:
+            raise InputError("PuLID needs a reference photo (--ref) or --face-embedding FILE.safetensors")
+        key = tuple((image.size, hash(image.convert("RGB").tobytes())) for image in references)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.encoder(references))
+        return self._cache[1]

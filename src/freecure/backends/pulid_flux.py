@@ -39,12 +39,12 @@ from torch import nn
 from ..checkpoints import check_state_dict
 from ..errors import InputError
 from .base import PD, PD_UNCOND, Backend
-from .pulid import LICENSE, IdentityRows, PuLIDConditioning, download_weights, read_safetensors
+from .pulid import LICENSE, IdentityRows, PuLIDConditioning, download_weights, face_from_cli, read_safetensors
 from .pulid_embedding import (
     INSIGHTFACE_LICENSE,
+    FaceSource,
     PuLIDFaceEmbedding,
     load_face_embedding,
-    needs_face_embedding,
     random_face_embedding,
 )
 from .pulid_idformer import IDFormer, IDFormerConfig
@@ -194,21 +194,28 @@ class PuLIDFluxBackend(Backend):
     name = "pulid-flux"
     license = LICENSE
 
-    def __init__(self, pipeline, modules: PuLIDFluxModules, face: PuLIDFaceEmbedding, id_weight: float = 1.0,
-                 start_step: int = 0):
+    def __init__(self, pipeline, modules: PuLIDFluxModules, face: PuLIDFaceEmbedding | None, id_weight: float = 1.0,
+                 start_step: int = 0, encoder=None):
         super().__init__(pipeline)
         if not hasattr(pipeline, "transformer"):
             raise InputError("PuLID-FLUX needs a FLUX pipeline (a transformer denoiser)")
         if not (math.isfinite(id_weight) and 0.0 <= id_weight <= 5.0):
             raise InputError(f"PuLID-FLUX id weight must lie in [0, 5], got {id_weight}")
+        if face is not None:
+            self.check_face(face, modules)
+        self.modules = modules.to(device=self.device, dtype=self.dtype).eval()
+        self.face, self.id_weight, self.start_step = face, id_weight, start_step
+        self.encoder = encoder
+        self.faces = FaceSource(face, encoder, max_refs=1)  # the original reads one photo
+        self.rows = IdentityRows()
+        logger.warning("PuLID: %s", INSIGHTFACE_LICENSE)
+
+    @staticmethod
+    def check_face(face: PuLIDFaceEmbedding, modules: PuLIDFluxModules) -> None:
         config = modules.pulid_encoder.config
         face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
         if face.id_cond.shape[0] != 1:
             raise InputError("PuLID-FLUX takes one reference face embedding (id_cond of shape (1, 1280))")
-        self.modules = modules.to(device=self.device, dtype=self.dtype).eval()
-        self.face, self.id_weight, self.start_step = face, id_weight, start_step
-        self.rows = IdentityRows()
-        logger.warning("PuLID: %s", INSIGHTFACE_LICENSE)
 
     @classmethod
     def add_cli_arguments(cls, group) -> None:
@@ -224,19 +231,20 @@ class PuLIDFluxBackend(Backend):
             backend.pipeline.to(args.device)
             backend.modules.to(args.device)
             return backend
-        if args.face_embedding is None:
-            raise needs_face_embedding(cls.name)
         from ..runtime import load_base_pipeline
 
-        face = load_face_embedding(args.face_embedding)
+        face, encoder = face_from_cli(args, cls.name)
         state = read_safetensors(download_weights(FLUX_WEIGHTS["v0.9.1"], args.pulid_weights))
         pipeline = load_base_pipeline(args.base_model or DEFAULT_FLUX_BASE, args.device, args.dtype)
         with torch.device("meta"):
             modules = PuLIDFluxModules.for_transformer(pipeline.transformer)
-        return cls(pipeline, load_pulid_flux_weights(modules, state), face, id_weight)
+        return cls(pipeline, load_pulid_flux_weights(modules, state), face, id_weight, encoder=encoder)
 
     @classmethod
-    def tiny(cls, id_weight: float = 1.0, face_embedding=None, seed: int = 0, pipeline=None, start_step: int = 0):
+    def tiny(
+        cls, id_weight: float = 1.0, face_embedding=None, seed: int = 0, pipeline=None, start_step: int = 0,
+        encoder=None,
+    ):
         """Tiny random FLUX pipeline and PuLID modules (offline; images are noise)."""
         from ..tiny import tiny_pipeline
         from .pulid_idformer import tiny_idformer_config
@@ -245,16 +253,20 @@ class PuLIDFluxBackend(Backend):
         torch.manual_seed(seed)
         modules = PuLIDFluxModules.for_transformer(pipeline.transformer, tiny_idformer_config(24), dim_head=8, heads=2)
         config = modules.pulid_encoder.config
-        face = (
-            random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
-            if face_embedding is None
-            else load_face_embedding(face_embedding)
-        )
-        return cls(pipeline, modules, face, id_weight, start_step)
+        if face_embedding is not None:
+            face = load_face_embedding(face_embedding)
+        elif encoder is None:
+            face = random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
+        else:  # the face embedding of the first reference photo, through ``encoder``
+            face = None
+        return cls(pipeline, modules, face, id_weight, start_step, encoder=encoder)
 
     @torch.no_grad()
-    def identity_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity_tokens(self, face: PuLIDFaceEmbedding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(identity tokens, unconditional tokens) from the face embedding, (32, 2048) each."""
+        face = face or self.face
+        if face is None:
+            raise ValueError("no face embedding: pass one (the encoder's runs in identity_conditions)")
         encoder = self.modules.pulid_encoder
         param = next(encoder.parameters())
 
@@ -262,10 +274,14 @@ class PuLIDFluxBackend(Backend):
             id_cond, hidden = face.idformer_inputs()
             return encoder(id_cond[:, 0].to(param), [h.to(param) for h in hidden])[0]
 
-        return run(self.face), run(self.face.zeros())
+        return run(face), run(face.zeros())
 
     def identity_conditions(self, parsed, references, fd, num_inference_steps):
-        tokens, uncond_tokens = self.identity_tokens()
+        """PD: FD's prompt plus the identity tokens of the ``--face-embedding`` file, or else of
+        the first reference photo through the face encoder (:mod:`.pulid_encoder`)."""
+        face = self.faces(references)
+        self.check_face(face, self.modules)
+        tokens, uncond_tokens = self.identity_tokens(face)
         pd = PuLIDConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, tokens, uncond_tokens)
         return pd, min(self.start_step, num_inference_steps - 1)
 

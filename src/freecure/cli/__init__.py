@@ -14,7 +14,7 @@ import traceback
 from ..errors import FreeCureError
 
 # Sub-command modules, in the order `freecure --help` lists them.
-COMMANDS = ("generate", "attributes", "parse", "cost", "eval", "report", "analyze", "demo")
+COMMANDS = ("generate", "embed", "attributes", "parse", "cost", "eval", "report", "analyze", "demo")
 
 
 class ArgumentParser(argparse.ArgumentParser):
