@@ -138,6 +138,7 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, ref, capsys, no_mod
         (["--backend", "photomaker", "--photomaker-weights", str(weights)], "--photomaker-weights would be ignored"),
         (["--parser-weights", str(weights)], "--parser-weights would be ignored"),
         (["--base-model", "some/model"], "--base-model would be ignored"),
+        (["--backend", "pulid-sdxl", "--eva-clip-weights", str(weights)], "--eva-clip-weights would be ignored"),
         (["--inject-step", "2"], "--inject-step must lie in 0..1"),
     ]
     for extra, message in cases:

@@ -201,6 +201,8 @@ MODE_IGNORED = (
     ("parser_weights", "--parser-weights", lambda a: (a.parser or ("layout" if a.tiny else "bisenet")) == "layout",
      "the layout face parser has no weights (pass --parser bisenet to use them)"),
     ("photomaker_weights", "--photomaker-weights", lambda a: a.tiny, "--tiny builds random PhotoMaker weights"),
+    ("eva_clip_weights", "--eva-clip-weights", lambda a: a.tiny or getattr(a, "face_embedding", None) is not None,
+     "EVA-CLIP only runs to compute PuLID's identity from photos, which --tiny and --face-embedding skip"),
 )
 
 
