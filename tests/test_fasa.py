@@ -374,11 +374,36 @@ def test_eval_both_methods_in_one_report(tmp_path):
 def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
     class SeparateCalls(TokenFusionBackend):
         name = "separate-calls"
+        rows_in_one_call = False  # PD by its own model calls, as Face-diffuser does
 
-        def predict_noise(self, *args):  # PD by its own model calls, as Face-diffuser does
+    class OneCall(TokenFusionBackend):
+        name = "one-call"
+
+        def predict_noise(self, *args):  # an override that keeps one call (InstantID, PuLID, …) is fine
             return super().predict_noise(*args)
 
     backend = SeparateCalls(tiny_sd15, RandomProjectionIdentityEncoder(32))
-    with pytest.raises(InputError, match="one UNet call"):
+    with pytest.raises(InputError, match="one denoiser call"):
         FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig(method="fasa"))
     FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig())  # ROFA does not care
+    FreeCurePipeline(OneCall(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser(), FreeCureConfig(method="fasa"))
+
+
+def test_face_diffuser_and_faceid_without_fd_lora_declare_separate_calls():
+    from freecure.backends.face_diffuser import FaceDiffuserBackend
+    from freecure.backends.ip_adapter_faceid import IPAdapterFaceIDBackend
+
+    assert FaceDiffuserBackend.rows_in_one_call is False
+    faceid = IPAdapterFaceIDBackend.__new__(IPAdapterFaceIDBackend)
+    faceid.fd_lora = False
+    assert faceid.rows_in_one_call is False
+    faceid.fd_lora = True
+    assert faceid.rows_in_one_call is True
+
+
+def test_a_layer_call_with_another_batch_than_declared_is_refused():
+    attn, hidden = small_case()
+    state = FasaState(torch.ones(4, 4), 1.5, (4, 4))
+    state.set_pairs(((0, 2),), batch=4)  # the engine built 4 rows, the layer sees 3: a split batch
+    with pytest.raises(RuntimeError, match="split"):
+        FoundationAwareSelfAttention(state, "test")(attn, hidden)

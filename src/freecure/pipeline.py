@@ -29,7 +29,7 @@ from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError, check_number
 from .families import family_of
-from .fasa import FasaConfig, check_one_batch, fasa_layers, fasa_stage
+from .fasa import FasaConfig, check_one_batch, fasa_stage
 from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
@@ -258,13 +258,8 @@ class FreeCurePipeline:
         self.face_parser = face_parser
         self.config = config if config is not None else FreeCureConfig()
         if self.config.method == "fasa":  # fail now, not after the SAME pass
-            if getattr(backend.pipeline, "unet", None) is None:
-                raise InputError(
-                    f"method fasa changes a UNet's self-attention; the {backend.family.name} model of backend "
-                    f"{backend.name!r} has none (FASA on FLUX's joint attention is not implemented): use method rofa"
-                )
             check_one_batch(backend)
-            fasa_layers(backend.unet, self.config.fasa.layers)
+            backend.family.fasa_layers(backend.denoiser, self.config.fasa.layers)
         self.progress = True
         self.progress_callback: Callable[[str, int, int], None] | None = None
 

@@ -104,6 +104,10 @@ class Backend:
     #: embedding); classifier-free guidance itself is applied by the engine, after
     #: :meth:`predict_noise`.
     guidance_scale: float | None = None
+    #: Whether every row of a :meth:`predict_noise` call goes through one call of the denoiser
+    #: (FASA and the attention studies address FD's and PD's rows by their index in it).
+    #: False for backends that evaluate PD with their own models in separate calls.
+    rows_in_one_call: bool = True
 
     def __init__(self, pipeline):
         self.pipeline = pipeline

@@ -185,6 +185,9 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     name = "face-diffuser"
     license = LICENSE
     default_guidance_scale = 5.0  # the original's default
+    #: PD's rows go through the TDM and the SDM in calls of their own (FASA refuses it:
+    #: docs/engine.md, "FASA", Backends)
+    rows_in_one_call = False
 
     def __init__(
         self,
