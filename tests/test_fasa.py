@@ -407,3 +407,15 @@ def test_a_layer_call_with_another_batch_than_declared_is_refused():
     state.set_pairs(((0, 2),), batch=4)  # the engine built 4 rows, the layer sees 3: a split batch
     with pytest.raises(RuntimeError, match="split"):
         FoundationAwareSelfAttention(state, "test")(attn, hidden)
+
+
+@pytest.mark.parametrize("backend", ["instantid", "ip-adapter-faceid"])
+def test_unet_backends_that_override_predict_noise_but_keep_one_call_run_fasa(tmp_path, astronaut, backend):
+    """Before Backend.rows_in_one_call, any predict_noise override was refused; these keep one
+    UNet call (IdentityNet / per-row gates) and run FASA, the batch checked at every layer."""
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    out = tmp_path / "run"
+    args = ["generate", "--tiny", "--backend", backend, "--method", "fasa", "--prompt", PROMPT]
+    assert main([*args, "--ref", str(tmp_path / "ref.png"), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "fasa"]

@@ -329,3 +329,4 @@ def test_eval_tiny_method_fasa_on_a_flux_backend(tmp_path):
     assert rows and {(row["backend"], row["method"]) for row in rows} == {("pulid-flux", "fasa")}
     labels = {e["label"] for e in json.loads((out / "report" / "table1.json").read_text())}
     assert "pulid-flux + FreeCure (FASA)" in labels
+

@@ -184,8 +184,8 @@ def check_one_batch(backend, what: str = "FASA") -> None:
     """
     if not getattr(backend, "rows_in_one_call", True):
         raise InputError(
-            f"{what} needs FD's and PD's rows in one denoiser call, but the {backend.name} backend evaluates "
-            "PD with its own models in separate calls; use --method rofa / another backend"
+            f"{what} needs FD's and PD's rows in one denoiser call, but the {backend.name} backend splits them "
+            "over separate calls of its own models; use --method rofa / another backend"
         )
 
 

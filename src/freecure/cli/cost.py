@@ -134,7 +134,7 @@ def run(args) -> int:
         for stage, counts in result[name].get("stages", {}).items():  # the engines' stages
             print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")
     expression = result["engine"]["stages"].get("expression", {})
-    if expression.get("ran"):
+    if expression.get("ran") and "engine" in shown:
         print(
             f"expression stage: inversion at w={settings['inversion_guidance_scale']}, re-denoising at "
             f"w={settings['expression_guidance_scale']} ({expression['batch_items']} rows)"
