@@ -383,12 +383,11 @@ class FoundationAwareJointAttention:
             return out
         rows = sorted({row for q_row, k_row, _ in pairs for row in (q_row, k_row)})
         at = {row: i for i, row in enumerate(rows)}
-        query, key, value = self._projections(
-            attn, hidden_states[rows], None if not double else encoder_hidden_states[rows], image_rotary_emb
-        )
+        text = encoder_hidden_states[rows] if double else None
+        query, key, value = self._projections(attn, hidden_states[rows], text, image_rotary_emb, text_tokens)
         image = image.clone()
         for q_row, k_row, index in pairs:
-            q = query[at[q_row], :, text_tokens:]  # (heads, image queries, d)
+            q = query[at[q_row]]  # (heads, image queries, d)
             k_own, v_own = key[at[q_row]], value[at[q_row]]  # (heads, text + image keys, d)
             k_ref, v_ref = key[at[k_row], :, text_tokens:], value[at[k_row], :, text_tokens:]
             if double:
@@ -413,26 +412,26 @@ class FoundationAwareJointAttention:
         return torch.cat([out[:, :text_tokens], image], dim=1)
 
     @staticmethod
-    def _projections(attn, hidden_states, encoder_hidden_states, rotary):
-        """Queries, keys and values over [text; image], as the layer computes them (RMS-normed,
-        rotary-embedded), shape (batch, heads, tokens, d)."""
+    def _projections(attn, hidden_states, encoder_hidden_states, rotary, text_tokens: int):
+        """The image tokens' queries and the [text; image] keys and values, as the layer computes
+        them (RMS-normed, rotary-embedded at their positions), each (batch, heads, tokens, d)."""
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        query, key, value, text_query, text_key, text_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
+        query, key, value, _, text_key, text_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
 
         def heads(x):
             return x.unflatten(-1, (-1, attn.head_dim))
 
         query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
-        if encoder_hidden_states is not None:
-            query = torch.cat([attn.norm_added_q(heads(text_query)), query], dim=1)
+        if encoder_hidden_states is not None:  # double-stream: text has its own projections
             key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
             value = torch.cat([heads(text_value), value], dim=1)
+        else:  # single-stream: the states are [text; image] already
+            query = query[:, text_tokens:]
         if rotary is not None:
-            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            cos, sin = rotary
+            query = apply_rotary_emb(query, (cos[text_tokens:], sin[text_tokens:]), sequence_dim=1)
             key = apply_rotary_emb(key, rotary, sequence_dim=1)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
