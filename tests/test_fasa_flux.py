@@ -330,3 +330,20 @@ def test_eval_tiny_method_fasa_on_a_flux_backend(tmp_path):
     labels = {e["label"] for e in json.loads((out / "report" / "table1.json").read_text())}
     assert "pulid-flux + FreeCure (FASA)" in labels
 
+
+
+def test_fasa_uncond_without_an_unconditional_row_is_refused(tiny_flux):
+    fc = flux_freecure(tiny_flux, uncond=True)
+    with pytest.raises(InputError, match="has none"):
+        fc(PROMPT, [Image.new("RGB", (32, 32))], class_word="man", num_inference_steps=2)
+
+
+def test_true_cfg_rows_and_fasa_uncond_on_flux(tiny_flux):
+    """Under true CFG a lane is [negative, cond]; --fasa-uncond adds FD's negative row, whose
+    keys PD's negative row attends to."""
+    out = flux_freecure(tiny_flux, uncond=True)(
+        PROMPT, [Image.new("RGB", (32, 32))], class_word="man", num_inference_steps=3, true_cfg_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.stage("fasa").ran and out.stage("fasa").batch_items == 4 * 3
+    assert out.settings["fasa"]["uncond"] is True

@@ -133,7 +133,8 @@ class FreeCureOutput:
         stages: one :class:`StageRecord` per stage, in order.
         notes: what was skipped or adjusted, in words.
         latents: final latents per image name.
-        fasa_mask: the mask FASA used on the latent grid (method ``"fasa"``), else None.
+        fasa_mask: the mask FASA used (method ``"fasa"``), else None: on the latent grid (UNet)
+            or the packed 2×2 token grid (FLUX).
     """
 
     images: dict[str, Image.Image]
@@ -368,6 +369,11 @@ class FreeCurePipeline:
         if height % multiple or width % multiple:
             raise InputError(f"height and width must be multiples of {multiple}, got {height}×{width}")
         guidance = family.loop_guidance(guidance_scale, true_cfg_scale, guidance_rescale)
+        if self.config.method == "fasa" and self.config.fasa.uncond and not guidance.cfg:
+            raise InputError(
+                "FASA's uncond option changes PD's unconditional row, but this run has none (guidance-distilled "
+                "FLUX without true CFG, or a guidance scale of 1); drop it or set true_cfg_scale > 1"
+            )
         references = [load_image(image) for image in reference_images]
         class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)
