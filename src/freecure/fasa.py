@@ -237,6 +237,9 @@ class FasaState:
     latent_size: tuple[int, int]
     pairs: tuple[tuple[int, int, int], ...] = ()
     batch: int | None = None
+    record: dict[int, int] = field(default_factory=dict)
+    attend: dict[int, tuple[int, int]] = field(default_factory=dict)
+    cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     _bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def set_pairs(self, pairs: Sequence[tuple[int, ...]], batch: int | None = None) -> None:
@@ -245,6 +248,19 @@ class FasaState:
         one); ``batch``: the rows of that call, checked by every processor."""
         self.pairs = tuple((q, k, image[0] if image else 0) for q, k, *image in pairs)
         self.batch = batch
+
+    def set_call(self, record: dict[int, int], attend: dict[int, tuple[int, int]]) -> None:
+        """For a backend that splits the engine's rows over calls of its own models
+        (Face-diffuser): in the next call, record per layer the keys and values of the rows
+        ``record`` (row → the engine's FD row it comes from), and let the rows ``attend``
+        (row → (that FD row, image)) attend to the last ones recorded for that FD row at the
+        same layer — in this call or an earlier one of the step — with the image's mask. Empty
+        dicts end it."""
+        self.record, self.attend = dict(record), dict(attend)
+
+    def cached_bytes(self) -> int:
+        """Memory held by the recorded keys and values (one step's, per layer and image)."""
+        return sum(t.numel() * t.element_size() for by_image in self.cache.values() for kv in by_image.values() for t in kv)
 
     def check_batch(self, rows: int) -> None:
         """Refuse a layer call whose batch is not the declared one (a backend that split it)."""
@@ -308,7 +324,16 @@ class FoundationAwareSelfAttention:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
 
         # 2. FASA: PD's rows also attend to FD's keys (eq. in the module docstring)
-        if self.state.pairs and encoder_hidden_states is None:
+        if (self.state.record or self.state.attend) and encoder_hidden_states is None:  # across calls
+            bias = self.state.bias(query.shape[2])
+            recorded = self.state.cache.setdefault(self.name, {})
+            for row, fd_row in self.state.record.items():
+                recorded[fd_row] = (key[row].clone(), value[row].clone())
+            out = out.clone()
+            for row, (fd_row, image) in self.state.attend.items():
+                key_ref, value_ref = recorded[fd_row]
+                out[row] = joint_attention(query[row], out[row], key[row], key_ref, value_ref, bias[image], attn.scale)
+        elif self.state.pairs and encoder_hidden_states is None:
             self.state.check_batch(batch)
             bias = self.state.bias(query.shape[2])
             out = out.clone()
@@ -575,6 +600,19 @@ def fresh_scheduler(scheduler, device=None, family=None, latent_size: tuple[int,
     return fresh
 
 
+@contextlib.contextmanager
+def _handed_to(backend, state: FasaState) -> Iterator[None]:
+    """Let a backend that maps FASA onto its own calls read ``state`` for the block."""
+    if not backend.fasa_across_calls:
+        yield
+        return
+    backend.fasa_state = state
+    try:
+        yield
+    finally:
+        backend.fasa_state = None
+
+
 def fasa_stage(
     freecure, outputs, same: SamePassResult, conditions: Conditions, guidance: Guidance, image_size, stages
 ) -> tuple[torch.Tensor, list[int], str]:
@@ -613,14 +651,17 @@ def fasa_stage(
         stages.skip("fasa", reason)
         return same.pd, [], reason
     corrected = sorted(masks)
-    denoiser = freecure.backend.denoiser
-    layers = family.fasa_layers(denoiser, config.layers)
-    device = freecure.backend.device
+    backend = freecure.backend
+    device = backend.device
     state = FasaState(torch.stack([masks[k] for k in corrected]).to(device), config.mask_weight, grid)
     scheduler = fresh_scheduler(pipeline.scheduler, device, family, latent_size)
     steps = len(scheduler.timesteps)
-    with stages.run("fasa"), freecure._bar(steps, "FASA: PD again") as bar:
-        with family.foundation_aware_attention(denoiser, state, layers):
+    with stages.run("fasa") as record, freecure._bar(steps, "FASA: PD again") as bar:
+        with contextlib.ExitStack() as installed:
+            for denoiser in backend.fasa_denoisers():
+                layers = family.fasa_layers(denoiser, config.layers)
+                installed.enter_context(family.foundation_aware_attention(denoiser, state, layers))
+            installed.enter_context(_handed_to(backend, state))
             z_fasa = fasa_pass(
                 freecure.backend,
                 scheduler,
@@ -633,6 +674,7 @@ def fasa_stage(
                 on_step=lambda i: bar.update(),
                 images=corrected,
             )
+        record.freecure_bytes = state.cached_bytes()  # keys handed across calls (Face-diffuser), else 0
     rows = {k: j for j, k in enumerate(corrected)}
     z_out = torch.cat([z_fasa[rows[k]][None] if k in rows else same.pd[k : k + 1] for k in range(len(outputs))])
     for k, image in zip(corrected, decode_latents(pipeline, z_fasa, image_size)):

@@ -259,8 +259,10 @@ class FreeCurePipeline:
         self.face_parser = face_parser
         self.config = config if config is not None else FreeCureConfig()
         if self.config.method == "fasa":  # fail now, not after the SAME pass
-            check_one_batch(backend)
-            backend.family.fasa_layers(backend.denoiser, self.config.fasa.layers)
+            if not backend.fasa_across_calls:
+                check_one_batch(backend)
+            for denoiser in backend.fasa_denoisers():
+                backend.family.fasa_layers(denoiser, self.config.fasa.layers)
         self.progress = True
         self.progress_callback: Callable[[str, int, int], None] | None = None
 

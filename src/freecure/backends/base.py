@@ -108,6 +108,11 @@ class Backend:
     #: (FASA and the attention studies address FD's and PD's rows by their index in it).
     #: False for backends that evaluate PD with their own models in separate calls.
     rows_in_one_call: bool = True
+    #: A backend whose rows are split over calls (``rows_in_one_call`` False) may still run FASA
+    #: by mapping the engine's row pairs onto its own calls (:meth:`freecure.fasa.FasaState.set_call`,
+    #: FD's keys handed to PD's calls); it reads the state from ``fasa_state`` during the FASA pass.
+    fasa_across_calls: bool = False
+    fasa_state = None
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -143,6 +148,10 @@ class Backend:
 
     def unets(self) -> list[torch.nn.Module]:
         """Every denoiser this backend calls (FreeCure counts their calls)."""
+        return [self.denoiser]
+
+    def fasa_denoisers(self) -> list[torch.nn.Module]:
+        """The networks whose attention FASA changes (default: the denoiser)."""
         return [self.denoiser]
 
     @property
