@@ -180,7 +180,8 @@ def check_one_batch(backend, what: str = "FASA") -> None:
     FASA (and the attention studies) address FD's and PD's rows by their index in the batch
     the engine builds; a backend that evaluates PD with its own models in separate calls
     (Face-diffuser's TDM/SDM; IP-Adapter-FaceID with FD's LoRA off) breaks that mapping and
-    says so with :attr:`Backend.rows_in_one_call`.
+    says so with :attr:`Backend.rows_in_one_call`. (FASA itself also accepts a backend that
+    maps the pairs onto its own calls, :attr:`Backend.fasa_across_calls`: Face-diffuser.)
     """
     if not getattr(backend, "rows_in_one_call", True):
         raise InputError(
