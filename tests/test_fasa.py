@@ -389,7 +389,8 @@ def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
     with pytest.raises(InputError, match="one denoiser call"):
         FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig(method="fasa"))
     FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig())  # ROFA does not care
-    FreeCurePipeline(OneCall(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser(), FreeCureConfig(method="fasa"))
+    one_call = OneCall(tiny_sd15, RandomProjectionIdentityEncoder(32))
+    FreeCurePipeline(one_call, LayoutFaceParser(), FreeCureConfig(method="fasa"))
 
 
 def test_face_diffuser_and_faceid_without_fd_lora_declare_separate_calls():

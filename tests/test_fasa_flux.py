@@ -36,7 +36,8 @@ TEXT, GRID = 5, (4, 4)  # 5 text tokens, a 4×4 grid of image tokens (an 8×8 la
 
 # --- the processor on a small case, with FLUX's own attention modules ---------------------------
 def block_attention(tiny_flux, kind: str):
-    blocks = tiny_flux.transformer.transformer_blocks if kind == "double" else tiny_flux.transformer.single_transformer_blocks
+    transformer = tiny_flux.transformer
+    blocks = transformer.transformer_blocks if kind == "double" else transformer.single_transformer_blocks
     return blocks[0].attn
 
 
@@ -83,7 +84,8 @@ def explicit_joint(attn, kind, image, text, rotary, q_row, k_row, mask, weight):
 
     def keys_values(row):
         if kind == "double":
-            k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(text[row]))), attn.norm_k(heads(attn.to_k(image[row])))], 1)
+            k_text = attn.norm_added_k(heads(attn.add_k_proj(text[row])))
+            k = torch.cat([k_text, attn.norm_k(heads(attn.to_k(image[row])))], 1)
             v = torch.cat([heads(attn.add_v_proj(text[row])), heads(attn.to_v(image[row]))], 1)
         else:
             joint = torch.cat([text[row], image[row]])
@@ -247,7 +249,8 @@ def test_pipeline_method_fasa_on_flux_stages_work_and_mask_on_the_token_grid(tin
         PROMPT, [Image.new("RGB", (32, 32))], class_word="man", num_inference_steps=4, guidance_scale=3.5,
         generator=torch.Generator().manual_seed(0),
     )
-    assert [(s.name, s.ran) for s in out.stages] == [("same_pass", True), ("masks", True), ("fasa", True), ("expression", False)]
+    ran = [(s.name, s.ran) for s in out.stages]
+    assert ran == [("same_pass", True), ("masks", True), ("fasa", True), ("expression", False)]
     # guidance-distilled: PD's row and FD's (replayed lane, keys lent) per step
     assert out.stage("fasa").unet_calls == 4 and out.stage("fasa").batch_items == 2 * 4
     assert out.fasa_mask.shape == (16, 16) and set(out.fasa_mask.unique().tolist()) <= {0.0, 1.0}
@@ -289,7 +292,9 @@ def test_cost_counts_flux_fasa(tiny_flux):
 
 
 # --- the command line on FLUX backends ---------------------------------------------------------------
-@pytest.mark.parametrize("backend", [["--tiny-family", "flux"], ["--backend", "infiniteyou"], ["--backend", "pulid-flux"]])
+@pytest.mark.parametrize(
+    "backend", [["--tiny-family", "flux"], ["--backend", "infiniteyou"], ["--backend", "pulid-flux"]]
+)
 def test_generate_tiny_flux_backends_method_fasa(tmp_path, astronaut, backend):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"

@@ -261,7 +261,8 @@ class FasaState:
 
     def cached_bytes(self) -> int:
         """Memory held by the recorded keys and values (one step's, per layer and image)."""
-        return sum(t.numel() * t.element_size() for by_image in self.cache.values() for kv in by_image.values() for t in kv)
+        tensors = [t for by_row in self.cache.values() for kv in by_row.values() for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def check_batch(self, rows: int) -> None:
         """Refuse a layer call whose batch is not the declared one (a backend that split it)."""
@@ -400,7 +401,9 @@ class FoundationAwareJointAttention:
         double = encoder_hidden_states is not None
         text_tokens = encoder_hidden_states.shape[1] if double else self.context.text_tokens
         if text_tokens is None:
-            raise RuntimeError("the text length of the FLUX call is unknown: install FASA with foundation_aware_joint_attention")
+            raise RuntimeError(
+                "the text length of the FLUX call is unknown: install FASA with foundation_aware_joint_attention"
+            )
         image = out[0] if double else out[:, text_tokens:]
         bias = self.state.bias(image.shape[1])
         # a pair whose FD keys are all blocked keeps plain attention: nothing to compute
