@@ -239,3 +239,16 @@ def test_cli_interpolate_refuses_backends_without_an_identity_token(tmp_path, mo
     assert _analyze(tmp_path, "interpolate", tmp_path / "x") == 2
     err = capsys.readouterr().err
     assert "not a prompt token" in err and "analyze attention" in err and not (tmp_path / "x").exists()
+
+
+def test_cli_unet_adapter_compares_text_maps_and_split_rows_are_refused(tmp_path, astronaut, capsys):
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    out = tmp_path / "faceid"
+    assert _analyze(tmp_path, "attention", out, "--backend", "ip-adapter-faceid") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identity_in_prompt"] is False and set(summary["groups"]) == {"down", "mid", "up"}
+    assert all(entry["identity"] is None for entry in summary["groups"].values())
+    # without the LoRA on FD, FD's and PD's rows go through separate UNet calls: refused, not misread
+    off = tmp_path / "off"
+    assert _analyze(tmp_path, "attention", off, "--backend", "ip-adapter-faceid", "--faceid-fd-lora", "off") == 2
+    assert "separate calls" in capsys.readouterr().err and not off.exists()

@@ -2,8 +2,23 @@
 (Figure 3) and the identity-column interpolation of eq. 3 (Figures 4 and 10)."""
 
 from .grids import GridLayout, labelled_grid
-from .interpolate import IdentityInterpolation, InterpolationState, interpolate_identity, interpolate_scores
-from .maps import TokenMapRecorder, TokenMapStore, block_group, cross_attention_groups, record_token_maps
+from .interpolate import (
+    IdentityInterpolation,
+    InterpolationState,
+    JointIdentityInterpolation,
+    interpolate_identity,
+    interpolate_scores,
+)
+from .maps import (
+    JointTokenMapRecorder,
+    TokenMapRecorder,
+    TokenMapStore,
+    block_group,
+    cross_attention_groups,
+    joint_text_maps,
+    record_token_maps,
+)
+from .projections import JointProjection, cross_attention_logits, cross_query_key, cross_value, joint_projection
 from .studies import AttentionStudy, InterpolationStudy, attention_study, interpolation_study, prepare
 from .tokens import TokenAlignment, align_tokens, identity_in_prompt
 
@@ -13,6 +28,9 @@ __all__ = [
     "IdentityInterpolation",
     "InterpolationState",
     "InterpolationStudy",
+    "JointIdentityInterpolation",
+    "JointProjection",
+    "JointTokenMapRecorder",
     "TokenAlignment",
     "TokenMapRecorder",
     "TokenMapStore",
@@ -20,10 +38,15 @@ __all__ = [
     "attention_study",
     "block_group",
     "cross_attention_groups",
+    "cross_attention_logits",
+    "cross_query_key",
+    "cross_value",
     "identity_in_prompt",
     "interpolate_identity",
     "interpolate_scores",
     "interpolation_study",
+    "joint_projection",
+    "joint_text_maps",
     "labelled_grid",
     "prepare",
     "record_token_maps",

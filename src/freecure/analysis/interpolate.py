@@ -13,9 +13,16 @@ placeholder scores. (Mixing probabilities and applying a *further* softmax over 
 positions, the literal alternative, would flatten every map to ≈1/(h·w) and not give PD back
 at α = 0.)
 
+FLUX (joint attention, :class:`JointIdentityInterpolation`): S is the image queries' score
+matrix on the joint keys [text; image]; the identity token is a text key (T5 column m), and
+the same replacement is made before the joint softmax, over all joint keys. The text queries'
+rows (the text stream attending to the identity) are left as they are, as in the UNet, where
+only image queries attend to the text.
+
 Exactness: the processor leaves the layer's own output untouched and adds the change,
-(softmax(S') − softmax(S))·V projected by ``to_out``; at α = 0, S' = S bit for bit, so the
-change is exactly zero and PD is reproduced exactly.
+(softmax(S') − softmax(S))·V projected by ``to_out`` (FLUX's single-stream blocks have no
+``to_out`` inside the attention); at α = 0, S' = S bit for bit, so the change is exactly zero
+and PD is reproduced exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 
 from ..attention import installed_processors
 from ..sampling import same_layout
-from .maps import attention_logits, pd_row, single_row
+from .maps import is_joint, joint_processors, pd_row, single_row
+from .projections import cross_attention_logits, cross_value, joint_projection
 
 
 def interpolate_scores(
@@ -52,6 +60,7 @@ class InterpolationState:
     alpha: float
     pairs: tuple[tuple[int, int], ...]
     approximate_shared_uncond: bool = False
+    guided: bool = True  # CFG rows per lane (False: guidance-distilled FLUX, one row)
     rows: tuple[int, int] | None = None  # (PD row, FD row)
 
     def set_context(self, step: int, row: int | None) -> None:
@@ -60,7 +69,7 @@ class InterpolationState:
         row = single_row(row)
         if row is None or step < self.conditions.inject_step:
             return
-        layout = same_layout(step, self.conditions, self.approximate_shared_uncond)
+        layout = same_layout(step, self.conditions, self.approximate_shared_uncond, guided=self.guided)
         pd = pd_row(layout.rows, fallback=row)
         if pd != row:
             self.rows = (pd, row)
@@ -87,12 +96,11 @@ class IdentityInterpolation:
     def change(self, attn, hidden_states, text, pd: int, fd: int) -> torch.Tensor:
         """to_out-projected (softmax(S') − softmax(S))·V_p for PD's row, (queries, channels)."""
         text = text[0] if isinstance(text, tuple) else text
-        scores_p = attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
-        scores_f = attention_logits(attn, hidden_states[fd : fd + 1], text[fd : fd + 1])
+        scores_p = cross_attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
+        scores_f = cross_attention_logits(attn, hidden_states[fd : fd + 1], text[fd : fd + 1])
         mixed = interpolate_scores(scores_p, scores_f, self.state.pairs, self.state.alpha)
         delta = mixed.softmax(dim=-1) - scores_p.softmax(dim=-1)  # (heads, queries, keys)
-        context = attn.norm_encoder_hidden_states(text[pd : pd + 1]) if attn.norm_cross else text[pd : pd + 1]
-        value = attn.head_to_batch_dim(attn.to_v(context)).float()
+        value = cross_value(attn, text[pd : pd + 1])
         change = attn.batch_to_head_dim(delta @ value)[0]  # (queries, heads·d)
         projected = change.to(attn.to_out[0].weight.dtype) @ attn.to_out[0].weight.T  # linear, no bias
         return (projected / attn.rescale_output_factor).to(hidden_states.dtype)
@@ -100,6 +108,64 @@ class IdentityInterpolation:
 
 @contextlib.contextmanager
 def interpolate_identity(model, state: InterpolationState, layers: Sequence[str]) -> Iterator[InterpolationState]:
-    """Install :class:`IdentityInterpolation` on ``layers``; originals restored in ``finally``."""
+    """Install :class:`IdentityInterpolation` (UNet) or :class:`JointIdentityInterpolation`
+    (FLUX) on ``layers``; originals restored in ``finally``."""
+    if is_joint(model):
+        with joint_processors(
+            model, layers, lambda name, inner, text: JointIdentityInterpolation(inner, state, name, text)
+        ):
+            yield state
+        return
     with installed_processors(model, layers, lambda name, inner: IdentityInterpolation(inner, state, name)):
         yield state
+
+
+class JointIdentityInterpolation:
+    """FLUX attention processor: the layer's own output, plus the change eq. 3 makes to PD's
+    image queries (scores of the identity text keys m replaced before the joint softmax)."""
+
+    def __init__(self, inner, state: InterpolationState, name: str, text, chunk_size: int = 256):
+        self.inner, self.state, self.name, self.text, self.chunk_size = inner, state, name, text, chunk_size
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        ip_hidden_states=None,
+    ):
+        extra = {} if ip_hidden_states is None else {"ip_hidden_states": ip_hidden_states}
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+        if self.state.rows is None:
+            return out
+        pd, fd = self.state.rows
+        with torch.no_grad():
+            change = self.change(attn, hidden_states, encoder_hidden_states, image_rotary_emb, pd, fd)
+            if isinstance(out, tuple):  # double-stream: (image, text) outputs, each through its to_out
+                image = out[0].clone()
+                projected = change.to(attn.to_out[0].weight.dtype) @ attn.to_out[0].weight.T  # linear, no bias
+                image[pd] = image[pd] + projected.to(image.dtype)
+                return (image, *out[1:])
+            out = out.clone()  # single-stream: [text; image] before the block's proj_out
+            t = out.shape[1] - change.shape[0]
+            out[pd, t:] = out[pd, t:] + change.to(out.dtype)
+            return out
+
+    def change(self, attn, hidden_states, encoder_hidden_states, rotary, pd: int, fd: int) -> torch.Tensor:
+        """(softmax(S') − softmax(S))·V_p for PD's image queries, (image tokens, heads·d)."""
+
+        def row(r):
+            text = None if encoder_hidden_states is None else encoder_hidden_states[r : r + 1]
+            return joint_projection(attn, hidden_states[r : r + 1], text, rotary, self.text.tokens)
+
+        joint_p, joint_f = row(pd), row(fd)
+        changes = []
+        for start in range(0, joint_p.query.shape[1], self.chunk_size):
+            scores_p = joint_p.logits(start, start + self.chunk_size)
+            scores_f = joint_f.logits(start, start + self.chunk_size)
+            mixed = interpolate_scores(scores_p, scores_f, self.state.pairs, self.state.alpha)
+            delta = mixed.softmax(dim=-1) - scores_p.softmax(dim=-1)  # (heads, chunk, joint keys)
+            changes.append((delta @ joint_p.value).transpose(0, 1).flatten(1))  # (chunk, heads·d)
+        return torch.cat(changes)

@@ -1,11 +1,19 @@
 """Per-token cross-attention maps of FD and PD by block group (paper §3.2, Figure 3).
 
-A :class:`TokenMapRecorder` processor wraps a cross-attention layer's own processor (which
-still computes the output) and, for FD's and PD's conditional rows, adds softmax(QKᵀ/√d) over
-*every* key column, averaged over the chosen heads, to a :class:`TokenMapStore`. The store
-averages over the chosen steps and over the layers of a block group (UNet: down, mid, up;
-FLUX: double, single), on the latent grid. Every map is an attention distribution: at each
-pixel, the maps of all key columns sum to 1.
+A recorder processor wraps an attention layer's own processor (which still computes the
+output) and, for FD's and PD's conditional rows, adds the attention probabilities of the
+image queries on *every* key column, averaged over the chosen heads, to a
+:class:`TokenMapStore`. The store averages over the chosen steps and over the layers of a
+block group (UNet: down, mid, up; FLUX: double, single), on the latent grid.
+
+- UNet (:class:`TokenMapRecorder`, on ``attn2``): softmax(QKᵀ/√d) over the text keys; at each
+  pixel the maps of all key columns sum to 1.
+- FLUX (:class:`JointTokenMapRecorder`, on every joint attention): the image queries'
+  softmax over the *joint* keys [text; image], exactly as the layer computes it; a text
+  token's map is the joint-softmax mass on its key, *not* renormalised over the text keys —
+  the quantity SAME's :class:`freecure.attention.JointAttentionCapture` aggregates into ℳ. One
+  extra last column holds the mass on all image keys together, so at each pixel the text
+  columns plus that column sum to 1.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch.nn.functional as F
 from ..attention import _grid_for, installed_processors
 from ..backends.base import FD, PD
 from ..sampling import PD_LANE, same_layout
+from .projections import cross_attention_logits, joint_projection
 
 LANES = ("fd", "pd")
 #: Block groups in the order the model runs them (UNet, then FLUX).
@@ -40,12 +49,17 @@ def block_group(name: str) -> str | None:
     return None
 
 
+#: The block groups of the FLUX transformer, where every attention is joint (text ↔ image).
+JOINT_GROUPS = ("double", "single")
+
+
 def cross_attention_groups(model) -> dict[str, list[str]]:
-    """Cross-attention (``attn2``) processor names of a UNet, by block group, in model order."""
+    """The processor names where image queries attend to text keys, by block group, in model
+    order: a UNet's cross-attention (``attn2``); every joint attention of a FLUX transformer."""
     groups: dict[str, list[str]] = {group: [] for group in GROUP_ORDER}
     for name in model.attn_processors:
         group = block_group(name)
-        if group is not None and ".attn2." in name:
+        if group in JOINT_GROUPS or (group is not None and ".attn2." in name):
             groups[group].append(name)
     return {group: names for group, names in groups.items() if names}
 
@@ -60,6 +74,7 @@ class TokenMapStore:
         steps: step indices to record; None = every step.
         heads: head indices to average; None = every head.
         approximate_shared_uncond: the SAME layout option of the run.
+        guided: whether a lane takes [uncond, cond] rows (CFG) or one row (distilled FLUX).
     """
 
     conditions: object
@@ -67,6 +82,7 @@ class TokenMapStore:
     steps: frozenset[int] | None = None
     heads: tuple[int, ...] | None = None
     approximate_shared_uncond: bool = False
+    guided: bool = True
     sums: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
@@ -78,7 +94,7 @@ class TokenMapStore:
         row = single_row(row)
         if row is None or (self.steps is not None and step not in self.steps):
             return
-        layout = same_layout(step, self.conditions, self.approximate_shared_uncond)
+        layout = same_layout(step, self.conditions, self.approximate_shared_uncond, guided=self.guided)
         self.rows = {"fd": row, "pd": pd_row(layout.rows, fallback=row)}
 
     def add(self, lane: str, layer: str, probs: torch.Tensor) -> None:
@@ -91,7 +107,8 @@ class TokenMapStore:
             self.sums[key], self.counts[key] = probs.clone(), 1
 
     def group_map(self, lane: str, layers: Sequence[str]) -> torch.Tensor:
-        """Mean over steps and the given layers at latent resolution: (keys, h, w)."""
+        """Mean over steps and the given layers at latent resolution: (keys, h, w) (FLUX: text
+        keys and the image-key column)."""
         maps = []
         for layer in layers:
             if (lane, layer) not in self.sums:
@@ -144,26 +161,106 @@ class TokenMapRecorder:
             self.store.add(lane, self.name, probs.mean(dim=0))
 
 
-def attention_logits(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """QKᵀ·scale of one row, (heads, queries, keys), as the layer computes it."""
-    if hidden_states.ndim == 4:
-        hidden_states = hidden_states.flatten(2).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    if attn.norm_cross:
-        text = attn.norm_encoder_hidden_states(text)
-    query = attn.head_to_batch_dim(attn.to_q(hidden_states)).float()
-    key = attn.head_to_batch_dim(attn.to_k(text)).float()
-    return query @ key.transpose(-1, -2) * attn.scale
-
-
 def attention_probs(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """softmax(QKᵀ·scale) of one row over the keys, (heads, queries, keys)."""
-    return attention_logits(attn, hidden_states, text).softmax(dim=-1)
+    return cross_attention_logits(attn, hidden_states, text).softmax(dim=-1)
 
 
 @contextlib.contextmanager
 def record_token_maps(model, store: TokenMapStore, layers: Sequence[str]) -> Iterator[TokenMapStore]:
-    """Install :class:`TokenMapRecorder` on ``layers``; originals restored in ``finally``."""
+    """Install :class:`TokenMapRecorder` (UNet) or :class:`JointTokenMapRecorder` (FLUX) on
+    ``layers``; originals restored in ``finally``."""
+    if is_joint(model):
+        with record_joint_token_maps(model, store, layers):
+            yield store
+        return
     with installed_processors(model, layers, lambda name, inner: TokenMapRecorder(inner, store, name)):
+        yield store
+
+
+# --- FLUX: joint attention over [text; image] ---------------------------------------------
+@dataclass
+class JointText:
+    """The text length of the current FLUX transformer call (single-stream blocks need it)."""
+
+    tokens: int | None = None
+
+
+class JointTokenMapRecorder:
+    """FLUX attention processor: delegate the output to ``inner``; record FD's and PD's image
+    queries' joint softmax on each text key, plus their total mass on the image keys.
+
+    Probabilities are computed ``chunk_size`` queries at a time (a 1024² image has 4096
+    image queries × 4608 joint keys × 24 heads).
+    """
+
+    def __init__(self, inner, store: TokenMapStore, name: str, text: JointText, chunk_size: int = 256):
+        self.inner, self.store, self.name, self.text, self.chunk_size = inner, store, name, text, chunk_size
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        ip_hidden_states=None,
+    ):
+        if self.store.rows:
+            self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        extra = {} if ip_hidden_states is None else {"ip_hidden_states": ip_hidden_states}
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+
+    @torch.no_grad()
+    def _record(self, attn, hidden_states, encoder_hidden_states, rotary) -> None:
+        for lane, row in self.store.rows.items():
+            text = None if encoder_hidden_states is None else encoder_hidden_states[row : row + 1]
+            joint = joint_projection(attn, hidden_states[row : row + 1], text, rotary, self.text.tokens)
+            self.store.add(lane, self.name, joint_text_maps(joint, self.store.heads, self.chunk_size))
+
+
+def joint_text_maps(joint, heads: Sequence[int] | None = None, chunk_size: int = 256) -> torch.Tensor:
+    """(image queries, text keys + 1): each text key's joint-softmax probability and, last, the
+    summed probability of every image key, averaged over ``heads`` (None: all)."""
+    t = joint.text_tokens
+    maps = []
+    for start in range(0, joint.query.shape[1], chunk_size):
+        probs = joint.logits(start, start + chunk_size).softmax(dim=-1)  # (heads, chunk, joint keys)
+        if heads is not None:
+            probs = probs[list(heads)]
+        probs = probs.mean(dim=0)
+        maps.append(torch.cat([probs[:, :t], probs[:, t:].sum(dim=-1, keepdim=True)], dim=-1))
+    return torch.cat(maps)
+
+
+@contextlib.contextmanager
+def joint_processors(transformer, layers: Sequence[str], make) -> Iterator[JointText]:
+    """Install ``make(name, inner, text)`` on ``layers`` of a FLUX transformer, with a pre-hook
+    telling ``text`` each call's text length; processors and hook removed in ``finally``."""
+    text = JointText()
+
+    def text_length(module, args, kwargs):
+        states = kwargs.get("encoder_hidden_states")
+        text.tokens = None if states is None else int(states.shape[1])
+
+    with installed_processors(transformer, layers, lambda name, inner: make(name, inner, text)):
+        handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
+        try:
+            yield text
+        finally:
+            handle.remove()
+
+
+def is_joint(model) -> bool:
+    """Whether ``model`` is a FLUX transformer (joint attention) rather than a UNet."""
+    return any(block_group(name) in JOINT_GROUPS for name in model.attn_processors)
+
+
+@contextlib.contextmanager
+def record_joint_token_maps(transformer, store: TokenMapStore, layers: Sequence[str]) -> Iterator[TokenMapStore]:
+    """Install :class:`JointTokenMapRecorder` on ``layers`` of a FLUX transformer."""
+    def make(name, inner, text):
+        return JointTokenMapRecorder(inner, store, name, text)
+
+    with joint_processors(transformer, layers, make):
         yield store

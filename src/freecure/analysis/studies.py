@@ -1,6 +1,7 @@
 """The two motivation studies of §3 as functions: ``attention_study`` (Figure 3) and
 ``interpolation_study`` (eq. 3, Figures 4 and 10). Both run FD and PD from one z_T with the
-engine's SAME pass, so PD and FD are exactly the images ``freecure generate`` makes."""
+engine's SAME pass, so PD and FD are exactly the images ``freecure generate`` makes. The model
+family (UNet or FLUX) is the backend's: its sizes, schedule, z_T, guidance rows and decoding."""
 
 from __future__ import annotations
 
@@ -10,17 +11,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..attributes import ParsedPrompt, detect_class_word, parse_prompt
 from ..backends.base import Conditions
 from ..errors import InputError
-from ..fasa import check_one_batch
 from ..images import load_image
-from ..sampling import Guidance, check_scheduler, same_pass
+from ..sampling import Guidance, check_scheduler, same_layout, same_pass
 from .interpolate import InterpolationState, interpolate_identity
-from .maps import LANES, TokenMapStore, cross_attention_groups, record_token_maps
+from .maps import LANES, TokenMapStore, cross_attention_groups, is_joint, record_token_maps
 from .tokens import TokenAlignment, align_tokens
 
 
@@ -52,17 +51,20 @@ def prepare(
     width: int | None = None,
     seed: int = 0,
     inject_step: int | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> StudySetup:
     """Parse, encode and draw z_T as :class:`freecure.pipeline.FreeCurePipeline` does."""
     backend, pipeline = freecure.backend, freecure.pipeline
-    check_one_batch(backend, "the attention studies")
+    check_rows_in_one_call(backend)
+    family = backend.family
     if num_inference_steps < 2:
         raise InputError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
     check_scheduler(pipeline.scheduler)
     height, width = height or freecure.default_size()[0], width or freecure.default_size()[1]
-    factor = pipeline.vae_scale_factor
-    if height % (factor * 8) or width % (factor * 8):
-        raise InputError(f"height and width must be multiples of {factor * 8}, got {height}×{width}")
+    multiple = family.size_multiple(pipeline)
+    if height % multiple or width % multiple:
+        raise InputError(f"height and width must be multiples of {multiple}, got {height}×{width}")
+    guidance = family.loop_guidance(guidance_scale, true_cfg_scale)
     references = [load_image(image) for image in references]
     class_word = class_word or detect_class_word(prompt)
     parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=backend.tokenizer)
@@ -75,14 +77,11 @@ def prepare(
         if not 0 <= inject_step < num_inference_steps:
             raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")
         conditions = replace(conditions, inject_step=inject_step)
-    latent_size = (height // factor, width // factor)
+    latent_size = family.latent_size(pipeline, height, width)
+    scheduler = copy.deepcopy(pipeline.scheduler)
+    family.set_timesteps(scheduler, num_inference_steps, backend.device, latent_size)
     generator = torch.Generator().manual_seed(seed)
-    z_T = randn_tensor(
-        (1, pipeline.unet.config.in_channels, *latent_size),
-        generator=generator,
-        device=backend.device,
-        dtype=backend.dtype,
-    )
+    z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, backend.device, backend.dtype)
     settings = dict(
         backend=backend.name,
         prompt=prompt,
@@ -92,6 +91,8 @@ def prepare(
         negative_prompt=negative_prompt,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
+        family=family.name,
         height=height,
         width=width,
         seed=seed,
@@ -102,7 +103,7 @@ def prepare(
         parsed,
         conditions,
         z_T,
-        Guidance(scale=guidance_scale),
+        guidance,
         (height, width),
         latent_size,
         num_inference_steps,
@@ -111,27 +112,89 @@ def prepare(
     )
 
 
+#: Backends that override ``predict_noise`` only to add their adapter's inputs to the engine's
+#: one denoiser call on every row (so FD's and PD's rows keep their layout indices). A backend
+#: can also say so itself with a class attribute ``rows_in_one_call = True``.
+ONE_CALL_BACKENDS = frozenset({"ip-adapter-faceid", "instantid", "pulid-sdxl", "infiniteyou", "pulid-flux"})
+
+
+def check_rows_in_one_call(backend) -> None:
+    """Refuse backends whose PD rows are not rows of the engine's one denoiser call (Face-diffuser
+    evaluates PD with its own UNets on rows of its own); :class:`RowGuard` checks it at run time."""
+    from ..backends.base import Backend
+
+    declared = getattr(type(backend), "rows_in_one_call", backend.name in ONE_CALL_BACKENDS)
+    if type(backend).predict_noise is not Backend.predict_noise and not declared:
+        raise InputError(
+            f"the attention studies need FD's and PD's rows in one denoiser call, but the {backend.name} backend "
+            "evaluates PD with its own models in separate calls; analyse another backend"
+        )
+
+
 def _joint_run(freecure, setup: StudySetup, store, on_step) -> torch.Tensor:
-    """The SAME pass (FD and PD from one z_T) with ``store`` told each step's rows; z_0 of both."""
+    """The SAME pass (FD and PD from one z_T) with ``store`` told each step's rows; z_0 of both.
+
+    The analyses address FD's and PD's rows by their index in the engine's one denoiser call;
+    a guard checks every call holds all of the step's rows, so a backend that splits them
+    (IP-Adapter-FaceID with ``fd_lora=False``) is refused instead of being misread.
+    """
+    backend = freecure.backend
     scheduler = copy.deepcopy(freecure.pipeline.scheduler)
-    scheduler.set_timesteps(setup.steps, device=freecure.backend.device)
-    z_T = setup.z_T * scheduler.init_noise_sigma
-    same = same_pass(
-        freecure.backend,
-        scheduler,
-        z_T,
-        setup.conditions,
-        setup.guidance,
-        setup.image_size,
-        store,
-        freecure.config.approximate_shared_uncond,
-        on_step=on_step,
-    )
+    backend.family.set_timesteps(scheduler, setup.steps, backend.device, setup.latent_size)
+    approximate = freecure.config.approximate_shared_uncond
+    guard = RowGuard(store, setup.conditions, approximate, setup.guidance.cfg, backend.name)
+    with guard.watching(backend.denoiser):
+        same = same_pass(
+            backend,
+            scheduler,
+            setup.z_T,
+            setup.conditions,
+            setup.guidance,
+            setup.image_size,
+            guard,
+            approximate,
+            on_step=on_step,
+        )
     return same.z0
 
 
+class RowGuard:
+    """Passes the SAME loop's context on to ``inner`` and checks, before each denoiser call,
+    that the call holds every row of the step's layout."""
+
+    def __init__(self, inner, conditions, approximate_shared_uncond: bool, guided: bool, backend: str):
+        self.inner, self.conditions, self.backend = inner, conditions, backend
+        self.approximate_shared_uncond, self.guided = approximate_shared_uncond, guided
+        self.expected: int | None = None
+
+    def set_context(self, step: int, row) -> None:
+        self.expected = None
+        if step >= 0:
+            layout = same_layout(step, self.conditions, self.approximate_shared_uncond, guided=self.guided)
+            self.expected = len(layout.rows)
+        if self.inner is not None:
+            self.inner.set_context(step, row)
+
+    @contextlib.contextmanager
+    def watching(self, denoiser):
+        def check(module, args, kwargs):
+            states = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            if self.expected is not None and states is not None and states.shape[0] != self.expected:
+                raise InputError(
+                    f"the attention studies need FD's and PD's rows in one denoiser call, but the {self.backend} "
+                    f"backend ran a call with {states.shape[0]} of the step's {self.expected} rows (it evaluates "
+                    "PD in separate calls); analyse another backend"
+                )
+
+        handle = denoiser.register_forward_pre_hook(check, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
 def _groups(freecure, groups: Sequence[str] | None) -> dict[str, list[str]]:
-    available = cross_attention_groups(freecure.pipeline.unet)
+    available = cross_attention_groups(freecure.backend.denoiser)
     if not available:
         raise InputError("this model has no cross-attention layers to analyse")
     if groups is None:
@@ -144,7 +207,7 @@ def _groups(freecure, groups: Sequence[str] | None) -> dict[str, list[str]]:
             chosen[group] = available[group]
         else:
             raise InputError(
-                f"block group {group!r} has no cross-attention here; choose from {', '.join(available)} or all"
+                f"block group {group!r} has no attention to the text here; choose from {', '.join(available)} or all"
             )
     return chosen
 
@@ -187,15 +250,16 @@ def attention_study(
         None if steps is None else frozenset(steps),
         None if heads is None else tuple(heads),
         freecure.config.approximate_shared_uncond,
+        setup.guidance.cfg,
     )
     layers = sorted({name for names in chosen.values() for name in names})
     if heads is not None:
-        counts = {_heads(freecure.pipeline.unet, name) for name in layers}
+        counts = {_heads(freecure.backend.denoiser, name) for name in layers}
         if not heads or any(not 0 <= h < min(counts) for h in heads):
             raise InputError(f"head indices must lie in 0..{min(counts) - 1}, got {list(heads)}")
-    with record_token_maps(freecure.pipeline.unet, store, layers):
+    with record_token_maps(freecure.backend.denoiser, store, layers):
         z0 = _joint_run(freecure, setup, store, on_step)
-    fd_image, pd_image = decode_latents(freecure.pipeline, z0)
+    fd_image, pd_image = decode_latents(freecure.pipeline, z0, setup.image_size)
     alignment = setup.alignment
     full, maps = {}, {}
     for group, names in chosen.items():
@@ -204,20 +268,21 @@ def attention_study(
             full[lane, group] = grid
             columns = [(c,) for c in alignment.fd_columns] if lane == "fd" else alignment.pd_columns
             maps[lane, group] = torch.stack([grid[list(cols)].sum(dim=0) for cols in columns])
-    summary = mass_summary(setup.parsed, alignment, full)
+    summary = mass_summary(setup.parsed, alignment, full, joint=is_joint(freecure.backend.denoiser))
     return AttentionStudy({"fd": fd_image, "pd": pd_image}, maps, full, summary)
 
 
-def _heads(unet, name: str) -> int:
-    module = unet
+def _heads(model, name: str) -> int:
+    module = model
     for part in name.split(".")[:-1]:
         module = getattr(module, part)
     return module.heads
 
 
-def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict) -> dict:
+def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict, joint: bool = False) -> dict:
     """How much attention mass (mean over pixels of a token's map) each token gets in FD and
-    PD, per block group: the identity token(s) and every attribute, and PD − FD."""
+    PD, per block group: the identity token(s) and every attribute, and PD − FD. ``joint``
+    (FLUX): the maps' last column is the image keys' mass, reported as ``image_keys``."""
     index = {column: k for k, column in enumerate(alignment.fd_columns)}
     groups: dict[str, dict] = {group: {} for _, group in full}
     for group in groups:
@@ -230,6 +295,9 @@ def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict) ->
             return sorted({c for column in fd_columns for c in alignment.pd_columns[index[column]]})
 
         entry: dict = {"identity": None, "attributes": {}}
+        if joint:
+            fd_image, pd_image = float(fd_map[-1].mean()), float(pd_map[-1].mean())
+            entry["image_keys"] = {"fd": fd_image, "pd": pd_image, "change": pd_image - fd_image}
         if alignment.identity_in_prompt:
             fd_mass, pd_mass = mass(fd_map, alignment.identity_fd), mass(pd_map, alignment.identity_pd)
             entry["identity"] = {
@@ -258,7 +326,13 @@ def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict) ->
         "identity_in_prompt": alignment.identity_in_prompt,
         "groups": groups,
         "reading": "mass = mean over the latent grid of the token's attention probability (PD: summed over "
-        "its columns); change = PD − FD; identity gain = PD's identity columns − FD's class-word columns",
+        "its columns); change = PD − FD; identity gain = PD's identity columns − FD's class-word columns"
+        + (
+            "; FLUX: probabilities of the image queries' joint softmax over [text; image] keys, not renormalised "
+            "over the text keys; image_keys = the mass on all image keys together"
+            if joint
+            else ""
+        ),
     }
 
 
@@ -275,12 +349,13 @@ def interpolation_study(
     freecure,
     setup: StudySetup,
     alphas: Sequence[float],
-    groups: Sequence[str] = ("down", "mid", "up"),
+    groups: Sequence[str] | None = None,
     on_run: Callable[[str, float], None] | None = None,
 ) -> InterpolationStudy:
     """PD with eq. 3 applied to the identity column(s) in each block group, for each α.
 
-    α = 0 changes nothing, so it is run once and shared by every group.
+    α = 0 changes nothing, so it is run once and shared by every group. ``groups`` None: every
+    block group of the model family (UNet: down, mid, up; FLUX: double, single).
     """
     from ..pipeline import decode_latents
 
@@ -302,11 +377,14 @@ def interpolation_study(
             if alpha == 0.0 and shared_zero is not None:
                 images[group, alpha] = shared_zero
                 continue
-            state = InterpolationState(setup.conditions, float(alpha), pairs, freecure.config.approximate_shared_uncond)
-            context = interpolate_identity(freecure.pipeline.unet, state, layers) if alpha else contextlib.nullcontext()
+            state = InterpolationState(
+                setup.conditions, float(alpha), pairs, freecure.config.approximate_shared_uncond, setup.guidance.cfg
+            )
+            model = freecure.backend.denoiser
+            context = interpolate_identity(model, state, layers) if alpha else contextlib.nullcontext()
             with context:
                 z0 = _joint_run(freecure, setup, state, None)
-            fd, pd = decode_latents(freecure.pipeline, z0)
+            fd, pd = decode_latents(freecure.pipeline, z0, setup.image_size)
             fd_image = fd_image or fd
             images[group, alpha] = pd
             if alpha == 0.0:

@@ -23,7 +23,8 @@ class TokenAlignment:
     """The prompt's word tokens in FD's and PD's sequences.
 
     Attributes:
-        labels: one label per word token of the foundation prompt (BOS, EOS and padding left out).
+        labels: one label per word token of the foundation prompt (BOS, EOS and padding left
+            out); the tokens of the attended text stream (CLIP for UNets, T5 for FLUX).
         fd_columns: each label's column in FD's sequence.
         pd_columns: each label's columns in PD's sequence (the identity may span several).
         identity_fd: FD's columns of the class word tokens that carry the identity in PD
@@ -47,17 +48,45 @@ class TokenAlignment:
         return tuple((m, n) for n in self.identity_fd for m in self.pd_columns[self.fd_columns.index(n)])
 
 
+#: How the backends without an identity token inject identity (why eq. 3 does not apply).
+ADAPTER_MECHANISMS = {
+    "ip-adapter-faceid": "IP-Adapter's decoupled image cross-attention on face-embedding tokens",
+    "instantid": "IP-Adapter image tokens and IdentityNet's ControlNet residuals",
+    "pulid-sdxl": "PuLID's ID tokens in extra cross-attention beside the text's",
+    "infiniteyou": "InfuseNet's residuals added to the FLUX transformer blocks (the T5 prompt is untouched)",
+    "pulid-flux": "PuLID-FLUX's ID cross-attention modules after FLUX's blocks (the T5 prompt is untouched)",
+}
+
+
+def adapter_mechanism(backend) -> str:
+    """A short description of where a backend without an identity token puts the identity."""
+    return ADAPTER_MECHANISMS.get(backend.name, "its own adapter")
+
+
 def identity_in_prompt(backend) -> bool:
     """Whether the backend writes the identity into prompt tokens."""
     return bool(getattr(backend, "identity_in_prompt", backend.name in IDENTITY_TOKENS))
+
+
+def word_columns(tokenizer, ids: list[int]) -> list[int]:
+    """The columns of ``ids`` that are words: without a leading BOS (CLIP) and the closing EOS
+    (CLIP and T5; T5 has no BOS)."""
+    start = 1 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
+    stop = len(ids) - 1 if ids and ids[-1] == tokenizer.eos_token_id else len(ids)
+    return list(range(start, stop))
+
+
+def token_label(token: str) -> str:
+    """A token as a label: CLIP's word-end mark "</w>" and SentencePiece's word-start "▁" dropped."""
+    return token.replace("</w>", "").lstrip("\u2581") or token
 
 
 def align_tokens(backend, parsed, n_references: int = 1) -> TokenAlignment:
     """The :class:`TokenAlignment` of ``parsed`` (a prompt parsed with the backend's tokenizer)."""
     tokenizer = backend.tokenizer
     ids = tokenizer(parsed.foundation_prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
-    words = list(range(1, len(ids) - 1))  # without BOS and EOS
-    labels = tuple(tokenizer.convert_ids_to_tokens(ids[c]).replace("</w>", "") for c in words)
+    words = word_columns(tokenizer, ids)
+    labels = tuple(token_label(tokenizer.convert_ids_to_tokens(ids[c])) for c in words)
     if not identity_in_prompt(backend) or not parsed.class_token_indices:
         return TokenAlignment(labels, tuple(words), tuple((c,) for c in words), (), ())
     which = IDENTITY_TOKENS.get(backend.name, "all")

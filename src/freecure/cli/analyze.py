@@ -3,6 +3,9 @@
 freecure analyze attention   --prompt P --ref IMG --out DIR     (Figure 3)
 freecure analyze interpolate --prompt P --ref IMG --out DIR --alpha 0 0.5 1 --blocks down mid up
                                                                  (eq. 3, Figures 4 and 10)
+
+Block groups follow the model family: down, mid, up (Stable Diffusion UNets); double, single
+(FLUX's double- and single-stream blocks).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ def register(subparsers) -> None:
     studies = parser.add_subparsers(dest="study", metavar="STUDY", required=True)
     attention = studies.add_parser(
         "attention",
-        help="cross-attention map of every prompt token in PD and FD, by block group (Figure 3)",
+        help="attention map of every prompt token in PD and FD, by block group (Figure 3)",
         description=(
-            "From one z_T, FD and PD; for every prompt token, its cross-attention map in FD and in PD "
-            "averaged over the chosen steps, heads and the layers of each block group. Writes a labelled "
+            "From one z_T, FD and PD; for every prompt token, its attention map in FD and in PD (UNet: "
+            "cross-attention; FLUX: the image queries' joint attention on the token's T5 key) averaged over "
+            "the chosen steps, heads and the layers of each block group. Writes a labelled "
             "grid over the images, the raw maps (maps.safetensors), summary.json (attention mass of the "
             "identity token and of each attribute token, PD vs FD) and manifest.json."
         ),
@@ -46,7 +50,11 @@ def register(subparsers) -> None:
         "--heads", type=int, nargs="+", default=None, metavar="H", help="heads to average (default: all)"
     )
     attention.add_argument(
-        "--groups", nargs="+", default=None, metavar="G", help="block groups (down mid up, or all; default: each group)"
+        "--groups",
+        nargs="+",
+        default=None,
+        metavar="G",
+        help="block groups: down mid up (UNet), double single (FLUX), or all (default: each group)",
     )
     attention.set_defaults(func=run_attention)
     interpolate = studies.add_parser(
@@ -54,14 +62,19 @@ def register(subparsers) -> None:
         help="inject a portion α of FD's cross-attention into PD's identity column (eq. 3, Figures 4 and 10)",
         description=(
             "For each block group and α, PD with its identity column(s) of cross-attention scores replaced by "
-            "α·FD's placeholder column + (1 − α)·PD's, then the attention's softmax (docs/analysis.md). "
+            "α·FD's placeholder column + (1 − α)·PD's, then the attention's softmax (FLUX: the joint softmax "
+            "over [text; image] keys) (docs/analysis.md). "
             "Writes one image per (group, α), a grid (α across, block group down) and manifest.json."
         ),
     )
     _common(interpolate)
     interpolate.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="A")
     interpolate.add_argument(
-        "--blocks", nargs="+", default=["down", "mid", "up"], metavar="G", help="block groups, or all"
+        "--blocks",
+        nargs="+",
+        default=None,
+        metavar="G",
+        help="block groups: down mid up (UNet), double single (FLUX), or all (default: each group of the model)",
     )
     interpolate.set_defaults(func=run_interpolate)
 
@@ -116,6 +129,7 @@ def _prepare(args, freecure):
         width=args.width,
         seed=args.seed,
         inject_step=args.inject_step,
+        true_cfg_scale=getattr(args, "true_cfg_scale", 1.0),
     )
 
 
@@ -198,6 +212,8 @@ def run_attention(args: argparse.Namespace) -> int:
         entry = study.summary["groups"][group]
         identity = entry["identity"]
         line = f"  {group:<6}"
+        if "image_keys" in entry:
+            line += f" image keys {entry['image_keys']['fd']:.3f} → {entry['image_keys']['pd']:.3f}"
         if identity is not None:
             line += f" identity mass FD {identity['fd']:.3f} → PD {identity['pd']:.3f}"
         for text, values in entry["attributes"].items():
@@ -213,7 +229,8 @@ def run_interpolate(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..analysis import identity_in_prompt, interpolation_study, labelled_grid
+    from ..analysis import cross_attention_groups, identity_in_prompt, interpolation_study, labelled_grid
+    from ..analysis.tokens import adapter_mechanism
     from ..backends import BACKENDS
     from ..outputs import check_writable
 
@@ -227,8 +244,8 @@ def run_interpolate(args: argparse.Namespace) -> int:
     if not identity_in_prompt(backend_cls):
         raise InputError(
             f"eq. 3 interpolates the identity token's cross-attention column, but the {args.backend} backend "
-            "injects identity through its own adapter, not a prompt token; `freecure analyze attention` "
-            "compares its text tokens' maps instead"
+            f"injects identity through {adapter_mechanism(backend_cls)}, not a prompt token; "
+            "`freecure analyze attention` compares its text tokens' maps instead"
         )
     out = _out_dir(args)
 
@@ -236,14 +253,19 @@ def run_interpolate(args: argparse.Namespace) -> int:
         return f"pd_{group}_a{alpha:g}.png"
 
     names = ["fd.png", "interpolation_grid.png", "manifest.json"]
-    names += [cell_name(g, a) for g in args.blocks for a in args.alpha]
-    check_writable([out / name for name in names], args.overwrite)
+    if args.blocks is not None:
+        cells = [out / cell_name(g, a) for g in args.blocks for a in args.alpha]
+    else:  # the groups are the model's, known once it is loaded: any earlier cell counts
+        cells = sorted(out.glob("pd_*_a*.png")) if out.is_dir() else []
+    check_writable([out / name for name in names] + cells, args.overwrite)
     freecure = _setup(args)
     setup = _prepare(args, freecure)
-    runs = len(args.blocks) * len(args.alpha) - (len(args.blocks) - 1) * (0.0 in args.alpha)
+    blocks = args.blocks or list(cross_attention_groups(freecure.backend.denoiser))
+    runs = len(blocks) * len(args.alpha) - (len(blocks) - 1) * (0.0 in args.alpha)
     with tqdm(total=runs, desc="analyze interpolate: runs", disable=args.no_progress) as bar:
-        study = interpolation_study(freecure, setup, args.alpha, args.blocks, on_run=lambda g, a: bar.update())
+        study = interpolation_study(freecure, setup, args.alpha, blocks, on_run=lambda g, a: bar.update())
     groups = list(dict.fromkeys(group for group, _ in study.images))
+    names += [cell_name(g, a) for g in groups for a in args.alpha]
     cells = [[study.images[group, alpha] for alpha in args.alpha] for group in groups]
     title = [
         f"freecure analyze interpolate (eq. 3) · {setup.settings['backend']} · seed {args.seed} · {args.steps} steps",
@@ -261,7 +283,8 @@ def run_interpolate(args: argparse.Namespace) -> int:
         "blocks": groups,
         "identity_pairs": [list(p) for p in study.pairs],
         "reading": "scores of PD's identity columns m ← α·FD's column n + (1 − α)·PD's, then the attention "
-        "softmax over the keys (docs/analysis.md)",
+        "softmax over the keys (FLUX: the image queries' joint softmax over [text; image] keys; text "
+        "queries untouched) (docs/analysis.md)",
     }
     (out / "manifest.json").write_text(json.dumps(_manifest(args, setup, names, extra), indent=2, default=str) + "\n")
     print(f"freecure: wrote {len(names)} files to {out} ({runs} generations)")
