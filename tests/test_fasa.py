@@ -31,6 +31,7 @@ from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
 from freecure.tiny import LayoutFaceParser
 
 PROMPT = "a man with black curly hair, laughing happily"
+FASA = FreeCureConfig(method="fasa")
 
 
 # --- the processor on a small case ---------------------------------------------------------
@@ -381,9 +382,14 @@ def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
 
     class OneCall(TokenFusionBackend):
         name = "one-call"
+        rows_in_one_call = True  # an override that keeps one call (InstantID, PuLID, …) is fine, once said
 
-        def predict_noise(self, *args):  # an override that keeps one call (InstantID, PuLID, …) is fine
+        def predict_noise(self, *args):
             return super().predict_noise(*args)
+
+    class Unsaid(OneCall):
+        name = "unsaid"
+        rows_in_one_call = None  # not said: an override is taken to split the rows
 
     backend = SeparateCalls(tiny_sd15, RandomProjectionIdentityEncoder(32))
     with pytest.raises(InputError, match="one denoiser call"):
@@ -391,6 +397,8 @@ def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
     FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig())  # ROFA does not care
     one_call = OneCall(tiny_sd15, RandomProjectionIdentityEncoder(32))
     FreeCurePipeline(one_call, LayoutFaceParser(), FreeCureConfig(method="fasa"))
+    with pytest.raises(InputError, match="one denoiser call"):
+        FreeCurePipeline(Unsaid(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser(), FASA)
 
 
 def test_face_diffuser_and_faceid_without_fd_lora_declare_separate_calls():
@@ -415,8 +423,8 @@ def test_a_layer_call_with_another_batch_than_declared_is_refused():
 
 @pytest.mark.parametrize("backend", ["instantid", "ip-adapter-faceid"])
 def test_unet_backends_that_override_predict_noise_but_keep_one_call_run_fasa(tmp_path, astronaut, backend):
-    """Before Backend.rows_in_one_call, any predict_noise override was refused; these keep one
-    UNet call (IdentityNet / per-row gates) and run FASA, the batch checked at every layer."""
+    """Before rows_in_one_call, any predict_noise override was refused; these keep one UNet call
+    (IdentityNet / per-row gates) and run FASA, the batch checked at every layer."""
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"
     args = ["generate", "--tiny", "--backend", backend, "--method", "fasa", "--prompt", PROMPT]

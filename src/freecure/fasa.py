@@ -174,16 +174,31 @@ def joint_fasa_layers(transformer, layers: str | Sequence[str] = "up") -> list[s
     return _choose(flux_blocks(transformer), layers, "flux", "joint-attention block of this FLUX transformer")
 
 
+def rows_in_one_call(backend) -> bool:
+    """Whether every row of the backend's ``predict_noise`` calls goes through one denoiser
+    call: what the backend says with ``rows_in_one_call`` (an attribute or property: False for
+    Face-diffuser's TDM/SDM, for IP-Adapter-FaceID with FD's LoRA off), else true for the
+    default ``predict_noise`` and for the backends known to override it only to add their
+    adapter's inputs to that one call — the attention studies' rule and list
+    (:data:`freecure.analysis.studies.ONE_CALL_BACKENDS`)."""
+    from .analysis.studies import ONE_CALL_BACKENDS
+    from .backends.base import Backend
+
+    declared = getattr(backend, "rows_in_one_call", None)
+    if declared is not None:
+        return bool(declared)
+    return type(backend).predict_noise is Backend.predict_noise or backend.name in ONE_CALL_BACKENDS
+
+
 def check_one_batch(backend, what: str = "FASA") -> None:
     """Refuse backends whose PD rows are not rows of the engine's one denoiser call.
 
-    FASA (and the attention studies) address FD's and PD's rows by their index in the batch
-    the engine builds; a backend that evaluates PD with its own models in separate calls
-    (Face-diffuser's TDM/SDM; IP-Adapter-FaceID with FD's LoRA off) breaks that mapping and
-    says so with :attr:`Backend.rows_in_one_call`. (FASA itself also accepts a backend that
-    maps the pairs onto its own calls, :attr:`Backend.fasa_across_calls`: Face-diffuser.)
+    FASA addresses FD's and PD's rows by their index in the batch the engine builds; a
+    backend that evaluates PD with its own models in separate calls breaks that mapping
+    (:func:`rows_in_one_call`). (FASA also accepts a backend that maps the pairs onto its own
+    calls, :attr:`Backend.fasa_across_calls`: Face-diffuser.)
     """
-    if not getattr(backend, "rows_in_one_call", True):
+    if not rows_in_one_call(backend):
         raise InputError(
             f"{what} needs FD's and PD's rows in one denoiser call, but the {backend.name} backend splits them "
             "over separate calls of its own models; use --method rofa / another backend"
@@ -269,7 +284,7 @@ class FasaState:
         if self.batch is not None and rows != self.batch:
             raise RuntimeError(
                 f"FASA declared pairs for a batch of {self.batch} rows but a layer saw {rows}: the backend "
-                "split the engine's rows over several denoiser calls (see Backend.rows_in_one_call)"
+                "split the engine's rows over several denoiser calls (see freecure.fasa.rows_in_one_call)"
             )
 
     def bias(self, tokens: int) -> torch.Tensor:
