@@ -31,6 +31,7 @@ from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
 from freecure.tiny import LayoutFaceParser
 
 PROMPT = "a man with black curly hair, laughing happily"
+FASA = FreeCureConfig(method="fasa")
 
 
 # --- the processor on a small case ---------------------------------------------------------
@@ -41,12 +42,15 @@ def small_case(seed=0):
     return attn, hidden
 
 
-def explicit_joint(attn, hidden, q_row, k_row, mask, weight):
-    """softmax([Q K_ownᵀ/√d, Q K_fdᵀ/√d + w·M (−∞ outside M)])·[V_own; V_fd], written out."""
+def explicit_joint(attn, hidden, q_row, k_row, mask, weight, attn_fd=None, hidden_fd=None):
+    """softmax([Q K_ownᵀ/√d, Q K_fdᵀ/√d + w·M (−∞ outside M)])·[V_own; V_fd], written out
+    (FD's keys and values by ``attn_fd`` from ``hidden_fd`` when given: another model's)."""
     heads, d = attn.heads, 8
+    attn_fd = attn if attn_fd is None else attn_fd
+    hidden_fd = hidden if hidden_fd is None else hidden_fd
     q = attn.to_q(hidden[q_row]).view(-1, heads, d).transpose(0, 1)
     k_own, v_own = (f(hidden[q_row]).view(-1, heads, d).transpose(0, 1) for f in (attn.to_k, attn.to_v))
-    k_fd, v_fd = (f(hidden[k_row]).view(-1, heads, d).transpose(0, 1) for f in (attn.to_k, attn.to_v))
+    k_fd, v_fd = (f(hidden_fd[k_row]).view(-1, heads, d).transpose(0, 1) for f in (attn_fd.to_k, attn_fd.to_v))
     m = mask.flatten()
     bias = torch.where(m > 0, weight * m, torch.tensor(float("-inf")))
     logits = torch.cat([q @ k_own.transpose(-1, -2) / d**0.5, q @ k_fd.transpose(-1, -2) / d**0.5 + bias], dim=-1)
@@ -374,11 +378,136 @@ def test_eval_both_methods_in_one_report(tmp_path):
 def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
     class SeparateCalls(TokenFusionBackend):
         name = "separate-calls"
+        rows_in_one_call = False  # PD by its own model calls, as Face-diffuser does
 
-        def predict_noise(self, *args):  # PD by its own model calls, as Face-diffuser does
+    class OneCall(TokenFusionBackend):
+        name = "one-call"
+        rows_in_one_call = True  # an override that keeps one call (InstantID, PuLID, …) is fine, once said
+
+        def predict_noise(self, *args):
             return super().predict_noise(*args)
 
+    class Unsaid(OneCall):
+        name = "unsaid"
+        rows_in_one_call = None  # not said: an override is taken to split the rows
+
     backend = SeparateCalls(tiny_sd15, RandomProjectionIdentityEncoder(32))
-    with pytest.raises(InputError, match="one UNet call"):
+    with pytest.raises(InputError, match="one denoiser call"):
         FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig(method="fasa"))
     FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig())  # ROFA does not care
+    one_call = OneCall(tiny_sd15, RandomProjectionIdentityEncoder(32))
+    FreeCurePipeline(one_call, LayoutFaceParser(), FreeCureConfig(method="fasa"))
+    with pytest.raises(InputError, match="one denoiser call"):
+        FreeCurePipeline(Unsaid(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser(), FASA)
+
+
+def test_face_diffuser_and_faceid_without_fd_lora_declare_separate_calls():
+    from freecure.backends.face_diffuser import FaceDiffuserBackend
+    from freecure.backends.ip_adapter_faceid import IPAdapterFaceIDBackend
+
+    assert FaceDiffuserBackend.rows_in_one_call is False and FaceDiffuserBackend.fasa_across_calls is True
+    faceid = IPAdapterFaceIDBackend.__new__(IPAdapterFaceIDBackend)
+    faceid.fd_lora = False
+    assert faceid.rows_in_one_call is False
+    faceid.fd_lora = True
+    assert faceid.rows_in_one_call is True
+
+
+def test_a_layer_call_with_another_batch_than_declared_is_refused():
+    attn, hidden = small_case()
+    state = FasaState(torch.ones(4, 4), 1.5, (4, 4))
+    state.set_pairs(((0, 2),), batch=4)  # the engine built 4 rows, the layer sees 3: a split batch
+    with pytest.raises(RuntimeError, match="split"):
+        FoundationAwareSelfAttention(state, "test")(attn, hidden)
+
+
+@pytest.mark.parametrize("backend", ["instantid", "ip-adapter-faceid"])
+def test_unet_backends_that_override_predict_noise_but_keep_one_call_run_fasa(tmp_path, astronaut, backend):
+    """Before rows_in_one_call, any predict_noise override was refused; these keep one UNet call
+    (IdentityNet / per-row gates) and run FASA, the batch checked at every layer."""
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    out = tmp_path / "run"
+    args = ["generate", "--tiny", "--backend", backend, "--method", "fasa", "--prompt", PROMPT]
+    assert main([*args, "--ref", str(tmp_path / "ref.png"), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"] if s["ran"]] == ["same_pass", "masks", "fasa"]
+
+
+# --- across calls: Face-diffuser (FD's keys recorded in one model's call, handed to another's) ----
+def test_keys_handed_across_calls_equal_the_explicit_joint_softmax_with_another_models_keys():
+    attn_fd, hidden_fd = small_case(4)  # FD's model and rows
+    attn_pd, hidden_pd = small_case(5)  # PD's model (other weights) and rows, a call of its own
+    mask = torch.zeros(4, 4)
+    mask[:, 1:3] = 1.0
+    state = FasaState(mask, 1.5, (4, 4))
+    with torch.no_grad():
+        state.set_call(record={2: 7}, attend={})  # row 2 of FD's call comes from the engine's FD row 7
+        recorded = FoundationAwareSelfAttention(state, "layer")(attn_fd, hidden_fd)
+        state.set_call(record={}, attend={0: (7, 0)})  # row 0 of PD's call attends to FD row 7's keys
+        out = FoundationAwareSelfAttention(state, "layer")(attn_pd, hidden_pd)
+        state.set_call({}, {})
+        expected = explicit_joint(attn_pd, hidden_pd, 0, 2, mask, 1.5, attn_fd=attn_fd, hidden_fd=hidden_fd)
+        assert torch.equal(recorded, AttnProcessor2_0()(attn_fd, hidden_fd))  # recording changes nothing
+        plain = AttnProcessor2_0()(attn_pd, hidden_pd)
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[1:], plain[1:]) and not torch.allclose(out[0], plain[0], atol=1e-4)
+    assert state.cached_bytes() == 2 * 2 * 16 * 8 * 4  # K and V: 2 heads × 16 tokens × 8, fp32
+
+
+@pytest.fixture(scope="module")
+def face_diffuser_run(tiny_sd15, astronaut):
+    from freecure.backends.face_diffuser import FaceDiffuserBackend
+    from freecure.backends.fastcomposer import TINY_VISION_CONFIG, PostfuseModule, clip_vision_model
+    from freecure.fasa import _handed_to
+    from freecure.tiny import build_tiny_sd15_components
+
+    torch.manual_seed(0)
+    sdm = build_tiny_sd15_components(seed=1)["unet"].eval()
+    backend = FaceDiffuserBackend(
+        tiny_sd15, sdm, clip_vision_model(TINY_VISION_CONFIG), PostfuseModule(32), start_merge_step=1, final_step=3
+    )
+    backend.guidance_scale = 5.0
+    parsed = parse_prompt(PROMPT, "man", tokenizer=backend.tokenizer)
+    conditions = backend.conditions(parsed, [astronaut], 6)  # TDM steps 0–1, SNF 2–3, SDM 4–5
+    scheduler = tiny_sd15.scheduler.from_config(tiny_sd15.scheduler.config)
+    scheduler.set_timesteps(6)
+    z_T = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(0))
+    guidance = Guidance(scale=5.0)
+    same = same_pass(backend, scheduler, z_T, conditions, guidance, (64, 64))
+
+    def run(mask, weight=1.5, install=True):
+        import contextlib
+
+        state = FasaState(mask, weight, (32, 32))
+        with contextlib.ExitStack() as stack:
+            if install:
+                for unet in backend.fasa_denoisers():
+                    stack.enter_context(foundation_aware_self_attention(unet, state, fasa_layers(unet, "up")))
+            stack.enter_context(_handed_to(backend, state))
+            z = fasa_pass(backend, fresh_scheduler(scheduler), same, conditions, state, guidance, (64, 64))
+        return z, state
+
+    return same, run
+
+
+def test_face_diffuser_all_zero_mask_reproduces_its_pd_and_a_mask_changes_it(face_diffuser_run):
+    same, run = face_diffuser_run
+    pd = same.z0[PD_LANE : PD_LANE + 1]
+    zero_mask, state = run(torch.zeros(32, 32))
+    assert torch.equal(zero_mask, run(None, install=False)[0])  # bit for bit: the processors change nothing
+    zero = (zero_mask - pd).abs().max()
+    print("Face-diffuser zero-mask deviation from the SAME pass's PD", float(zero))
+    assert zero <= 1e-5
+    assert state.cached_bytes() > 0  # FD's keys were recorded and handed over
+    full = (run(torch.ones(32, 32), weight=3.0)[0] - pd).abs().max()
+    assert full > 20 * max(float(zero), 1e-6)
+
+
+def test_generate_tiny_face_diffuser_method_fasa(tmp_path, astronaut):
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    out = tmp_path / "run"
+    args = ["generate", "--tiny", "--backend", "face-diffuser", "--method", "fasa", "--prompt", PROMPT]
+    assert main([*args, "--ref", str(tmp_path / "ref.png"), "--steps", "6", "--out", str(out), "--no-progress"]) == 0
+    stages = {s["name"]: s for s in json.loads((out / "manifest.json").read_text())["stages"]}
+    assert stages["fasa"]["ran"] and stages["fasa"]["freecure_bytes"] > 0  # FD's keys handed to PD's calls
+

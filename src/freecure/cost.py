@@ -188,26 +188,33 @@ def literal_fasa(
     layers,
     weight: float = 1.5,
 ) -> torch.Tensor:
-    """The authors' released schedule: two full generations of one 4-row batch
-    [uncond@PD, uncond@FD, PD, FD] per step; the second with FASA on (PD's conditional row
-    attends to FD's). Returns PD's z_0 of the second generation."""
-    from .fasa import FasaState, foundation_aware_self_attention
+    """The authors' released schedule: two full generations of one batch of PD's and FD's rows
+    per step, the second with FASA on (PD's conditional row attends to FD's). Guided: their
+    4-row batch [uncond@PD, uncond@FD, PD, FD]; unguided (guidance-distilled FLUX, which
+    their code does not cover) the 2-row [PD, FD]. ``mask`` lies on the family's attention
+    grid. Returns PD's z_0 of the second generation."""
+    from .fasa import FasaState
     from .sampling import BatchLayout
 
     def layout(i):
         key = PD if i >= conditions.inject_step else FD
+        if not guidance.cfg:
+            return BatchLayout(rows=((PD_LANE, key), (FD_LANE, FD)), lanes=((None, 1), (None, 0))), ((0, 1),)
         rows = ((PD_LANE, PD_UNCOND), (FD_LANE, UNCOND), (PD_LANE, key), (FD_LANE, FD))
-        return BatchLayout(rows=rows, lanes=((1, 3), (0, 2)))
+        return BatchLayout(rows=rows, lanes=((1, 3), (0, 2))), ((2, 3),)
 
-    state = FasaState(mask, weight, tuple(z_T.shape[-2:]))
+    family = backend.family
+    state = FasaState(mask, weight, tuple(mask.shape[-2:]))
     for generation in range(2):
         run = copy.deepcopy(scheduler)
         z = z_T.expand(2, *z_T.shape[1:]).clone()
-        with foundation_aware_self_attention(backend.unet, state, layers if generation else []):
-            state.set_pairs(((2, 3),) if generation else ())
+        with family.foundation_aware_attention(backend.denoiser, state, layers if generation else []):
             for i, t in enumerate(run.timesteps):
-                eps = predict_guided(backend, run, layout(i), z, t, i, conditions.get, guidance, image_size)
+                rows, pairs = layout(i)
+                state.set_pairs(pairs if generation else (), batch=len(rows.rows))
+                eps = predict_guided(backend, run, rows, z, t, i, conditions.get, guidance, image_size)
                 z = run.step(eps, t, z, return_dict=False)[0]
+    state.set_pairs(())
     return z[PD_LANE : PD_LANE + 1]
 
 
@@ -218,36 +225,43 @@ def count_fasa_costs(
     num_inference_steps: int = 50,
     inject_step: int = 10,
     seed: int = 0,
+    guidance_scale: float | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> dict[str, dict]:
     """Run the authors' FASA schedule and this engine's ``method="fasa"`` and count their work.
 
+    Any model family: on FLUX the literal schedule is the authors' two generations on FLUX's
+    rows (one per lane when guidance-distilled). ``guidance_scale`` defaults to the backend's.
     Returns ``literal_fasa`` and ``engine_fasa`` entries (calls, items; the engine's per stage).
     """
     from .attributes import parse_prompt
-    from .fasa import fasa_layers
     from .pipeline import _to
 
     backend = freecure_pipeline.backend
     pipeline = backend.pipeline
+    family = backend.family
+    if guidance_scale is None:
+        guidance_scale = backend.default_guidance_scale
     config = replace(freecure_pipeline.config, method="fasa")
     parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
     references = [_gray_reference()]
     conditions = backend.conditions(parsed, references, num_inference_steps)
     conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
     height, width = freecure_pipeline.default_size()
-    factor = pipeline.vae_scale_factor
-    generator = torch.Generator().manual_seed(seed)
-    z_T = torch.randn((1, pipeline.unet.config.in_channels, height // factor, width // factor), generator=generator)
-    z_T = z_T.to(backend.device, backend.dtype)
+    latent_size = family.latent_size(pipeline, height, width)
+    guidance = family.loop_guidance(guidance_scale, true_cfg_scale)
+    backend.guidance_scale = guidance_scale
     scheduler = copy.deepcopy(pipeline.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=backend.device)
-    mask = torch.zeros(z_T.shape[-2:], device=z_T.device)
+    family.set_timesteps(scheduler, num_inference_steps, backend.device, latent_size)
+    generator = torch.Generator().manual_seed(seed)
+    z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, backend.device, backend.dtype)
+    mask = torch.zeros(family.attention_grid(latent_size), device=z_T.device)
     mask[: mask.shape[0] // 2] = 1.0
+    layers = family.fasa_layers(backend.denoiser, config.fasa.layers)
     counter = UNetCounter()
     with counter.attached(backend.unets()):
         literal_fasa(
-            backend, scheduler, z_T, conditions, mask, Guidance(scale=7.5), (height, width),
-            fasa_layers(backend.unet, config.fasa.layers), config.fasa.mask_weight,
+            backend, scheduler, z_T, conditions, mask, guidance, (height, width), layers, config.fasa.mask_weight
         )
     results = {"literal_fasa": asdict(Cost(counter.calls, counter.items))}
     engine = type(freecure_pipeline)(backend, freecure_pipeline.face_parser, config)
@@ -258,6 +272,8 @@ def count_fasa_costs(
         class_word=class_word,
         num_inference_steps=num_inference_steps,
         inject_step=inject_step,
+        guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
         generator=torch.Generator().manual_seed(seed),
     )
     results["engine_fasa"] = asdict(Cost(output.unet_calls, output.batch_items))

@@ -24,6 +24,8 @@ ROFA mask ℳ                   (1, 1, h, w)                    packed like the 
 VAE decode                    z / scaling_factor              unpack, z / scaling + shift
 inversion schedulers          DDIM inverse / DDIM             reversed Euler on σ / Euler
 attention capture             up-block cross-attention        joint attention, image queries
+FASA (``--method fasa``)      self-attention ``attn1``,       joint attention, image queries;
+                              mask on the latent grid         mask on the 2×2 token grid
 ============================  ==============================  ====================================
 
 A backend reaches its family as ``backend.family`` (found from the pipeline by
@@ -118,6 +120,19 @@ class ModelFamily:
 
     def attention_capture(self, denoiser, store, layers: Sequence[str] | None):
         """Context manager recording FD's attention on the attribute tokens into ``store``."""
+        raise NotImplementedError
+
+    # -- FASA (method "fasa", :mod:`freecure.fasa`) ---------------------------------------------
+    def attention_grid(self, latent_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the denoiser's image tokens at full resolution, where FASA's mask lives."""
+        return latent_size
+
+    def fasa_layers(self, denoiser, layers) -> list[str]:
+        """The attention processors FASA changes, from a preset name or name patterns."""
+        raise NotImplementedError
+
+    def foundation_aware_attention(self, denoiser, state, layers: Sequence[str]):
+        """Context manager installing FASA's processors on ``layers`` (restored in ``finally``)."""
         raise NotImplementedError
 
     # -- decoding and inversion ------------------------------------------------------------
@@ -233,6 +248,16 @@ class UNetFamily(ModelFamily):
         from .attention import capture_cross_attention
 
         return capture_cross_attention(denoiser, store, layers)
+
+    def fasa_layers(self, denoiser, layers):
+        from .fasa import fasa_layers
+
+        return fasa_layers(denoiser, layers)
+
+    def foundation_aware_attention(self, denoiser, state, layers):
+        from .fasa import foundation_aware_self_attention
+
+        return foundation_aware_self_attention(denoiser, state, layers)
 
     def decode(self, pipeline, latents, image_size=None):
         return _vae_decode(pipeline, latents / pipeline.vae.config.scaling_factor)
@@ -434,6 +459,20 @@ class FluxFamily(ModelFamily):
         from .attention import capture_joint_attention
 
         return capture_joint_attention(denoiser, store, layers)
+
+    def attention_grid(self, latent_size):
+        """The packed token grid: one token per 2×2 latent patch (:func:`pack_latents`)."""
+        return latent_size[0] // 2, latent_size[1] // 2
+
+    def fasa_layers(self, denoiser, layers):
+        from .fasa import joint_fasa_layers
+
+        return joint_fasa_layers(denoiser, layers)
+
+    def foundation_aware_attention(self, denoiser, state, layers):
+        from .fasa import foundation_aware_joint_attention
+
+        return foundation_aware_joint_attention(denoiser, state, layers)
 
     def decode(self, pipeline, latents, image_size):
         latent_size = self.latent_size(pipeline, *image_size)

@@ -21,6 +21,12 @@ The processor is installed with :func:`foundation_aware_self_attention`, which r
 original processors in ``finally``; ``Attention.forward`` is never replaced. The loop says
 which rows are PD (queries) and which are FD (keys) with :meth:`FasaState.set_pairs` before
 each UNet call; nothing is inferred by counting calls.
+
+FLUX (:class:`FoundationAwareJointAttention`): FLUX has no separate self-attention; its image
+tokens attend jointly to [text; image] keys. PD's *image-token* queries attend to
+[PD's own text and image keys; FD's image keys], with the same b on FD's keys (M laid on the
+packed 2×2 token grid), the same convex-combination form and the same exactness when every
+FD key is blocked; text queries and FD's rows are left to the layer's own processor.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .attention import _grid_for, installed_processors
+from .attention import _grid_for, _JointContext, installed_processors
 from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
 from .errors import InputError
 from .masks import to_latent_resolution
@@ -45,17 +51,51 @@ from .sampling import FD_LANE, PD_LANE, BatchLayout, Guidance, SamePassResult, p
 #: Mask sources: the FD image's face-parse region of the attributes (the authors'), or SAME's ℳ.
 MASK_SOURCES = ("fd-parse", "same")
 
-#: Named layer selections (fnmatch patterns over the UNet's attention-processor names).
-LAYER_PRESETS: dict[str, tuple[str, ...]] = {
-    # every self-attention layer of the up path (both SD1.5 and SDXL; the default)
-    "up": ("up_blocks.*.attn1.processor",),
+@dataclass(frozen=True)
+class ByName:
+    """The layers whose processor names match any of the fnmatch ``patterns``."""
+
+    patterns: tuple[str, ...]
+
+    def select(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.patterns)]
+
+
+@dataclass(frozen=True)
+class LastBlocks:
+    """The last ``fraction`` of the layers in execution order (at least one): a choice by
+    position that fits any depth, unlike a hard-coded count."""
+
+    fraction: float
+
+    def select(self, names: Sequence[str]) -> list[str]:
+        count = max(1, round(self.fraction * len(names)))
+        return list(names[len(names) - count :])
+
+
+#: Named layer selections per model family (``"unet"``: over the self-attention ``attn1``
+#: processors; ``"flux"``: over the joint-attention blocks in execution order, double-stream
+#: then single-stream). See docs/engine.md, "FASA".
+LAYER_PRESETS: dict[str, dict[str, ByName | LastBlocks]] = {
+    # UNet: every self-attention layer of the up path (SD1.5 and SDXL; the default). FLUX: the
+    # later half of its blocks (FLUX.1: single-stream blocks 10–37), the decoder-side analogue
+    "up": {"unet": ByName(("up_blocks.*.attn1.processor",)), "flux": LastBlocks(1 / 2)},
     # the authors' SDXL scripts: the last 20 of SDXL's 70 transformer blocks in execution
     # order (their layer_idx 50..69), which by name are these
-    "authors-sdxl": (
-        "up_blocks.0.attentions.1.transformer_blocks.[6-9].attn1.processor",
-        "up_blocks.0.attentions.2.transformer_blocks.*.attn1.processor",
-        "up_blocks.1.attentions.*.transformer_blocks.*.attn1.processor",
-    ),
+    "authors-sdxl": {
+        "unet": ByName(
+            (
+                "up_blocks.0.attentions.1.transformer_blocks.[6-9].attn1.processor",
+                "up_blocks.0.attentions.2.transformer_blocks.*.attn1.processor",
+                "up_blocks.1.attentions.*.transformer_blocks.*.attn1.processor",
+            )
+        )
+    },
+    # FLUX: the authors' share of the network, their last 20 of 70 blocks (FLUX.1: the last 16
+    # of 57, single-stream blocks 22–37)
+    "late": {"flux": LastBlocks(20 / 70)},
+    "single": {"flux": ByName(("single_transformer_blocks.*",))},
+    "double": {"flux": ByName(("transformer_blocks.*",))},
 }
 
 
@@ -64,8 +104,10 @@ class FasaConfig:
     """Settings of the FASA method (``FreeCureConfig.method == "fasa"``).
 
     Attributes:
-        layers: a preset name of :data:`LAYER_PRESETS` or fnmatch patterns over the UNet's
-            attention-processor names; only self-attention (``attn1``) layers are used.
+        layers: a preset name of :data:`LAYER_PRESETS` (each defined per model family; the
+            default ``"up"`` for both) or fnmatch patterns over the denoiser's
+            attention-processor names: on a UNet only self-attention (``attn1``) layers are
+            used, on FLUX the joint attention of double- and single-stream blocks.
         mask_source: ``"fd-parse"`` (the authors': the attributes' region in the FD image,
             binary) or ``"same"`` (SAME's ℳ of eq. 5, soft).
         mask_weight: w, added to FD's logits inside the mask (the authors' 1.5).
@@ -91,29 +133,75 @@ class FasaConfig:
             )
 
 
-def fasa_layers(unet, layers: str | Sequence[str] = "up") -> list[str]:
-    """Names of the self-attention (``attn1``) processors FASA replaces, chosen by name."""
-    patterns = LAYER_PRESETS[layers] if isinstance(layers, str) else tuple(layers)
-    names = [name for name in unet.attn_processors if ".attn1." in name]
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+def _choose(names: list[str], layers: str | Sequence[str], family: str, what: str) -> list[str]:
+    if isinstance(layers, str):
+        selection = LAYER_PRESETS[layers].get(family)
+        if selection is None:
+            fits = [name for name, by_family in LAYER_PRESETS.items() if family in by_family]
+            raise InputError(
+                f"FASA layer preset {layers!r} is not defined for {family} models; use one of {', '.join(fits)} "
+                "or give processor-name patterns"
+            )
+    else:
+        selection = ByName(tuple(layers))
+    chosen = selection.select(names)
     if not chosen:
-        raise InputError(f"no self-attention layer of this UNet matches the FASA layers {layers!r}")
+        raise InputError(f"no {what} matches the FASA layers {layers!r}")
     return chosen
 
 
+def fasa_layers(unet, layers: str | Sequence[str] = "up") -> list[str]:
+    """Names of the self-attention (``attn1``) processors FASA replaces, chosen by name."""
+    names = [name for name in unet.attn_processors if ".attn1." in name]
+    return _choose(names, layers, "unet", "self-attention layer of this UNet")
+
+
+def flux_blocks(transformer) -> list[str]:
+    """The joint-attention processor names of a FLUX transformer in execution order:
+    double-stream blocks, then single-stream blocks, each by index."""
+
+    def index(name: str) -> int:
+        return int(name.split(".")[1])
+
+    names = list(transformer.attn_processors)
+    double = sorted((n for n in names if n.startswith("transformer_blocks.")), key=index)
+    single = sorted((n for n in names if n.startswith("single_transformer_blocks.")), key=index)
+    return double + single
+
+
+def joint_fasa_layers(transformer, layers: str | Sequence[str] = "up") -> list[str]:
+    """Names of the FLUX joint-attention processors FASA wraps, chosen by preset or name."""
+    return _choose(flux_blocks(transformer), layers, "flux", "joint-attention block of this FLUX transformer")
+
+
+def rows_in_one_call(backend) -> bool:
+    """Whether every row of the backend's ``predict_noise`` calls goes through one denoiser
+    call: what the backend says with ``rows_in_one_call`` (an attribute or property: False for
+    Face-diffuser's TDM/SDM, for IP-Adapter-FaceID with FD's LoRA off), else true for the
+    default ``predict_noise`` and for the backends known to override it only to add their
+    adapter's inputs to that one call — the attention studies' rule and list
+    (:data:`freecure.analysis.studies.ONE_CALL_BACKENDS`)."""
+    from .analysis.studies import ONE_CALL_BACKENDS
+    from .backends.base import Backend
+
+    declared = getattr(backend, "rows_in_one_call", None)
+    if declared is not None:
+        return bool(declared)
+    return type(backend).predict_noise is Backend.predict_noise or backend.name in ONE_CALL_BACKENDS
+
+
 def check_one_batch(backend, what: str = "FASA") -> None:
-    """Refuse backends whose PD rows are not rows of the engine's one UNet call.
+    """Refuse backends whose PD rows are not rows of the engine's one denoiser call.
 
-    FASA (and the attention studies) address FD's and PD's rows by their index in the batch
-    the engine builds; a backend that overrides :meth:`Backend.predict_noise` to evaluate PD
-    with its own models in separate calls (Face-diffuser's TDM/SDM) breaks that mapping.
+    FASA addresses FD's and PD's rows by their index in the batch the engine builds; a
+    backend that evaluates PD with its own models in separate calls breaks that mapping
+    (:func:`rows_in_one_call`). (FASA also accepts a backend that maps the pairs onto its own
+    calls, :attr:`Backend.fasa_across_calls`: Face-diffuser.)
     """
-    from .backends.base import Backend as _Base
-
-    if type(backend).predict_noise is not _Base.predict_noise:
+    if not rows_in_one_call(backend):
         raise InputError(
-            f"{what} needs FD's and PD's rows in one UNet call, but the {backend.name} backend evaluates PD "
-            "with its own models in separate calls; use --method rofa / another backend"
+            f"{what} needs FD's and PD's rows in one denoiser call, but the {backend.name} backend splits them "
+            "over separate calls of its own models; use --method rofa / another backend"
         )
 
 
@@ -155,19 +243,49 @@ class FasaState:
         mask: M on any grid with the latent's aspect ratio, values in [0, 1]: (h, w) for one
             image, or (n, h, w), one per image of a batch of seeds.
         weight: w of :func:`key_bias`.
-        latent_size: (h, w) of the latent grid (for laying each layer's tokens out).
+        latent_size: (h, w) of the denoiser's image tokens at full resolution (for laying
+            each layer's tokens out): the latent grid for a UNet, the packed 2×2 token grid
+            for FLUX (:meth:`~freecure.families.ModelFamily.attention_grid`).
     """
 
     mask: torch.Tensor
     weight: float
     latent_size: tuple[int, int]
     pairs: tuple[tuple[int, int, int], ...] = ()
+    batch: int | None = None
+    record: dict[int, int] = field(default_factory=dict)
+    attend: dict[int, tuple[int, int]] = field(default_factory=dict)
+    cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     _bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def set_pairs(self, pairs: Sequence[tuple[int, ...]]) -> None:
-        """Declare ``(query row, key row[, image])`` pairs for the next UNet call (empty: plain
-        attention); ``image`` picks the mask of a batch of seeds (default 0, the only one)."""
+    def set_pairs(self, pairs: Sequence[tuple[int, ...]], batch: int | None = None) -> None:
+        """Declare ``(query row, key row[, image])`` pairs for the next denoiser call (empty:
+        plain attention); ``image`` picks the mask of a batch of seeds (default 0, the only
+        one); ``batch``: the rows of that call, checked by every processor."""
         self.pairs = tuple((q, k, image[0] if image else 0) for q, k, *image in pairs)
+        self.batch = batch
+
+    def set_call(self, record: dict[int, int], attend: dict[int, tuple[int, int]]) -> None:
+        """For a backend that splits the engine's rows over calls of its own models
+        (Face-diffuser): in the next call, record per layer the keys and values of the rows
+        ``record`` (row → the engine's FD row it comes from), and let the rows ``attend``
+        (row → (that FD row, image)) attend to the last ones recorded for that FD row at the
+        same layer — in this call or an earlier one of the step — with the image's mask. Empty
+        dicts end it."""
+        self.record, self.attend = dict(record), dict(attend)
+
+    def cached_bytes(self) -> int:
+        """Memory held by the recorded keys and values (one step's, per layer and image)."""
+        tensors = [t for by_row in self.cache.values() for kv in by_row.values() for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def check_batch(self, rows: int) -> None:
+        """Refuse a layer call whose batch is not the declared one (a backend that split it)."""
+        if self.batch is not None and rows != self.batch:
+            raise RuntimeError(
+                f"FASA declared pairs for a batch of {self.batch} rows but a layer saw {rows}: the backend "
+                "split the engine's rows over several denoiser calls (see freecure.fasa.rows_in_one_call)"
+            )
 
     def bias(self, tokens: int) -> torch.Tensor:
         """b for a layer with ``tokens`` query positions, (images, tokens): each M resized
@@ -223,7 +341,17 @@ class FoundationAwareSelfAttention:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
 
         # 2. FASA: PD's rows also attend to FD's keys (eq. in the module docstring)
-        if self.state.pairs and encoder_hidden_states is None:
+        if (self.state.record or self.state.attend) and encoder_hidden_states is None:  # across calls
+            bias = self.state.bias(query.shape[2])
+            recorded = self.state.cache.setdefault(self.name, {})
+            for row, fd_row in self.state.record.items():
+                recorded[fd_row] = (key[row].clone(), value[row].clone())
+            out = out.clone()
+            for row, (fd_row, image) in self.state.attend.items():
+                key_ref, value_ref = recorded[fd_row]
+                out[row] = joint_attention(query[row], out[row], key[row], key_ref, value_ref, bias[image], attn.scale)
+        elif self.state.pairs and encoder_hidden_states is None:
+            self.state.check_batch(batch)
             bias = self.state.bias(query.shape[2])
             out = out.clone()
             for q_row, k_row, image in self.state.pairs:  # each PD row: its own image's FD keys and mask
@@ -247,6 +375,133 @@ def foundation_aware_self_attention(unet, state: FasaState, layers: Sequence[str
     block; the original processors are restored in ``finally``."""
     with installed_processors(unet, layers, lambda name, inner: FoundationAwareSelfAttention(state, name)):
         yield state
+
+
+class FoundationAwareJointAttention:
+    """FLUX attention processor: ``inner`` (the layer's own processor) computes every row —
+    FD's rows, text queries, all of it — then, for each declared ``(query row, key row)``
+    pair, the query row's image-token queries are re-attended jointly over [their own text and
+    image keys; the key row's image keys, masked and re-weighted by b].
+
+    Double-stream blocks pass text and image separately and project the attention output
+    (``to_out``) inside the processor: the change is added as ``W_out·(joint − own)`` (the
+    output bias cancels), ``own`` being the PD row's plain joint attention recomputed here.
+    Single-stream blocks pass [text; image] and return the unprojected output, which is ``own``
+    itself and is replaced by the joint softmax. Queries go in chunks of ``chunk_size``, so a
+    1024² image (4096 image queries × 8704 keys × 24 heads) never needs its whole logits.
+    """
+
+    def __init__(self, inner, state: FasaState, name: str, context, chunk_size: int = 256):
+        self.inner = inner
+        self.state = state
+        self.name = name
+        self.context = context
+        self.chunk_size = chunk_size
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        **kwargs,
+    ):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        if not self.state.pairs:
+            return out
+        self.state.check_batch(hidden_states.shape[0])
+        if attention_mask is not None:
+            raise RuntimeError("FASA on FLUX does not take an attention mask (FluxPipeline passes none)")
+        double = encoder_hidden_states is not None
+        text_tokens = encoder_hidden_states.shape[1] if double else self.context.text_tokens
+        if text_tokens is None:
+            raise RuntimeError(
+                "the text length of the FLUX call is unknown: install FASA with foundation_aware_joint_attention"
+            )
+        image = out[0] if double else out[:, text_tokens:]
+        bias = self.state.bias(image.shape[1])
+        # a pair whose FD keys are all blocked keeps plain attention: nothing to compute
+        pairs = [pair for pair in self.state.pairs if not torch.isinf(bias[pair[2]]).all()]
+        if not pairs:
+            return out
+        rows = sorted({row for q_row, k_row, _ in pairs for row in (q_row, k_row)})
+        at = {row: i for i, row in enumerate(rows)}
+        text = encoder_hidden_states[rows] if double else None
+        query, key, value = self._projections(attn, hidden_states[rows], text, image_rotary_emb, text_tokens)
+        image = image.clone()
+        for q_row, k_row, index in pairs:
+            q = query[at[q_row]]  # (heads, image queries, d)
+            k_own, v_own = key[at[q_row]], value[at[q_row]]  # (heads, text + image keys, d)
+            k_ref, v_ref = key[at[k_row], :, text_tokens:], value[at[k_row], :, text_tokens:]
+            if double:
+                own = F.scaled_dot_product_attention(q[None], k_own[None], v_own[None])[0]
+            else:
+                own = image[q_row].unflatten(-1, (-1, attn.head_dim)).transpose(0, 1)
+            scale = attn.head_dim**-0.5
+            mixed = torch.cat(
+                [
+                    joint_attention(qc, oc, k_own, k_ref, v_ref, bias[index], scale)
+                    for qc, oc in zip(q.split(self.chunk_size, dim=1), own.split(self.chunk_size, dim=1))
+                ],
+                dim=1,
+            )
+            if double:  # to_out[0] is affine: add W·(joint − own); exactly 0 where nothing changed
+                change = (mixed - own).transpose(0, 1).flatten(1)
+                image[q_row] = image[q_row] + F.linear(change.to(image.dtype), attn.to_out[0].weight)
+            else:
+                image[q_row] = mixed.transpose(0, 1).flatten(1).to(image.dtype)
+        if double:
+            return (image, *out[1:])
+        return torch.cat([out[:, :text_tokens], image], dim=1)
+
+    @staticmethod
+    def _projections(attn, hidden_states, encoder_hidden_states, rotary, text_tokens: int):
+        """The image tokens' queries and the [text; image] keys and values, as the layer computes
+        them (RMS-normed, rotary-embedded at their positions), each (batch, heads, tokens, d)."""
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, _, text_key, text_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+
+        def heads(x):
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
+        if encoder_hidden_states is not None:  # double-stream: text has its own projections
+            key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
+            value = torch.cat([heads(text_value), value], dim=1)
+        else:  # single-stream: the states are [text; image] already
+            query = query[:, text_tokens:]
+        if rotary is not None:
+            cos, sin = rotary
+            query = apply_rotary_emb(query, (cos[text_tokens:], sin[text_tokens:]), sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def foundation_aware_joint_attention(
+    transformer, state: FasaState, layers: Sequence[str], chunk_size: int = 256
+) -> Iterator[FasaState]:
+    """Install :class:`FoundationAwareJointAttention` around the processors of ``layers`` of a
+    FLUX transformer for the duration of the block (the originals are restored in
+    ``finally``); a pre-hook tells single-stream blocks the text length of each call."""
+    context = _JointContext()
+
+    def text_length(module, args, kwargs):
+        text = kwargs.get("encoder_hidden_states")
+        context.text_tokens = None if text is None else int(text.shape[1])
+
+    def wrap(name, inner):
+        return FoundationAwareJointAttention(inner, state, name, context, chunk_size)
+
+    with installed_processors(transformer, layers, wrap):
+        handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
+        try:
+            yield state
+        finally:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -291,7 +546,8 @@ def fasa_mask(
     same_mask: torch.Tensor | None,
     latent_size: tuple[int, int],
 ) -> torch.Tensor | None:
-    """M on the latent grid, (h, w), or None when there is nothing to attend to.
+    """M on the grid ``latent_size`` (the family's attention grid), (h, w), or None when there
+    is nothing to attend to.
 
     ``"fd-parse"``: the union of the attributes' regions in the FD image, area-averaged to the
     latent grid and kept where the latent cell lies wholly inside (the authors resize their
@@ -343,7 +599,7 @@ def fasa_pass(
     for i, t in enumerate(scheduler.timesteps):
         step = fasa_layout(i, conditions, guided, uncond, images=m)
         z = torch.cat([same.fd_latents[i][index], z_p])  # lanes [FD_0…FD_{m−1} (replayed), PD_0…PD_{m−1}]
-        state.set_pairs(step.pairs)
+        state.set_pairs(step.pairs, batch=len(step.layout.rows))
         eps_p = predict_guided(backend, scheduler, step.layout, z, t, i, conditions.get, guidance, image_size)
         z_p = scheduler.step(eps_p, t, z_p, return_dict=False)[0]
         if on_step is not None:
@@ -352,11 +608,28 @@ def fasa_pass(
     return z_p
 
 
-def fresh_scheduler(scheduler, device=None):
-    """A copy of ``scheduler`` reset to step 0 of the same timesteps."""
+def fresh_scheduler(scheduler, device=None, family=None, latent_size: tuple[int, int] | None = None):
+    """A copy of ``scheduler`` reset to step 0 of the same timesteps (with ``family``: set as the
+    family sets them, e.g. FLUX's shifted σ for ``latent_size``)."""
     fresh = copy.deepcopy(scheduler)
-    fresh.set_timesteps(len(scheduler.timesteps), device=device)
+    if family is None:
+        fresh.set_timesteps(len(scheduler.timesteps), device=device)
+    else:
+        family.set_timesteps(fresh, len(scheduler.timesteps), device, latent_size)
     return fresh
+
+
+@contextlib.contextmanager
+def _handed_to(backend, state: FasaState) -> Iterator[None]:
+    """Let a backend that maps FASA onto its own calls read ``state`` for the block."""
+    if not backend.fasa_across_calls:
+        yield
+        return
+    backend.fasa_state = state
+    try:
+        yield
+    finally:
+        backend.fasa_state = None
 
 
 def fasa_stage(
@@ -374,8 +647,9 @@ def fasa_stage(
 
     config: FasaConfig = freecure.config.fasa
     pipeline = freecure.pipeline
-    factor = pipeline.vae_scale_factor
-    latent_size = (image_size[0] // factor, image_size[1] // factor)
+    family = freecure.backend.family
+    latent_size = family.latent_size(pipeline, *image_size)
+    grid = family.attention_grid(latent_size)  # UNet: the latent grid; FLUX: its 2×2 token grid
     masks: dict[int, torch.Tensor] = {}
     for k, output in enumerate(outputs):
         fd_regions = []
@@ -384,7 +658,7 @@ def fasa_stage(
                 region = torch.from_numpy(output.parse_fd.mask(attribute.parse_classes))
                 if region.any():
                     fd_regions.append(region)
-        mask = fasa_mask(config.mask_source, fd_regions, output.mask, latent_size)
+        mask = fasa_mask(config.mask_source, fd_regions, output.mask, grid)
         if mask is not None:
             masks[k] = output.fasa_mask = mask
     reason = (
@@ -396,13 +670,17 @@ def fasa_stage(
         stages.skip("fasa", reason)
         return same.pd, [], reason
     corrected = sorted(masks)
-    layers = fasa_layers(pipeline.unet, config.layers)
-    device = freecure.backend.device
-    state = FasaState(torch.stack([masks[k] for k in corrected]).to(device), config.mask_weight, latent_size)
-    scheduler = fresh_scheduler(pipeline.scheduler, device)
+    backend = freecure.backend
+    device = backend.device
+    state = FasaState(torch.stack([masks[k] for k in corrected]).to(device), config.mask_weight, grid)
+    scheduler = fresh_scheduler(pipeline.scheduler, device, family, latent_size)
     steps = len(scheduler.timesteps)
-    with stages.run("fasa"), freecure._bar(steps, "FASA: PD again") as bar:
-        with foundation_aware_self_attention(pipeline.unet, state, layers):
+    with stages.run("fasa") as record, freecure._bar(steps, "FASA: PD again") as bar:
+        with contextlib.ExitStack() as installed:
+            for denoiser in backend.fasa_denoisers():
+                layers = family.fasa_layers(denoiser, config.layers)
+                installed.enter_context(family.foundation_aware_attention(denoiser, state, layers))
+            installed.enter_context(_handed_to(backend, state))
             z_fasa = fasa_pass(
                 freecure.backend,
                 scheduler,
@@ -415,6 +693,7 @@ def fasa_stage(
                 on_step=lambda i: bar.update(),
                 images=corrected,
             )
+        record.freecure_bytes = state.cached_bytes()  # keys handed across calls (Face-diffuser), else 0
     rows = {k: j for j, k in enumerate(corrected)}
     z_out = torch.cat([z_fasa[rows[k]][None] if k in rows else same.pd[k : k + 1] for k in range(len(outputs))])
     for k, image in zip(corrected, decode_latents(pipeline, z_fasa, image_size)):

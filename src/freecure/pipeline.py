@@ -29,7 +29,7 @@ from .attributes import ParsedPrompt, detect_class_word, parse_prompt
 from .backends.base import Backend, Conditions, TextConditioning
 from .errors import InputError, check_number
 from .families import family_of
-from .fasa import FasaConfig, check_one_batch, fasa_layers, fasa_stage
+from .fasa import FasaConfig, check_one_batch, fasa_stage
 from .images import ImageInput, load_image
 from .inversion import expression_restore, inversion_steps
 from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
@@ -133,7 +133,8 @@ class FreeCureOutput:
         stages: one :class:`StageRecord` per stage, in order.
         notes: what was skipped or adjusted, in words.
         latents: final latents per image name.
-        fasa_mask: the mask FASA used on the latent grid (method ``"fasa"``), else None.
+        fasa_mask: the mask FASA used (method ``"fasa"``), else None: on the latent grid (UNet)
+            or the packed 2×2 token grid (FLUX).
     """
 
     images: dict[str, Image.Image]
@@ -258,13 +259,10 @@ class FreeCurePipeline:
         self.face_parser = face_parser
         self.config = config if config is not None else FreeCureConfig()
         if self.config.method == "fasa":  # fail now, not after the SAME pass
-            if getattr(backend.pipeline, "unet", None) is None:
-                raise InputError(
-                    f"method fasa changes a UNet's self-attention; the {backend.family.name} model of backend "
-                    f"{backend.name!r} has none (FASA on FLUX's joint attention is not implemented): use method rofa"
-                )
-            check_one_batch(backend)
-            fasa_layers(backend.unet, self.config.fasa.layers)
+            if not backend.fasa_across_calls:
+                check_one_batch(backend)
+            for denoiser in backend.fasa_denoisers():
+                backend.family.fasa_layers(denoiser, self.config.fasa.layers)
         self.progress = True
         self.progress_callback: Callable[[str, int, int], None] | None = None
 
@@ -373,6 +371,11 @@ class FreeCurePipeline:
         if height % multiple or width % multiple:
             raise InputError(f"height and width must be multiples of {multiple}, got {height}×{width}")
         guidance = family.loop_guidance(guidance_scale, true_cfg_scale, guidance_rescale)
+        if self.config.method == "fasa" and self.config.fasa.uncond and not guidance.cfg:
+            raise InputError(
+                "FASA's uncond option changes PD's unconditional row, but this run has none (guidance-distilled "
+                "FLUX without true CFG, or a guidance scale of 1); drop it or set true_cfg_scale > 1"
+            )
         references = [load_image(image) for image in reference_images]
         class_word = class_word or detect_class_word(prompt)
         parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=self.backend.tokenizer)

@@ -104,6 +104,15 @@ class Backend:
     #: embedding); classifier-free guidance itself is applied by the engine, after
     #: :meth:`predict_noise`.
     guidance_scale: float | None = None
+    # A backend may say with ``rows_in_one_call`` (class attribute or property) whether every
+    # row of a :meth:`predict_noise` call goes through one call of the denoiser (FASA and the
+    # attention studies address FD's and PD's rows by their index in it); left unsaid, see
+    # :func:`freecure.fasa.rows_in_one_call`.
+    #: A backend whose rows are split over calls (``rows_in_one_call`` False) may still run FASA
+    #: by mapping the engine's row pairs onto its own calls (:meth:`freecure.fasa.FasaState.set_call`,
+    #: FD's keys handed to PD's calls); it reads the state from ``fasa_state`` during the FASA pass.
+    fasa_across_calls: bool = False
+    fasa_state = None
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -139,6 +148,10 @@ class Backend:
 
     def unets(self) -> list[torch.nn.Module]:
         """Every denoiser this backend calls (FreeCure counts their calls)."""
+        return [self.denoiser]
+
+    def fasa_denoisers(self) -> list[torch.nn.Module]:
+        """The networks whose attention FASA changes (default: the denoiser)."""
         return [self.denoiser]
 
     @property

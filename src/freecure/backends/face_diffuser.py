@@ -45,6 +45,7 @@ The original's licence allows non-commercial academic use only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -185,6 +186,11 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     name = "face-diffuser"
     license = LICENSE
     default_guidance_scale = 5.0  # the original's default
+    #: PD's rows go through the TDM and the SDM in calls of their own; FASA maps the engine's
+    #: row pairs onto those calls, FD's keys recorded in the FD model's call and handed to PD's
+    #: (docs/engine.md, "FASA on Face-diffuser")
+    rows_in_one_call = False
+    fasa_across_calls = True
 
     def __init__(
         self,
@@ -210,6 +216,10 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     def unets(self) -> list[torch.nn.Module]:
         unets = [self.pipeline.unet, self.sdm_unet]
         return unets if self.fd_is_tdm else unets + [self.tdm_unet]
+
+    def fasa_denoisers(self) -> list[torch.nn.Module]:
+        """FASA goes on every UNet: FD's model records FD's keys, the TDM and SDM attend to them."""
+        return self.unets()
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -349,15 +359,16 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     def predict_noise(self, latents, timestep, rows, row_keys, step_index, image_size):
         """FD model on every non-PD row; Face-diffuser's TDM/SNF/SDM on PD's row pairs.
 
-        PD's rows come in (``pd_uncond``, ``pd``) pairs on one latent, after the other rows
+        PD's rows come in (``pd_uncond``, ``pd``) pairs on one latent, anywhere among the rows
         (as every batch layout of the engine puts them); each pair gets :func:`snf_rows`.
         """
         keys = list(row_keys)
         conds = [i for i, key in enumerate(keys) if key == PD]
         unconds = [i for i, key in enumerate(keys) if key == PD_UNCOND]
         others = [i for i, key in enumerate(keys) if key not in (PD, PD_UNCOND)]
-        if not conds and not unconds:
-            return self._unet(self.pipeline.unet, latents, timestep, rows)
+        if not conds and (not unconds or self.fasa_state is not None):
+            # before injection PD is FD's model; FASA's rows then hold a lone pd_uncond row
+            return self._unet(self.pipeline.unet, latents, timestep, rows, list(range(len(keys))))
         pairs = self._pd_pairs(latents, keys, conds, unconds, others)
         pd = rows[pairs[0][1]]
         if not isinstance(pd, FaceDiffuserConditioning):
@@ -375,17 +386,22 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
         tdm_rows = [row for u, c in pairs for row in (rows[u], pd.text_only)]
         fd_latents, fd_rows = latents[others], [rows[i] for i in others]
         e = s = None
+        # (for FASA: the engine row each row of these calls comes from; a pair's unconditional
+        # parts e(∅), s(c) from pd_uncond's row, its conditional parts e(c), s(c̃) from pd's)
+        pd_origin = [row for pair in pairs for row in pair]
         if stage in (TEXT, SNF) and self.fd_is_tdm:
-            eps = self._unet(self.tdm_unet, torch.cat([fd_latents, pd_latents]), timestep, fd_rows + tdm_rows)
+            eps = self._unet(
+                self.tdm_unet, torch.cat([fd_latents, pd_latents]), timestep, fd_rows + tdm_rows, others + pd_origin
+            )
             eps_fd, e = eps[: len(others)], eps[len(others) :]
         else:
-            eps_fd = self._unet(self.pipeline.unet, fd_latents, timestep, fd_rows) if others else None
+            eps_fd = self._unet(self.pipeline.unet, fd_latents, timestep, fd_rows, others) if others else None
             if stage in (TEXT, SNF):
-                e = self._unet(self.tdm_unet, pd_latents, timestep, tdm_rows)
+                e = self._unet(self.tdm_unet, pd_latents, timestep, tdm_rows, pd_origin)
         # 2. SDM rows: s(c), s(c̃) per PD pair.
         if stage in (SNF, SUBJECT):
             sdm_rows = [row for _, c in pairs for row in (pd.text_only, rows[c])]
-            s = self._unet(self.sdm_unet, pd_latents, timestep, sdm_rows)
+            s = self._unet(self.sdm_unet, pd_latents, timestep, sdm_rows, pd_origin)
 
         # 3. Per-row predictions whose guided combination is the original's ε.
         out = torch.empty_like(latents)
@@ -405,7 +421,8 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
 
     @staticmethod
     def _pd_pairs(latents, keys, conds, unconds, others) -> list[tuple[int, int]]:
-        """(pd_uncond, pd) row pairs, checked to share their latent and to come last."""
+        """(pd_uncond, pd) row pairs (the k-th of each key, in row order), checked to share their
+        latent; the other rows may come before or after them (FASA's layout puts PD first)."""
         if len(conds) != len(unconds):
             shared = " (approximate_shared_uncond is not supported by face-diffuser)" if "uncond" in keys else ""
             raise InputError(
@@ -413,17 +430,37 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
                 "each PD row (its SDM is guided from the text-only prompt, not from the negative one; "
                 f"the original asserts guidance_scale > 1){shared}; got rows {keys}"
             )
-        if others and max(others) > min(conds + unconds):
-            raise ValueError(f"face-diffuser expects PD rows after the other rows, got {keys}")
         pairs = list(zip(unconds, conds))
         for u, c in pairs:
             if not torch.equal(latents[u], latents[c]):
                 raise ValueError(f"face-diffuser: rows {u} (pd_uncond) and {c} (pd) hold different latents")
         return pairs
 
-    def _unet(self, unet, latents, timestep, rows: Sequence[TextConditioning]) -> torch.Tensor:
+    def _unet(self, unet, latents, timestep, rows: Sequence[TextConditioning], origin=None) -> torch.Tensor:
+        """One call of ``unet``; ``origin``: the engine row of each row, for FASA's hand-over."""
         embeds = torch.cat([row.prompt_embeds for row in rows]).to(device=latents.device, dtype=unet.dtype)
-        return unet(latents.to(unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        with self._fasa_call(origin):
+            return unet(latents.to(unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    @contextlib.contextmanager
+    def _fasa_call(self, origin: Sequence[int] | None):
+        """During the FASA pass, map the engine's ``(PD row, FD row, image)`` pairs onto one of
+        this backend's calls: rows from an FD row record their keys and values, rows from a PD
+        row attend to the ones recorded (in this call, or the FD model's earlier call)."""
+        state = self.fasa_state
+        if state is None or origin is None:
+            yield
+            return
+        pairs, batch = state.pairs, state.batch
+        record = {i: row for i, row in enumerate(origin) if any(row == fd for _, fd, _ in pairs)}
+        attend = {i: (fd, image) for i, row in enumerate(origin) for pd, fd, image in pairs if row == pd}
+        state.set_pairs(())  # the engine's row indices do not hold inside this call
+        state.set_call(record, attend)
+        try:
+            yield
+        finally:
+            state.set_call({}, {})
+            state.set_pairs(pairs, batch)
 
 
 def _pretrained_sd15_unet(base_model: str | None):

@@ -433,6 +433,11 @@ class IPAdapterFaceIDBackend(Backend):
     def projection(self) -> nn.Module:
         return self.unet.encoder_hid_proj.image_projection_layers[0]
 
+    @property
+    def rows_in_one_call(self) -> bool:
+        """With ``fd_lora=False`` FD's rows go through a call of their own."""
+        return self.fd_lora
+
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_pretrained(

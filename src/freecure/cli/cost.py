@@ -64,8 +64,6 @@ def run(args) -> int:
         args.steps = 28 if args.family == "flux" else 50
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
-    if args.method != "rofa" and args.family == "flux":
-        raise InputError("--method fasa is not implemented for FLUX yet (its joint attention has no FASA processor); use --method rofa")
     if args.family == "flux" and args.backend not in ("token-fusion", "pulid-flux"):
         raise InputError(f"--backend {args.backend} has no FLUX form; use --family sd15 or sdxl")
     if args.backend == "ip-adapter-faceid":
@@ -110,7 +108,15 @@ def run(args) -> int:
     if args.method in ("fasa", "both"):
         from ..cost import count_fasa_costs
 
-        result.update(count_fasa_costs(freecure, num_inference_steps=args.steps, inject_step=args.inject_step))
+        result.update(
+            count_fasa_costs(
+                freecure,
+                num_inference_steps=args.steps,
+                inject_step=args.inject_step,
+                guidance_scale=args.guidance_scale,
+                true_cfg_scale=args.true_cfg_scale,
+            )
+        )
     if args.json:
         print(json_text(result), end="")
         return 0
@@ -125,10 +131,10 @@ def run(args) -> int:
     shown = ("plain_pd", *[n for m in ("rofa", "fasa") if args.method in (m, "both") for n in names[m]])
     for name in shown:
         print(f"{name:<12} {result[name]['unet_calls']:>10} {result[name]['batch_items']:>12}")
-    for stage, counts in result["engine"]["stages"].items():
-        print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")
+        for stage, counts in result[name].get("stages", {}).items():  # the engines' stages
+            print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")
     expression = result["engine"]["stages"].get("expression", {})
-    if expression.get("ran"):
+    if expression.get("ran") and "engine" in shown:
         print(
             f"expression stage: inversion at w={settings['inversion_guidance_scale']}, re-denoising at "
             f"w={settings['expression_guidance_scale']} ({expression['batch_items']} rows)"

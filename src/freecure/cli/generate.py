@@ -250,8 +250,9 @@ def add_method_arguments(parser) -> None:
         nargs="+",
         default=["up"],
         metavar="NAME",
-        help=f"a preset ({', '.join(LAYER_PRESETS)}) or attention-processor name patterns (fnmatch) "
-        "of the self-attention layers to change (default: up)",
+        help=f"a preset ({', '.join(LAYER_PRESETS)}; each for the model families it names) or "
+        "attention-processor name patterns (fnmatch) of the layers to change: a UNet's self-attention, "
+        "FLUX's joint attention (default: up = a UNet's up path, FLUX's later half of blocks)",
     )
     group.add_argument("--fasa-mask", choices=MASK_SOURCES, default="fd-parse", help="mask on FD's keys")
     group.add_argument("--fasa-mask-weight", type=options.finite_float(0.0, 100.0), default=1.5, help="logit offset w inside the mask (1.5)")
