@@ -176,18 +176,16 @@ def joint_fasa_layers(transformer, layers: str | Sequence[str] = "up") -> list[s
 
 def rows_in_one_call(backend) -> bool:
     """Whether every row of the backend's ``predict_noise`` calls goes through one denoiser
-    call: what the backend says with ``rows_in_one_call`` (an attribute or property: False for
-    Face-diffuser's TDM/SDM, for IP-Adapter-FaceID with FD's LoRA off), else true for the
-    default ``predict_noise`` and for the backends known to override it only to add their
-    adapter's inputs to that one call — the attention studies' rule and list
-    (:data:`freecure.analysis.studies.ONE_CALL_BACKENDS`)."""
-    from .analysis.studies import ONE_CALL_BACKENDS
+    call: what the backend says with ``rows_in_one_call`` (an attribute or property: True for
+    the adapters that only add their inputs to that call, False for Face-diffuser's TDM/SDM and
+    for IP-Adapter-FaceID with FD's LoRA off); left unsaid, true only for the default
+    ``predict_noise``."""
     from .backends.base import Backend
 
     declared = getattr(backend, "rows_in_one_call", None)
     if declared is not None:
         return bool(declared)
-    return type(backend).predict_noise is Backend.predict_noise or backend.name in ONE_CALL_BACKENDS
+    return type(backend).predict_noise is Backend.predict_noise
 
 
 def check_one_batch(backend, what: str = "FASA") -> None:

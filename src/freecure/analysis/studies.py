@@ -112,19 +112,13 @@ def prepare(
     )
 
 
-#: Backends that override ``predict_noise`` only to add their adapter's inputs to the engine's
-#: one denoiser call on every row (so FD's and PD's rows keep their layout indices). A backend
-#: can also say so itself with a class attribute ``rows_in_one_call = True``.
-ONE_CALL_BACKENDS = frozenset({"ip-adapter-faceid", "instantid", "pulid-sdxl", "infiniteyou", "pulid-flux"})
-
-
 def check_rows_in_one_call(backend) -> None:
     """Refuse backends whose PD rows are not rows of the engine's one denoiser call (Face-diffuser
-    evaluates PD with its own UNets on rows of its own); :class:`RowGuard` checks it at run time."""
-    from ..backends.base import Backend
+    evaluates PD with its own UNets on rows of its own; :func:`freecure.fasa.rows_in_one_call`);
+    :class:`RowGuard` checks it again at run time."""
+    from ..fasa import rows_in_one_call
 
-    declared = getattr(type(backend), "rows_in_one_call", backend.name in ONE_CALL_BACKENDS)
-    if type(backend).predict_noise is not Backend.predict_noise and not declared:
+    if not rows_in_one_call(backend):
         raise InputError(
             f"the attention studies need FD's and PD's rows in one denoiser call, but the {backend.name} backend "
             "evaluates PD with its own models in separate calls; analyse another backend"

@@ -192,6 +192,7 @@ class PuLIDFluxBackend(Backend):
     """
 
     name = "pulid-flux"
+    rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
 
     def __init__(self, pipeline, modules: PuLIDFluxModules, face: PuLIDFaceEmbedding | None, id_weight: float = 1.0,
