@@ -171,7 +171,8 @@ def test_batch_arguments_are_checked(tiny_sd15):
     with pytest.raises(InputError, match="at least 1"):
         fc(PROMPT, [], class_word="man", num_inference_steps=2, num_images_per_prompt=0)
     with pytest.raises(InputError, match="latents hold 1"):
-        fc(PROMPT, [], class_word="man", num_inference_steps=2, latents=torch.randn(1, 4, 32, 32), num_images_per_prompt=2)
+        latents = torch.randn(1, 4, 32, 32)
+        fc(PROMPT, [], class_word="man", num_inference_steps=2, latents=latents, num_images_per_prompt=2)
 
 
 def test_flux_batched_seeds_equal_their_single_seed_runs(tiny_flux):

@@ -14,11 +14,11 @@ from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS, InstantIDBackend
 from freecure.backends.face_embedding import draw_keypoints
 from freecure.backends.instantid import ReleasedInstantIDLayout, check_instantid_state_dict, keypoint_tensor
+from freecure.backends.ip_adapter_faceid import split_adapter_state
 from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.pipeline import UNetCounter
 from freecure.sampling import FD_LANE, PD_LANE, Guidance, rofa_pass, same_pass
-from freecure.backends.ip_adapter_faceid import split_adapter_state
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"

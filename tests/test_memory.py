@@ -73,7 +73,8 @@ def test_cli_memory_options_fail_cleanly(tmp_path, capsys):
 
 
 slow = pytest.mark.skipif(
-    os.environ.get("FREECURE_SLOW") != "1", reason="dynamo tracing of the UNet takes minutes on 2 cores; FREECURE_SLOW=1"
+    os.environ.get("FREECURE_SLOW") != "1",
+    reason="dynamo tracing of the UNet takes minutes on 2 cores; FREECURE_SLOW=1",
 )
 
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from keylists import meta_state_dict, read_layout
 
 from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS
@@ -40,6 +39,7 @@ from freecure.cli import main
 from freecure.configs import SDXL_UNET
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, plain_pass, rofa_pass, same_pass
+from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
 SIZE = (64, 64)

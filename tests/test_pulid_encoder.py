@@ -20,7 +20,6 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from keylists import meta_state_dict, read_layout
 from PIL import Image
 
 from freecure.backends.face_embedding import FaceEmbedding
@@ -45,6 +44,7 @@ from freecure.backends.pulid_encoder import (
 from freecure.cli import main
 from freecure.errors import InputError, WeightsNotFoundError
 from freecure.parsing import ParseResult
+from keylists import meta_state_dict, read_layout
 
 pytest.importorskip("timm")
 
@@ -56,7 +56,7 @@ def tower() -> EvaCLIPVision:
     torch.manual_seed(0)
     vision = EvaCLIPVision(TINY_EVA).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a skipped one shows
-        for name, p in vision.named_parameters():
+        for p in vision.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.2)
     return vision

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from keylists import meta_state_dict, read_layout
 
 from freecure.backends.pulid import IdentityRows
 from freecure.backends.pulid_flux import (
@@ -22,6 +21,7 @@ from freecure.backends.pulid_flux import (
 )
 from freecure.backends.pulid_idformer import tiny_idformer_config
 from freecure.errors import WeightsNotFoundError
+from keylists import meta_state_dict, read_layout
 
 ID_WEIGHT = 0.7
 
@@ -242,10 +242,9 @@ def test_backend_pd_row_is_the_original_forward_and_fd_row_plain_flux(flux_backe
 
 
 def test_flux_rofa_endpoints_and_start_step(flux_backend, flux_conditions):
+    from freecure.backends.base import PD
     from freecure.families import FLUX
     from freecure.sampling import FD_LANE, PD_LANE, Guidance, plain_pass, rofa_pass, same_pass
-
-    from freecure.backends.base import PD
 
     backend, c = flux_backend, flux_conditions
     guidance = Guidance(scale=1.0)

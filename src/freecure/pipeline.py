@@ -350,7 +350,9 @@ class FreeCurePipeline:
                 f"{len(generator)} generators were given for {num_images_per_prompt} images; give one per image"
             )
         if latents is not None and latents.shape[0] != num_images_per_prompt:
-            raise InputError(f"latents hold {latents.shape[0]} images, num_images_per_prompt is {num_images_per_prompt}")
+            raise InputError(
+                f"latents hold {latents.shape[0]} images, num_images_per_prompt is {num_images_per_prompt}"
+            )
         pipeline = self.pipeline
         trained = pipeline.scheduler.config.num_train_timesteps
         check_number("num_inference_steps", num_inference_steps, 2, trained, integer=True)
@@ -403,7 +405,8 @@ class FreeCurePipeline:
 
             # 1. SAME pass: FD and PD from one z_T per image, FD's attention captured.
             columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
-            store = AttentionStore(columns, latent_size, aggregation=self.config.attention_aggregation) if columns else None
+            aggregation = self.config.attention_aggregation
+            store = AttentionStore(columns, latent_size, aggregation=aggregation) if columns else None
             with stages.run("same_pass") as record, self._bar(num_inference_steps, "SAME: FD+PD") as bar:
                 capture = (
                     family.attention_capture(self.backend.denoiser, store, self.config.attention_layers)

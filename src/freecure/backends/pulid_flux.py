@@ -111,7 +111,7 @@ class PuLIDFluxModules(nn.Module):
         self,
         num_double: int = 19,
         num_single: int = 38,
-        encoder: IDFormerConfig = IDFormerConfig(),
+        encoder: IDFormerConfig = IDFormerConfig(),  # noqa: B008 (frozen, immutable)
         ca: PerceiverCAConfig = PerceiverCAConfig(),
     ):
         super().__init__()

@@ -26,9 +26,17 @@ def register(subparsers) -> None:
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15")
     parser.add_argument(
-        "--guidance-scale", type=options.finite_float(0.0, 100.0), default=None, help="default: 7.5 SD1.5, 5.0 SDXL, 3.5 (embedded) FLUX"
+        "--guidance-scale",
+        type=options.finite_float(0.0, 100.0),
+        default=None,
+        help="default: 7.5 SD1.5, 5.0 SDXL, 3.5 (embedded) FLUX",
     )
-    parser.add_argument("--true-cfg-scale", type=options.finite_float(0.0, 100.0), default=1.0, help="FLUX's true CFG (two rows per lane)")
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=options.finite_float(0.0, 100.0),
+        default=1.0,
+        help="FLUX's true CFG (two rows per lane)",
+    )
     parser.add_argument(
         "--method",
         choices=["rofa", "fasa", "both"],

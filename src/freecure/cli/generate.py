@@ -255,7 +255,12 @@ def add_method_arguments(parser) -> None:
         "FLUX's joint attention (default: up = a UNet's up path, FLUX's later half of blocks)",
     )
     group.add_argument("--fasa-mask", choices=MASK_SOURCES, default="fd-parse", help="mask on FD's keys")
-    group.add_argument("--fasa-mask-weight", type=options.finite_float(0.0, 100.0), default=1.5, help="logit offset w inside the mask (1.5)")
+    group.add_argument(
+        "--fasa-mask-weight",
+        type=options.finite_float(0.0, 100.0),
+        default=1.5,
+        help="logit offset w inside the mask (1.5)",
+    )
     group.add_argument(
         "--fasa-uncond", action="store_true", help="also change PD's unconditional row (the authors' code does not)"
     )
@@ -328,8 +333,8 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attributes import detect_class_word
     from ..atomic import atomic_folder
+    from ..attributes import detect_class_word
     from ..images import load_reference
     from ..outputs import save_output
 

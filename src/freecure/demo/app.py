@@ -151,7 +151,7 @@ def create_app(
         return preview(prompt, backend), gr.update(placeholder=guidance_placeholder(backend))
 
     def run(
-        files, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step, progress=gr.Progress()
+        files, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step, progress=gr.Progress()  # noqa: B008 (Gradio injects progress this way)
     ):
         form = {
             "prompt": prompt or "",
