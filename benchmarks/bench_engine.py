@@ -8,7 +8,8 @@ FLOPs as a trained one). FLUX runs guidance-distilled (one row per lane, embedde
 depth (a *reduced-size ratio*, not a performance figure). Text conditioning is random tensors
 of the real shapes, the identity is injected at step ``--inject-step`` as a different random
 conditioning, and the face parser is the synthetic layout parser, so every stage runs: SAME
-pass, masks, ROFA, expression restore.
+pass, masks, then each method's correction: ROFA + expression restore (``--methods rofa``, the
+paper) and FASA (``--methods fasa``, the authors' released code; UNet families only).
 
     python benchmarks/bench_engine.py --family sdxl --steps 50 --dtype fp16      # on a GPU
     python benchmarks/bench_engine.py --family flux --steps 28 --dtype bf16      # on a GPU (≈ 30 GB)
@@ -16,16 +17,20 @@ pass, masks, ROFA, expression restore.
     python benchmarks/bench_engine.py --family flux --flux-reduced --steps 6 --inject-step 2 \
         --size 512 --device cpu --dtype fp32                                      # CPU ratio
 
-Scenarios (``--scenarios``), each timing plain PD and FreeCure side by side in one process:
-``single`` (one image), ``batch`` (``--num-images`` seeds in one batch: plain PD batched the
-same way, FreeCure with ``num_images_per_prompt``), ``offload`` (model CPU offload hooks on
-the UNet and VAE, as diffusers' ``enable_model_cpu_offload``) and ``compiled`` (the UNet's
-forward under ``torch.compile``, static shapes; the first, compiling run is reported apart).
-Peak memory is CUDA's peak allocation on a GPU; on the CPU it is the peak resident set above
-the resident set before the run, sampled every 5 ms.
+Scenarios (``--scenarios``), each timing plain PD and FreeCure with every method side by side
+in one process: ``single`` (one image), ``batch`` (``--num-images`` seeds in one batch: plain PD
+batched the same way, FreeCure with ``num_images_per_prompt``), ``offload`` (model CPU offload
+hooks on the UNet and VAE, as diffusers' ``enable_model_cpu_offload``) and ``compiled`` (the
+UNet's forward under ``torch.compile``, static shapes; warm-up runs of plain PD and of each
+method compile every graph first and are reported apart as compile time, with the number of
+graphs compiled; the timed runs then reuse the graphs, so stages of equal shape compile once).
+``--compile-mode`` defaults to ``reduce-overhead`` (CUDA graphs) on a GPU and to inductor's
+default mode on the CPU, where CUDA graphs do not exist. Peak memory is CUDA's peak
+allocation on a GPU; on the CPU it is the peak resident set above the resident set before the
+run, sampled every 5 ms.
 
-Prints one JSON object per family; record results with card, date and settings in
-benchmarks/RESULTS.md.
+Prints a table and one JSON object per family (``--out`` also writes the JSON records to a
+file); record results with card, date and settings in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -153,6 +158,19 @@ def build(family: str, size: int | None, device, dtype, reduced: bool = False):
     return pipeline, size
 
 
+def conditioning_dims(family: str, pipeline) -> tuple[int, int | None]:
+    """(text embedding width, pooled width or None), read from the denoiser's config: SD1.5
+    768 / None, SDXL 2048 / 1280, FLUX 4096 / 768."""
+    if family == "flux":
+        config = pipeline.transformer.config
+        return config.joint_attention_dim, config.pooled_projection_dim
+    config = pipeline.unet.config
+    if family == "sdxl":  # the added embedding takes the pooled text and 6 time ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return config.cross_attention_dim, pooled
+    return config.cross_attention_dim, None
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -201,7 +219,10 @@ def timed(fn, device):
     return result, seconds, round(peak, 3)
 
 
-def main() -> None:
+METHODS = ("rofa", "fasa")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], nargs="+", default=["sd15", "sdxl"])
     parser.add_argument("--flux-reduced", action="store_true", help="FLUX at CPU size (2+4 blocks, 4 heads)")
@@ -214,26 +235,83 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="FreeCure methods (FLUX: rofa only)"
+    )
     parser.add_argument("--num-images", type=int, default=4, help="seeds of the batch scenario (default 4)")
-    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled scenario")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the compiled scenario (default reduce-overhead on CUDA, inductor's default on CPU)",
+    )
+    parser.add_argument("--out", default=None, help="also write the JSON records (a list) to this file")
+    args = parser.parse_args(argv)
+    if args.compile_mode is None:
+        args.compile_mode = "reduce-overhead" if torch.device(args.device).type == "cuda" else "default"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    records = []
     for family in args.family:
-        print(json.dumps(bench_family(family, args, device, dtype)), flush=True)
+        load_before = os.getloadavg()
+        record = bench_family(family, args, device, dtype)
+        record["load_average_before"] = load_before
+        records.append(record)
+        print(format_table(record), flush=True)
+        print(json.dumps(record), flush=True)
+        if args.out:
+            with open(args.out, "w") as file:
+                json.dump(records if len(records) > 1 else records[0], file, indent=1)
+                file.write("\n")
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
+def format_table(record: dict) -> str:
+    """The record as a text table: per scenario, plain PD and each method, time and peak memory."""
+    methods = record["methods"]
+    header = ["scenario", "images", "plain PD s"]
+    header += [f"{m} s (×PD)" for m in methods] + ["plain PD GiB"] + [f"{m} GiB (×PD)" for m in methods]
+    lines = [
+        f"{record['family']} {record['size']} px, {record['steps']} steps, injection {record['inject_step']}, "
+        f"{record['dtype']}, {record['device']}",
+        " | ".join(header),
+    ]
+    for name, row in record["scenarios"].items():
+        cured = row["freecure"]
+        cells = [name, str(row["images"]), f"{row['plain_pd_s']:.2f}"]
+        cells += [f"{cured[m]['s']:.2f} ({cured[m]['time_ratio']:.2f}×)" for m in methods]
+        cells.append(f"{row['plain_pd_peak_gib']:.3f}")
+        cells += [f"{cured[m]['peak_gib']:.3f} ({_ratio(cured[m]['memory_ratio'])})" for m in methods]
+        if "compile" in row:
+            cells.append(f"compile {row['compile']['total_s']:.0f} s, {row['compile']['graphs']} graphs")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
 def bench_family(family: str, args, device, dtype) -> dict:
-    """Time plain PD and FreeCure on one model family; return the record."""
+    """Time plain PD and FreeCure (each method) on one model family; return the record."""
     prompt = "a man with black curly hair, laughing happily"
     pipeline, size = build(family, args.size, device, dtype, getattr(args, "flux_reduced", False))
-    dims = {"sd15": (768, None, 77), "sdxl": (2048, 1280, 77), "flux": (4096, 768, 512)}[family]
-    backend = RandomConditioningBackend(pipeline, dims[0], dims[1], args.inject_step, tokens=dims[2])
-    config = FreeCureConfig(gamma=args.gamma, approximate_shared_uncond=args.approximate_shared_uncond)
-    freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
-    freecure.set_progress_bar_config(disable=True)
+    dim, pooled = conditioning_dims(family, pipeline)
+    tokens = 512 if family == "flux" else 77
+    backend = RandomConditioningBackend(pipeline, dim, pooled, args.inject_step, tokens=tokens)
+    methods = [m for m in getattr(args, "methods", ["rofa"]) if not (family == "flux" and m == "fasa")]
+    freecures = {}
+    for method in methods:
+        config = FreeCureConfig(
+            gamma=args.gamma, approximate_shared_uncond=args.approximate_shared_uncond, method=method
+        )
+        freecures[method] = FreeCurePipeline(backend, LayoutFaceParser(), config)
+        freecures[method].set_progress_bar_config(disable=True)
     model_family = backend.family
     guidance_scale = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5}[family]
     guidance = model_family.loop_guidance(guidance_scale)
@@ -252,9 +330,9 @@ def bench_family(family: str, args, device, dtype) -> dict:
         z = plain_pass(backend, scheduler, z, conditions, guidance, (size, size))
         return decode_latents(pipeline, z, (size, size))
 
-    def cured(n: int = 1):
+    def cured(method: str, n: int = 1):
         generators = [torch.Generator().manual_seed(k) for k in range(n)]
-        return freecure(
+        return freecures[method](
             prompt,
             [],
             class_word="man",
@@ -268,26 +346,35 @@ def bench_family(family: str, args, device, dtype) -> dict:
 
     def side_by_side(n: int = 1) -> dict:
         plain_runs = [timed(lambda: plain(n), device) for _ in range(args.repeats)]
-        cured_runs = [timed(lambda: cured(n), device) for _ in range(args.repeats)]
         plain_s = statistics.median(r[1] for r in plain_runs)
-        cured_s = statistics.median(r[1] for r in cured_runs)
-        plain_peak, cured_peak = max(r[2] for r in plain_runs), max(r[2] for r in cured_runs)
-        output = cured_runs[-1][0]
-        output = output[0] if isinstance(output, list) else output
-        return {
+        plain_peak = max(r[2] for r in plain_runs)
+        row = {
             "images": n,
             "plain_pd_s": round(plain_s, 3),
-            "freecure_s": round(cured_s, 3),
-            "time_ratio": round(cured_s / plain_s, 3),
-            "freecure_images_per_s": round(n / cured_s, 4),
+            "plain_pd_images_per_s": round(n / plain_s, 4),
             "plain_pd_peak_gib": plain_peak,
-            "freecure_peak_gib": cured_peak,
-            "memory_ratio": round(cured_peak / plain_peak, 3) if plain_peak else None,
-            "stages": {
-                s.name: dict(s=round(s.seconds, 3), calls=s.unet_calls, items=s.batch_items, bytes=s.freecure_bytes)
-                for s in output.stages
-            },
+            "freecure": {},
         }
+        for method in methods:
+            runs = [timed(lambda: cured(method, n), device) for _ in range(args.repeats)]
+            cured_s = statistics.median(r[1] for r in runs)
+            cured_peak = max(r[2] for r in runs)
+            output = runs[-1][0]
+            output = output[0] if isinstance(output, list) else output
+            row["freecure"][method] = {
+                "s": round(cured_s, 3),
+                "time_ratio": round(cured_s / plain_s, 3),
+                "images_per_s": round(n / cured_s, 4),
+                "peak_gib": cured_peak,
+                "memory_ratio": round(cured_peak / plain_peak, 3) if plain_peak else None,
+                "stages": {
+                    s.name: dict(
+                        s=round(s.seconds, 3), calls=s.unet_calls, items=s.batch_items, bytes=s.freecure_bytes
+                    )
+                    for s in output.stages
+                },
+            }
+        return row
 
     # warm-up: one denoiser call (kernels, allocator)
     with torch.no_grad():
@@ -307,26 +394,35 @@ def bench_family(family: str, args, device, dtype) -> dict:
             with model_offload(backend.denoiser, pipeline.vae, device):
                 scenarios["offload"] = side_by_side(1)
         elif scenario == "compiled":
-            from freecure.runtime import compile_denoiser
-
-            forward = backend.denoiser.forward
-            compile_denoiser(backend.denoiser, mode=args.compile_mode)
-            warm = time.perf_counter()
-            plain(1), cured(1)  # every stage's graph compiles here
-            row = side_by_side(1)
-            row["compile_warmup_s"] = round(time.perf_counter() - warm, 1)
+            with compiled(backend.denoiser, args.compile_mode):
+                compile_record, graphs_before = {"mode": args.compile_mode}, _graphs_compiled()
+                # warm-up runs: every graph (plain PD's, then each method's stage shapes) compiles
+                # here; later runs with the same shapes and processors reuse the graphs
+                for name, fn in [("plain_pd", plain)] + [(m, lambda m=m: cured(m)) for m in methods]:
+                    graphs = _graphs_compiled()
+                    warm = time.perf_counter()
+                    fn()
+                    compile_record[f"{name}_warmup_s"] = round(time.perf_counter() - warm, 1)
+                    compile_record[f"{name}_graphs"] = _graphs_compiled() - graphs
+                compile_record["total_s"] = round(time.perf_counter() - start, 1)
+                compile_record["graphs"] = _graphs_compiled() - graphs_before
+                row = side_by_side(1)
+                row["compile"] = compile_record
+                # graphs compiled during the timed runs (0 when the warm-up covered every shape)
+                compile_record["graphs_while_timed"] = _graphs_compiled() - graphs_before - compile_record["graphs"]
             scenarios["compiled"] = row
-            backend.denoiser.forward = forward
         scenarios[scenario]["scenario_wall_s"] = round(time.perf_counter() - start, 1)
     if "single" in scenarios and "batch" in scenarios:
         single, batch = scenarios["single"], scenarios["batch"]
-        batch["throughput_vs_single_freecure"] = round(
-            batch["freecure_images_per_s"] / single["freecure_images_per_s"], 3
-        )
+        batch["throughput_vs_single"] = {
+            m: round(batch["freecure"][m]["images_per_s"] / single["freecure"][m]["images_per_s"], 3)
+            for m in methods
+        }
     if "single" in scenarios and "compiled" in scenarios:
-        scenarios["compiled"]["compiled_freecure_vs_eager_plain_pd"] = round(
-            scenarios["compiled"]["freecure_s"] / scenarios["single"]["plain_pd_s"], 3
-        )
+        scenarios["compiled"]["compiled_freecure_vs_eager_plain_pd"] = {
+            m: round(scenarios["compiled"]["freecure"][m]["s"] / scenarios["single"]["plain_pd_s"], 3)
+            for m in methods
+        }
     return {
         "family": family,
         "flux_reduced": family == "flux" and getattr(args, "flux_reduced", False),
@@ -339,11 +435,32 @@ def bench_family(family: str, args, device, dtype) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "approximate_shared_uncond": args.approximate_shared_uncond,
-        "methods": ["rofa"],
+        "methods": methods,
+        "repeats": args.repeats,
         "scenarios": scenarios,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def compiled(denoiser, mode: str):
+    """The denoiser's forward under ``torch.compile`` (:func:`freecure.runtime.compile_denoiser`)."""
+    from freecure.runtime import compile_denoiser
+
+    forward = denoiser.forward
+    compile_denoiser(denoiser, mode=None if mode == "default" else mode)
+    try:
+        yield
+    finally:
+        denoiser.forward = forward
 
 
 @contextlib.contextmanager
