@@ -41,6 +41,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -256,17 +257,19 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     records = []
+
+    def write(partial: dict) -> None:  # after every scenario, so a long run keeps what it measured
+        if args.out:
+            with open(args.out, "w") as file:
+                json.dump(records + [partial] if records or len(args.family) > 1 else partial, file, indent=1)
+                file.write("\n")
+
     for family in args.family:
-        load_before = os.getloadavg()
-        record = bench_family(family, args, device, dtype)
-        record["load_average_before"] = load_before
+        record = bench_family(family, args, device, dtype, on_scenario=write)
+        write(record)
         records.append(record)
         print(format_table(record), flush=True)
         print(json.dumps(record), flush=True)
-        if args.out:
-            with open(args.out, "w") as file:
-                json.dump(records if len(records) > 1 else records[0], file, indent=1)
-                file.write("\n")
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -297,8 +300,11 @@ def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}×"
 
 
-def bench_family(family: str, args, device, dtype) -> dict:
-    """Time plain PD and FreeCure (each method) on one model family; return the record."""
+def bench_family(family: str, args, device, dtype, on_scenario=None) -> dict:
+    """Time plain PD and FreeCure (each method) on one model family; return the record.
+
+    ``on_scenario(record)`` is called after each scenario with the record so far.
+    """
     prompt = "a man with black curly hair, laughing happily"
     pipeline, size = build(family, args.size, device, dtype, getattr(args, "flux_reduced", False))
     dim, pooled = conditioning_dims(family, pipeline)
@@ -348,6 +354,7 @@ def bench_family(family: str, args, device, dtype) -> dict:
         plain_runs = [timed(lambda: plain(n), device) for _ in range(args.repeats)]
         plain_s = statistics.median(r[1] for r in plain_runs)
         plain_peak = max(r[2] for r in plain_runs)
+        log(f"{family}: {n} image(s), plain PD {plain_s:.2f} s")
         row = {
             "images": n,
             "plain_pd_s": round(plain_s, 3),
@@ -359,6 +366,7 @@ def bench_family(family: str, args, device, dtype) -> dict:
             runs = [timed(lambda: cured(method, n), device) for _ in range(args.repeats)]
             cured_s = statistics.median(r[1] for r in runs)
             cured_peak = max(r[2] for r in runs)
+            log(f"{family}: {n} image(s), FreeCure {method} {cured_s:.2f} s")
             output = runs[-1][0]
             output = output[0] if isinstance(output, list) else output
             row["freecure"][method] = {
@@ -384,8 +392,26 @@ def bench_family(family: str, args, device, dtype) -> dict:
         rows = [backend._random(0).to(device, dtype)] * 2
         backend.predict_noise(torch.cat([z, z]).to(dtype), scheduler.timesteps[0], rows, ("uncond", "fd"), 0, (size, size))
     scenarios = {}
+    record = {
+        "family": family,
+        "flux_reduced": family == "flux" and getattr(args, "flux_reduced", False),
+        "size": size,
+        "steps": args.steps,
+        "inject_step": args.inject_step,
+        "gamma": args.gamma,
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "load_average_before": os.getloadavg(),
+        "approximate_shared_uncond": args.approximate_shared_uncond,
+        "methods": methods,
+        "repeats": args.repeats,
+        "scenarios": scenarios,
+        "torch": torch.__version__,
+    }
     for scenario in args.scenarios:
         start = time.perf_counter()
+        log(f"{family}: scenario {scenario} ...")
         if scenario == "single":
             scenarios["single"] = side_by_side(1)
         elif scenario == "batch":
@@ -404,6 +430,8 @@ def bench_family(family: str, args, device, dtype) -> dict:
                     fn()
                     compile_record[f"{name}_warmup_s"] = round(time.perf_counter() - warm, 1)
                     compile_record[f"{name}_graphs"] = _graphs_compiled() - graphs
+                    log(f"{family}: compiled warm-up {name}: {compile_record[f'{name}_warmup_s']} s, "
+                        f"{compile_record[f'{name}_graphs']} graphs")
                 compile_record["total_s"] = round(time.perf_counter() - start, 1)
                 compile_record["graphs"] = _graphs_compiled() - graphs_before
                 row = side_by_side(1)
@@ -412,6 +440,10 @@ def bench_family(family: str, args, device, dtype) -> dict:
                 compile_record["graphs_while_timed"] = _graphs_compiled() - graphs_before - compile_record["graphs"]
             scenarios["compiled"] = row
         scenarios[scenario]["scenario_wall_s"] = round(time.perf_counter() - start, 1)
+        scenarios[scenario]["load_average_after"] = os.getloadavg()
+        log(f"{family}: scenario {scenario} done in {scenarios[scenario]['scenario_wall_s']} s")
+        if on_scenario is not None:
+            on_scenario(record)
     if "single" in scenarios and "batch" in scenarios:
         single, batch = scenarios["single"], scenarios["batch"]
         batch["throughput_vs_single"] = {
@@ -423,24 +455,13 @@ def bench_family(family: str, args, device, dtype) -> dict:
             m: round(scenarios["compiled"]["freecure"][m]["s"] / scenarios["single"]["plain_pd_s"], 3)
             for m in methods
         }
-    return {
-        "family": family,
-        "flux_reduced": family == "flux" and getattr(args, "flux_reduced", False),
-        "size": size,
-        "steps": args.steps,
-        "inject_step": args.inject_step,
-        "gamma": args.gamma,
-        "dtype": args.dtype,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-        "approximate_shared_uncond": args.approximate_shared_uncond,
-        "methods": methods,
-        "repeats": args.repeats,
-        "scenarios": scenarios,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    record.update(load_average=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return record
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries the table and the JSON)."""
+    print(time.strftime("%H:%M:%S"), message, file=sys.stderr, flush=True)
 
 
 def _graphs_compiled() -> int:
