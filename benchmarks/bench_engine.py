@@ -61,6 +61,7 @@ from freecure.configs import (
     SDXL_VAE,
 )
 from freecure.configs import SD_SCHEDULER as SCHEDULER
+from freecure.fasa import FasaConfig
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
 from freecure.sampling import plain_pass
 from freecure.tiny import LayoutFaceParser
@@ -239,6 +240,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="FreeCure methods (FLUX: rofa only)"
     )
+    parser.add_argument(
+        "--fasa-mask-source",
+        choices=["fd-parse", "same"],
+        default="fd-parse",
+        help="FASA's mask (same cost either way; at 64 px the synthetic parser's FD regions vanish on the "
+        "8×8 latent grid, use 'same' there)",
+    )
     parser.add_argument("--num-images", type=int, default=4, help="seeds of the batch scenario (default 4)")
     parser.add_argument(
         "--compile-mode",
@@ -314,7 +322,10 @@ def bench_family(family: str, args, device, dtype, on_scenario=None) -> dict:
     freecures = {}
     for method in methods:
         config = FreeCureConfig(
-            gamma=args.gamma, approximate_shared_uncond=args.approximate_shared_uncond, method=method
+            gamma=args.gamma,
+            approximate_shared_uncond=args.approximate_shared_uncond,
+            method=method,
+            fasa=FasaConfig(mask_source=getattr(args, "fasa_mask_source", "fd-parse")),
         )
         freecures[method] = FreeCurePipeline(backend, LayoutFaceParser(), config)
         freecures[method].set_progress_bar_config(disable=True)
@@ -351,26 +362,38 @@ def bench_family(family: str, args, device, dtype, on_scenario=None) -> dict:
         )
 
     def side_by_side(n: int = 1) -> dict:
-        plain_runs = [timed(lambda: plain(n), device) for _ in range(args.repeats)]
-        plain_s = statistics.median(r[1] for r in plain_runs)
-        plain_peak = max(r[2] for r in plain_runs)
+        # repeats interleave plain PD and the methods, so a drift in the machine's load (shared
+        # CPUs) falls on all of them alike; each time is the median of its repeats
+        runs = {name: [] for name in ["plain_pd", *methods]}
+        for _ in range(args.repeats):
+            runs["plain_pd"].append(timed(lambda: plain(n), device))
+            for method in methods:
+                runs[method].append(timed(lambda: cured(method, n), device))
+        plain_s = statistics.median(r[1] for r in runs["plain_pd"])
+        plain_peak = max(r[2] for r in runs["plain_pd"])
         log(f"{family}: {n} image(s), plain PD {plain_s:.2f} s")
         row = {
             "images": n,
             "plain_pd_s": round(plain_s, 3),
+            "plain_pd_runs_s": [round(r[1], 2) for r in runs["plain_pd"]],
             "plain_pd_images_per_s": round(n / plain_s, 4),
             "plain_pd_peak_gib": plain_peak,
             "freecure": {},
         }
         for method in methods:
-            runs = [timed(lambda: cured(method, n), device) for _ in range(args.repeats)]
-            cured_s = statistics.median(r[1] for r in runs)
-            cured_peak = max(r[2] for r in runs)
+            cured_s = statistics.median(r[1] for r in runs[method])
+            cured_peak = max(r[2] for r in runs[method])
             log(f"{family}: {n} image(s), FreeCure {method} {cured_s:.2f} s")
-            output = runs[-1][0]
+            output = runs[method][-1][0]
             output = output[0] if isinstance(output, list) else output
+            # the correction stage must have run, else the time is the SAME pass's alone
+            corrected = any(s.name == method and s.unet_calls for s in output.stages)
+            if not corrected:
+                log(f"{family}: WARNING: the {method} stage did not run (empty mask): its time is not FreeCure's")
             row["freecure"][method] = {
+                "corrected": corrected,
                 "s": round(cured_s, 3),
+                "runs_s": [round(r[1], 2) for r in runs[method]],
                 "time_ratio": round(cured_s / plain_s, 3),
                 "images_per_s": round(n / cured_s, 4),
                 "peak_gib": cured_peak,

@@ -44,6 +44,7 @@ def test_bench_times_plain_pd_and_each_method_side_by_side(bench, monkeypatch):
             assert cured["time_ratio"] == pytest.approx(cured["s"] / row["plain_pd_s"], rel=1e-2)
             # each method ran its own correction stage and not the other's
             ran = {stage for stage, s in cured["stages"].items() if s["calls"]}
+            assert cured["corrected"]
             assert method in ran and ({"rofa", "fasa"} - {method}).isdisjoint(ran)
     batch = record["scenarios"]["batch"]["freecure"]
     assert batch["fasa"]["stages"]["fasa"]["items"] == 3 * 2 * 3  # 3 steps, 3 rows per image, 2 images
