@@ -8,7 +8,9 @@ FLOPs as a trained one). FLUX runs guidance-distilled (one row per lane, embedde
 depth (a *reduced-size ratio*, not a performance figure). Text conditioning is random tensors
 of the real shapes, the identity is injected at step ``--inject-step`` as a different random
 conditioning, and the face parser is the synthetic layout parser, so every stage runs: SAME
-pass, masks, ROFA, expression restore.
+pass, masks, then each method's correction: ROFA + expression restore (``--methods rofa``, the
+paper) and FASA (``--methods fasa``, the authors' released code; a family the engine cannot run
+FASA on is skipped with a note).
 
     python benchmarks/bench_engine.py --family sdxl --steps 50 --dtype fp16      # on a GPU
     python benchmarks/bench_engine.py --family flux --steps 28 --dtype bf16      # on a GPU (≈ 30 GB)
@@ -16,16 +18,20 @@ pass, masks, ROFA, expression restore.
     python benchmarks/bench_engine.py --family flux --flux-reduced --steps 6 --inject-step 2 \
         --size 512 --device cpu --dtype fp32                                      # CPU ratio
 
-Scenarios (``--scenarios``), each timing plain PD and FreeCure side by side in one process:
-``single`` (one image), ``batch`` (``--num-images`` seeds in one batch: plain PD batched the
-same way, FreeCure with ``num_images_per_prompt``), ``offload`` (model CPU offload hooks on
-the UNet and VAE, as diffusers' ``enable_model_cpu_offload``) and ``compiled`` (the UNet's
-forward under ``torch.compile``, static shapes; the first, compiling run is reported apart).
-Peak memory is CUDA's peak allocation on a GPU; on the CPU it is the peak resident set above
-the resident set before the run, sampled every 5 ms.
+Scenarios (``--scenarios``), each timing plain PD and FreeCure with every method side by side
+in one process: ``single`` (one image), ``batch`` (``--num-images`` seeds in one batch: plain PD
+batched the same way, FreeCure with ``num_images_per_prompt``), ``offload`` (model CPU offload
+hooks on the UNet and VAE, as diffusers' ``enable_model_cpu_offload``) and ``compiled`` (the
+UNet's forward under ``torch.compile``, static shapes; warm-up runs of plain PD and of each
+method compile every graph first and are reported apart as compile time, with the number of
+graphs compiled; the timed runs then reuse the graphs, so stages of equal shape compile once).
+``--compile-mode`` defaults to ``reduce-overhead`` (CUDA graphs) on a GPU and to inductor's
+default mode on the CPU, where CUDA graphs do not exist. Peak memory is CUDA's peak
+allocation on a GPU; on the CPU it is the peak resident set above the resident set before the
+run, sampled every 5 ms.
 
-Prints one JSON object per family; record results with card, date and settings in
-benchmarks/RESULTS.md.
+Prints a table and one JSON object per family (``--out`` also writes the JSON records to a
+file); record results with card, date and settings in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -55,6 +62,8 @@ from freecure.configs import (
     SDXL_VAE,
 )
 from freecure.configs import SD_SCHEDULER as SCHEDULER
+from freecure.errors import InputError
+from freecure.fasa import FasaConfig
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
 from freecure.sampling import plain_pass
 from freecure.tiny import LayoutFaceParser
@@ -153,6 +162,19 @@ def build(family: str, size: int | None, device, dtype, reduced: bool = False):
     return pipeline, size
 
 
+def conditioning_dims(family: str, pipeline) -> tuple[int, int | None]:
+    """(text embedding width, pooled width or None), read from the denoiser's config: SD1.5
+    768 / None, SDXL 2048 / 1280, FLUX 4096 / 768."""
+    if family == "flux":
+        config = pipeline.transformer.config
+        return config.joint_attention_dim, config.pooled_projection_dim
+    config = pipeline.unet.config
+    if family == "sdxl":  # the added embedding takes the pooled text and 6 time ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return config.cross_attention_dim, pooled
+    return config.cross_attention_dim, None
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -201,7 +223,10 @@ def timed(fn, device):
     return result, seconds, round(peak, 3)
 
 
-def main() -> None:
+METHODS = ("rofa", "fasa")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], nargs="+", default=["sd15", "sdxl"])
     parser.add_argument("--flux-reduced", action="store_true", help="FLUX at CPU size (2+4 blocks, 4 heads)")
@@ -214,26 +239,109 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--approximate-shared-uncond", action="store_true")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="FreeCure methods (one the family lacks is skipped)",
+    )
+    parser.add_argument(
+        "--fasa-mask-source",
+        choices=["fd-parse", "same"],
+        default="fd-parse",
+        help="FASA's mask (same cost either way; at 64 px the synthetic parser's FD regions vanish on the "
+        "8×8 latent grid, use 'same' there)",
+    )
     parser.add_argument("--num-images", type=int, default=4, help="seeds of the batch scenario (default 4)")
-    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled scenario")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the compiled scenario (default reduce-overhead on CUDA, inductor's default on CPU)",
+    )
+    parser.add_argument("--out", default=None, help="also write the JSON records (a list) to this file")
+    args = parser.parse_args(argv)
+    if args.compile_mode is None:
+        args.compile_mode = "reduce-overhead" if torch.device(args.device).type == "cuda" else "default"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    records = []
+
+    def write(partial: dict) -> None:  # after every scenario, so a long run keeps what it measured
+        if args.out:
+            with open(args.out, "w") as file:
+                json.dump(records + [partial] if records or len(args.family) > 1 else partial, file, indent=1)
+                file.write("\n")
+
     for family in args.family:
-        print(json.dumps(bench_family(family, args, device, dtype)), flush=True)
+        record = bench_family(family, args, device, dtype, on_scenario=write)
+        write(record)
+        records.append(record)
+        print(format_table(record), flush=True)
+        print(json.dumps(record), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def bench_family(family: str, args, device, dtype) -> dict:
-    """Time plain PD and FreeCure on one model family; return the record."""
+def format_table(record: dict) -> str:
+    """The record as a text table: per scenario, plain PD and each method, time and peak memory."""
+    methods = record["methods"]
+    header = ["scenario", "images", "plain PD s"]
+    header += [f"{m} s (×PD)" for m in methods] + ["plain PD GiB"] + [f"{m} GiB (×PD)" for m in methods]
+    lines = [
+        f"{record['family']} {record['size']} px, {record['steps']} steps, injection {record['inject_step']}, "
+        f"{record['dtype']}, {record['device']}",
+        " | ".join(header),
+    ]
+    for name, row in record["scenarios"].items():
+        cured = row["freecure"]
+        cells = [name, str(row["images"]), f"{row['plain_pd_s']:.2f}"]
+        cells += [f"{cured[m]['s']:.2f} ({cured[m]['time_ratio']:.2f}×)" for m in methods]
+        cells.append(f"{row['plain_pd_peak_gib']:.3f}")
+        cells += [f"{cured[m]['peak_gib']:.3f} ({_ratio(cured[m]['memory_ratio'])})" for m in methods]
+        if "compile" in row:
+            cells.append(
+                f"eager plain PD {row['eager_plain_pd']['s']:.2f} s; "
+                f"compile {row['compile']['total_s']:.0f} s, {row['compile']['graphs']} graphs"
+            )
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def bench_family(family: str, args, device, dtype, on_scenario=None) -> dict:
+    """Time plain PD and FreeCure (each method) on one model family; return the record.
+
+    ``on_scenario(record)`` is called after each scenario with the record so far.
+    """
     prompt = "a man with black curly hair, laughing happily"
     pipeline, size = build(family, args.size, device, dtype, getattr(args, "flux_reduced", False))
-    dims = {"sd15": (768, None, 77), "sdxl": (2048, 1280, 77), "flux": (4096, 768, 512)}[family]
-    backend = RandomConditioningBackend(pipeline, dims[0], dims[1], args.inject_step, tokens=dims[2])
-    config = FreeCureConfig(gamma=args.gamma, approximate_shared_uncond=args.approximate_shared_uncond)
-    freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
-    freecure.set_progress_bar_config(disable=True)
+    dim, pooled = conditioning_dims(family, pipeline)
+    tokens = 512 if family == "flux" else 77
+    backend = RandomConditioningBackend(pipeline, dim, pooled, args.inject_step, tokens=tokens)
+    freecures = {}
+    for method in getattr(args, "methods", ["rofa"]):
+        config = FreeCureConfig(
+            gamma=args.gamma,
+            approximate_shared_uncond=args.approximate_shared_uncond,
+            method=method,
+            fasa=FasaConfig(mask_source=getattr(args, "fasa_mask_source", "fd-parse")),
+        )
+        try:
+            freecures[method] = FreeCurePipeline(backend, LayoutFaceParser(), config)
+        except InputError as error:  # a family without the method (FASA on FLUX before it landed)
+            log(f"{family}: method {method} skipped: {error}")
+            continue
+        freecures[method].set_progress_bar_config(disable=True)
+    methods = list(freecures)
     model_family = backend.family
     guidance_scale = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5}[family]
     guidance = model_family.loop_guidance(guidance_scale)
@@ -252,9 +360,9 @@ def bench_family(family: str, args, device, dtype) -> dict:
         z = plain_pass(backend, scheduler, z, conditions, guidance, (size, size))
         return decode_latents(pipeline, z, (size, size))
 
-    def cured(n: int = 1):
+    def cured(method: str, n: int = 1):
         generators = [torch.Generator().manual_seed(k) for k in range(n)]
-        return freecure(
+        return freecures[method](
             prompt,
             [],
             class_word="man",
@@ -266,28 +374,66 @@ def bench_family(family: str, args, device, dtype) -> dict:
             num_images_per_prompt=n,
         )
 
-    def side_by_side(n: int = 1) -> dict:
-        plain_runs = [timed(lambda: plain(n), device) for _ in range(args.repeats)]
-        cured_runs = [timed(lambda: cured(n), device) for _ in range(args.repeats)]
-        plain_s = statistics.median(r[1] for r in plain_runs)
-        cured_s = statistics.median(r[1] for r in cured_runs)
-        plain_peak, cured_peak = max(r[2] for r in plain_runs), max(r[2] for r in cured_runs)
-        output = cured_runs[-1][0]
-        output = output[0] if isinstance(output, list) else output
-        return {
+    def side_by_side(n: int = 1, baselines: dict | None = None) -> dict:
+        # repeats interleave plain PD, the methods and any extra baseline (name → callable), so a
+        # drift in the machine's load (shared CPUs) falls on all of them alike; each time is the
+        # median of its repeats
+        baselines = baselines or {}
+        runs = {name: [] for name in ["plain_pd", *methods, *baselines]}
+        for _ in range(args.repeats):
+            runs["plain_pd"].append(timed(lambda: plain(n), device))
+            for method in methods:
+                runs[method].append(timed(lambda: cured(method, n), device))
+            for name, fn in baselines.items():
+                runs[name].append(timed(fn, device))
+        plain_s = statistics.median(r[1] for r in runs["plain_pd"])
+        plain_peak = max(r[2] for r in runs["plain_pd"])
+        log(f"{family}: {n} image(s), plain PD {plain_s:.2f} s")
+        row = {
             "images": n,
             "plain_pd_s": round(plain_s, 3),
-            "freecure_s": round(cured_s, 3),
-            "time_ratio": round(cured_s / plain_s, 3),
-            "freecure_images_per_s": round(n / cured_s, 4),
+            "plain_pd_runs_s": [round(r[1], 2) for r in runs["plain_pd"]],
+            "plain_pd_best_s": round(min(r[1] for r in runs["plain_pd"]), 3),
+            "plain_pd_images_per_s": round(n / plain_s, 4),
             "plain_pd_peak_gib": plain_peak,
-            "freecure_peak_gib": cured_peak,
-            "memory_ratio": round(cured_peak / plain_peak, 3) if plain_peak else None,
-            "stages": {
-                s.name: dict(s=round(s.seconds, 3), calls=s.unet_calls, items=s.batch_items, bytes=s.freecure_bytes)
-                for s in output.stages
-            },
+            "freecure": {},
         }
+        for name in baselines:
+            row[name] = {
+                "s": round(statistics.median(r[1] for r in runs[name]), 3),
+                "runs_s": [round(r[1], 2) for r in runs[name]],
+                "best_s": round(min(r[1] for r in runs[name]), 3),
+                "peak_gib": max(r[2] for r in runs[name]),
+            }
+            log(f"{family}: {n} image(s), {name} {row[name]['s']:.2f} s")
+        for method in methods:
+            cured_s = statistics.median(r[1] for r in runs[method])
+            cured_peak = max(r[2] for r in runs[method])
+            log(f"{family}: {n} image(s), FreeCure {method} {cured_s:.2f} s")
+            output = runs[method][-1][0]
+            output = output[0] if isinstance(output, list) else output
+            # the correction stage must have run, else the time is the SAME pass's alone
+            corrected = any(s.name == method and s.unet_calls for s in output.stages)
+            if not corrected:
+                log(f"{family}: WARNING: the {method} stage did not run (empty mask): its time is not FreeCure's")
+            row["freecure"][method] = {
+                "corrected": corrected,
+                "s": round(cured_s, 3),
+                "runs_s": [round(r[1], 2) for r in runs[method]],
+                "time_ratio": round(cured_s / plain_s, 3),
+                # fastest repeat over fastest repeat: on a contended machine noise only adds time
+                "best_time_ratio": round(min(r[1] for r in runs[method]) / min(r[1] for r in runs["plain_pd"]), 3),
+                "images_per_s": round(n / cured_s, 4),
+                "peak_gib": cured_peak,
+                "memory_ratio": round(cured_peak / plain_peak, 3) if plain_peak else None,
+                "stages": {
+                    s.name: dict(
+                        s=round(s.seconds, 3), calls=s.unet_calls, items=s.batch_items, bytes=s.freecure_bytes
+                    )
+                    for s in output.stages
+                },
+            }
+        return row
 
     # warm-up: one denoiser call (kernels, allocator)
     with torch.no_grad():
@@ -297,37 +443,7 @@ def bench_family(family: str, args, device, dtype) -> dict:
         rows = [backend._random(0).to(device, dtype)] * 2
         backend.predict_noise(torch.cat([z, z]).to(dtype), scheduler.timesteps[0], rows, ("uncond", "fd"), 0, (size, size))
     scenarios = {}
-    for scenario in args.scenarios:
-        start = time.perf_counter()
-        if scenario == "single":
-            scenarios["single"] = side_by_side(1)
-        elif scenario == "batch":
-            scenarios["batch"] = side_by_side(args.num_images)
-        elif scenario == "offload":
-            with model_offload(backend.denoiser, pipeline.vae, device):
-                scenarios["offload"] = side_by_side(1)
-        elif scenario == "compiled":
-            from freecure.runtime import compile_denoiser
-
-            forward = backend.denoiser.forward
-            compile_denoiser(backend.denoiser, mode=args.compile_mode)
-            warm = time.perf_counter()
-            plain(1), cured(1)  # every stage's graph compiles here
-            row = side_by_side(1)
-            row["compile_warmup_s"] = round(time.perf_counter() - warm, 1)
-            scenarios["compiled"] = row
-            backend.denoiser.forward = forward
-        scenarios[scenario]["scenario_wall_s"] = round(time.perf_counter() - start, 1)
-    if "single" in scenarios and "batch" in scenarios:
-        single, batch = scenarios["single"], scenarios["batch"]
-        batch["throughput_vs_single_freecure"] = round(
-            batch["freecure_images_per_s"] / single["freecure_images_per_s"], 3
-        )
-    if "single" in scenarios and "compiled" in scenarios:
-        scenarios["compiled"]["compiled_freecure_vs_eager_plain_pd"] = round(
-            scenarios["compiled"]["freecure_s"] / scenarios["single"]["plain_pd_s"], 3
-        )
-    return {
+    record = {
         "family": family,
         "flux_reduced": family == "flux" and getattr(args, "flux_reduced", False),
         "size": size,
@@ -337,13 +453,99 @@ def bench_family(family: str, args, device, dtype) -> dict:
         "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
+        "load_average_before": os.getloadavg(),
         "approximate_shared_uncond": args.approximate_shared_uncond,
-        "methods": ["rofa"],
+        "methods": methods,
+        "repeats": args.repeats,
         "scenarios": scenarios,
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    for scenario in args.scenarios:
+        start = time.perf_counter()
+        log(f"{family}: scenario {scenario} ...")
+        if scenario == "single":
+            scenarios["single"] = side_by_side(1)
+        elif scenario == "batch":
+            scenarios["batch"] = side_by_side(args.num_images)
+        elif scenario == "offload":
+            with model_offload(backend.denoiser, pipeline.vae, device):
+                scenarios["offload"] = side_by_side(1)
+        elif scenario == "compiled":
+            with compiled(backend.denoiser, args.compile_mode) as eager_forward:
+                compile_record, graphs_before = {"mode": args.compile_mode}, _graphs_compiled()
+                # warm-up runs: every graph (plain PD's, then each method's stage shapes) compiles
+                # here; later runs with the same shapes and processors reuse the graphs
+                for name, fn in [("plain_pd", plain)] + [(m, lambda m=m: cured(m)) for m in methods]:
+                    graphs = _graphs_compiled()
+                    warm = time.perf_counter()
+                    fn()
+                    compile_record[f"{name}_warmup_s"] = round(time.perf_counter() - warm, 1)
+                    compile_record[f"{name}_graphs"] = _graphs_compiled() - graphs
+                    log(f"{family}: compiled warm-up {name}: {compile_record[f'{name}_warmup_s']} s, "
+                        f"{compile_record[f'{name}_graphs']} graphs")
+                compile_record["total_s"] = round(time.perf_counter() - start, 1)
+                compile_record["graphs"] = _graphs_compiled() - graphs_before
+
+                def eager_plain():  # the same process, the same load: plain PD without compiling
+                    compiled_forward, backend.denoiser.forward = backend.denoiser.forward, eager_forward
+                    try:
+                        return plain(1)
+                    finally:
+                        backend.denoiser.forward = compiled_forward
+
+                row = side_by_side(1, baselines={"eager_plain_pd": eager_plain})
+                row["compile"] = compile_record
+                # graphs compiled during the timed runs (0 when the warm-up covered every shape)
+                compile_record["graphs_while_timed"] = _graphs_compiled() - graphs_before - compile_record["graphs"]
+            scenarios["compiled"] = row
+        scenarios[scenario]["scenario_wall_s"] = round(time.perf_counter() - start, 1)
+        scenarios[scenario]["load_average_after"] = os.getloadavg()
+        log(f"{family}: scenario {scenario} done in {scenarios[scenario]['scenario_wall_s']} s")
+        if on_scenario is not None:
+            on_scenario(record)
+    if "single" in scenarios and "batch" in scenarios:
+        single, batch = scenarios["single"], scenarios["batch"]
+        batch["throughput_vs_single"] = {
+            m: round(batch["freecure"][m]["images_per_s"] / single["freecure"][m]["images_per_s"], 3)
+            for m in methods
+        }
+    if "compiled" in scenarios:  # against eager plain PD timed in the same scenario, interleaved
+        row = scenarios["compiled"]
+        row["compiled_freecure_vs_eager_plain_pd"] = {
+            m: round(row["freecure"][m]["s"] / row["eager_plain_pd"]["s"], 3) for m in methods
+        }
+        row["compiled_plain_pd_vs_eager_plain_pd"] = round(row["plain_pd_s"] / row["eager_plain_pd"]["s"], 3)
+        row["best_compiled_freecure_vs_eager_plain_pd"] = {
+            m: round(min(row["freecure"][m]["runs_s"]) / row["eager_plain_pd"]["best_s"], 3) for m in methods
+        }
+    record.update(load_average=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return record
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries the table and the JSON)."""
+    print(time.strftime("%H:%M:%S"), message, file=sys.stderr, flush=True)
+
+
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def compiled(denoiser, mode: str):
+    """The denoiser's forward under ``torch.compile`` (:func:`freecure.runtime.compile_denoiser`);
+    yields the eager forward."""
+    from freecure.runtime import compile_denoiser
+
+    forward = denoiser.forward
+    compile_denoiser(denoiser, mode=None if mode == "default" else mode)
+    try:
+        yield forward
+    finally:
+        denoiser.forward = forward
 
 
 @contextlib.contextmanager
