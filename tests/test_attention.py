@@ -64,3 +64,34 @@ def test_unknown_aggregation_is_refused():
     store.add("a", constant_layer(4, 1.0, 1))
     with pytest.raises(ValueError, match="aggregation"):
         store.aggregate()
+
+
+def test_capture_under_torch_compile_does_not_recompile_per_step():
+    """The per-layer step count lives in a tensor: a compiled layer with the capture processor
+    traces a bounded number of graphs (first call, then every later one), not one per step, and
+    records the same mean as eager."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from freecure.attention import CrossAttentionCapture
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
+    hidden, text = torch.randn(3, 16, 16), torch.randn(3, 5, 8)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    stores = {}
+    for mode in ("eager", "compiled"):
+        store = stores[mode] = AttentionStore((1, 2), (4, 4))
+        attn.set_processor(CrossAttentionCapture(AttnProcessor2_0(), store, "layer"))
+        forward = attn.forward if mode == "eager" else torch.compile(attn.forward, backend=counting, fullgraph=True)
+        for step in range(6):
+            store.set_context(step, (1, 2))
+            forward(hidden * (1 + step), encoder_hidden_states=text)
+    torch._dynamo.reset()
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 6 steps: the capture recompiles per step"
+    assert float(stores["compiled"].counts["layer"]) == 6
+    torch.testing.assert_close(stores["compiled"].layer_map("layer", 1), stores["eager"].layer_map("layer", 1))

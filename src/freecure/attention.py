@@ -54,7 +54,7 @@ class AttentionStore:
     latent_size: tuple[int, int]
     aggregation: str = "per_resolution"
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
     steps_seen: set[int] = field(default_factory=set)
     step: int | None = None
     row: int | tuple[int, ...] | None = None
@@ -79,12 +79,14 @@ class AttentionStore:
         probs = probs.detach().float()
         if probs.ndim == 3 and probs.shape[0] == 1:
             probs = probs[0]
+        # The count is a tensor updated in place, not a Python int: under torch.compile an int
+        # would be guarded on by value and every step would compile a new graph.
         if layer in self.sums:
             self.sums[layer] += probs
             self.counts[layer] += 1
         else:
             self.sums[layer] = probs.clone()
-            self.counts[layer] = 1
+            self.counts[layer] = torch.ones((), dtype=probs.dtype, device=probs.device)
 
     def layer_map(self, layer: str, image: int = 0) -> torch.Tensor:
         """Mean over steps of one layer: (h, w, tokens) on that layer's own grid."""
