@@ -112,3 +112,35 @@ def test_capture_compiles_without_graph_breaks_and_compiled_run_matches(tmp_path
     compile_denoiser(unet, backend=counting)
     _assert_same_run(eager, _run(pipe))
     assert graphs  # the stages ran through compiled graphs
+
+
+@pytest.mark.parametrize("method", ["rofa", "fasa"])
+def test_compiled_stages_do_not_recompile_as_steps_grow(tmp_path, astronaut, method):
+    """Each stage compiles once per batch layout: a second run with twice the steps traces no new
+    graph (with the capture's step count a Python int, every captured step was a new graph)."""
+    from freecure.pipeline import FreeCureConfig
+    from freecure.runtime import compile_denoiser
+    from freecure.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compile_denoiser(pipe.unet, backend=counting)
+    config = FreeCureConfig(method=method)
+    fc = FreeCurePipeline(TokenFusionBackend(pipe, RandomProjectionIdentityEncoder(32)), LayoutFaceParser(), config)
+    fc.set_progress_bar_config(disable=True)
+    reference = astronaut.resize((64, 64))
+    counts = []
+    for steps in (3, 6):
+        result = fc(PROMPT, [reference], class_word="man", num_inference_steps=steps, inject_step=1,
+                    generator=torch.Generator().manual_seed(0))
+        assert any(s.ran for s in result.stages if s.name in ("rofa", "fasa"))  # the correction ran, compiled
+        counts.append(len(graphs))
+    torch._dynamo.reset()
+    assert counts[0] > 0 and counts[1] == counts[0], f"graphs after 3 and 6 steps: {counts}"
