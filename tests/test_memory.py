@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from PIL import Image
@@ -72,14 +70,6 @@ def test_cli_memory_options_fail_cleanly(tmp_path, capsys):
     assert "do not combine" in capsys.readouterr().err
 
 
-slow = pytest.mark.skipif(
-    os.environ.get("FREECURE_SLOW") != "1",
-    reason="dynamo tracing of the UNet takes minutes on 2 cores; FREECURE_SLOW=1",
-)
-
-
-@pytest.mark.slow
-@slow
 def test_capture_compiles_without_graph_breaks_and_compiled_run_matches(tmp_path):
     """``fullgraph=True`` fails on any graph break: the UNet with the capture processor on its
     recorded layers traces as one graph. Then a whole FreeCure run through the compiled
