@@ -11,7 +11,13 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from freecure.analysis import IdentityInterpolation, InterpolationState, attention_study, cross_attention_groups, prepare
+from freecure.analysis import (
+    IdentityInterpolation,
+    InterpolationState,
+    attention_study,
+    cross_attention_groups,
+    prepare,
+)
 from freecure.analysis.interpolate import HandedIdentityInterpolation, interpolate_across_calls
 from freecure.analysis.maps import TokenMapStore, record_token_maps
 from freecure.analysis.studies import _joint_run, check_rows_in_one_call

@@ -79,7 +79,6 @@ class InterpolationState:
         if pd != row:
             self.rows = (pd, row)
 
-
     @contextlib.contextmanager
     def in_call(self, origin: Sequence[int], pd_maps: bool = False, identity: bool = False) -> Iterator[None]:
         """For a backend that splits the engine's rows over calls of its own models
@@ -90,7 +89,10 @@ class InterpolationState:
         self.rows = None  # engine indices do not hold inside this call
         if engine is not None:
             pd, fd = engine
-            self.call = (origin.index(pd) if identity and pd in origin else None, origin.index(fd) if fd in origin else None)
+            self.call = (
+                origin.index(pd) if identity and pd in origin else None,
+                origin.index(fd) if fd in origin else None,
+            )
         try:
             yield
         finally:
