@@ -31,7 +31,6 @@ from freecure.sampling import FD_LANE, PD_LANE, same_layout
 from freecure.tiny import LayoutFaceParser, build_tiny_sd15_components
 
 PROMPT = "a man with black curly hair, laughing happily"
-STEP = 2  # a subject-enhancement step: PD = the SDM alone, FD = FD's model alone
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +68,14 @@ def test_refusal_kept_for_backends_that_split_rows_without_mapping_them():
     check_rows_in_one_call(SimpleNamespace(name="mapped", rows_in_one_call=False, analysis_across_calls=True))
 
 
-def test_maps_are_fd_calls_fd_row_and_sdm_calls_identity_row(freecure, setup):
+@pytest.mark.parametrize("step", [1, 2])  # SNF (FD's rows in one call with the TDM's), SDM alone
+def test_maps_are_fd_calls_fd_row_and_sdm_calls_identity_row(freecure, setup, step):
     backend = freecure.backend
     assert setup.conditions.inject_step == 1 and setup.alignment.identity_pairs == ((2, 2),)
     fd_calls, sdm_calls = [], []
     handles = [_calls(backend.pipeline.unet, fd_calls), _calls(backend.sdm_unet, sdm_calls)]
     try:
-        study = attention_study(freecure, setup, steps=[STEP], groups=["up"])
+        study = attention_study(freecure, setup, steps=[step], groups=["up"])
     finally:
         for handle in handles:
             handle.remove()
@@ -98,16 +98,17 @@ def test_maps_are_fd_calls_fd_row_and_sdm_calls_identity_row(freecure, setup):
         return store.group_map(lane, layers)
 
     # PD: the SDM's call of the step is [s(c), s(c̃)]; its maps are row 1's, the identity prompt's
-    latents, _, embeds = sdm_calls[STEP - 1]
+    # (at the SNF step not averaged with the TDM's e(c) row, which has no identity token)
+    latents, _, embeds = sdm_calls[step - 1]
     assert torch.equal(embeds[1], setup.conditions.pd.prompt_embeds[0].to(embeds))
     assert not torch.equal(embeds[0], embeds[1])
-    torch.testing.assert_close(study.full["pd", "up"], replay(backend.sdm_unet, sdm_calls[STEP - 1], 1, "pd"))
-    # FD: FD's model's call holds the step's non-PD rows; FD's conditional row among them
-    rows = same_layout(STEP, setup.conditions, False).rows
+    torch.testing.assert_close(study.full["pd", "up"], replay(backend.sdm_unet, sdm_calls[step - 1], 1, "pd"))
+    # FD: FD's model's call holds the step's non-PD rows first (then, at SNF, the TDM's e(∅), e(c))
+    rows = same_layout(step, setup.conditions, False).rows
     others = [k for k, (_, key) in enumerate(rows) if key not in (PD, "pd_uncond")]
     fd_row = others.index(rows.index((FD_LANE, FD)))
-    assert torch.equal(fd_calls[STEP][2][fd_row], setup.conditions.fd.prompt_embeds[0].to(embeds))
-    torch.testing.assert_close(study.full["fd", "up"], replay(backend.pipeline.unet, fd_calls[STEP], fd_row, "fd"))
+    assert torch.equal(fd_calls[step][2][fd_row], setup.conditions.fd.prompt_embeds[0].to(embeds))
+    torch.testing.assert_close(study.full["fd", "up"], replay(backend.pipeline.unet, fd_calls[step], fd_row, "fd"))
     assert not torch.allclose(study.full["fd", "up"], study.full["pd", "up"])
     assert backend.analysis_state is None  # handed back after the run
 
