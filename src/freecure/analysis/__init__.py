@@ -3,9 +3,11 @@
 
 from .grids import GridLayout, labelled_grid
 from .interpolate import (
+    HandedIdentityInterpolation,
     IdentityInterpolation,
     InterpolationState,
     JointIdentityInterpolation,
+    interpolate_across_calls,
     interpolate_identity,
     interpolate_scores,
 )
@@ -25,6 +27,7 @@ from .tokens import TokenAlignment, align_tokens, identity_in_prompt
 __all__ = [
     "AttentionStudy",
     "GridLayout",
+    "HandedIdentityInterpolation",
     "IdentityInterpolation",
     "InterpolationState",
     "InterpolationStudy",
@@ -42,6 +45,7 @@ __all__ = [
     "cross_query_key",
     "cross_value",
     "identity_in_prompt",
+    "interpolate_across_calls",
     "interpolate_identity",
     "interpolate_scores",
     "interpolation_study",

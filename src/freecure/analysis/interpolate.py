@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,10 +62,15 @@ class InterpolationState:
     approximate_shared_uncond: bool = False
     guided: bool = True  # CFG rows per lane (False: guidance-distilled FLUX, one row)
     rows: tuple[int, int] | None = None  # (PD row, FD row)
+    #: across calls (Face-diffuser): (PD row, FD row) of the current call, either None when the
+    #: call holds no such row; FD's scores per layer handed from FD's call to PD's
+    call: tuple[int | None, int | None] | None = None
+    fd_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def set_context(self, step: int, row: int | None) -> None:
         """Called by the SAME loop: active from the injection step on (PD has no identity before)."""
         self.rows = None
+        self.fd_scores = {}  # one step's hand-over
         row = single_row(row)
         if row is None or step < self.conditions.inject_step:
             return
@@ -73,6 +78,25 @@ class InterpolationState:
         pd = pd_row(layout.rows, fallback=row)
         if pd != row:
             self.rows = (pd, row)
+
+    @contextlib.contextmanager
+    def in_call(self, origin: Sequence[int], pd_maps: bool = False, identity: bool = False) -> Iterator[None]:
+        """For a backend that splits the engine's rows over calls of its own models
+        (Face-diffuser): during one of its calls, FD's row (from FD's engine row) records its
+        scores, and PD's row (from PD's engine row, only in a call that sees the identity
+        token, ``identity``) gets eq. 3 with the scores FD's call of this step recorded."""
+        engine = self.rows
+        self.rows = None  # engine indices do not hold inside this call
+        if engine is not None:
+            pd, fd = engine
+            self.call = (
+                origin.index(pd) if identity and pd in origin else None,
+                origin.index(fd) if fd in origin else None,
+            )
+        try:
+            yield
+        finally:
+            self.rows, self.call = engine, None
 
 
 class IdentityInterpolation:
@@ -96,14 +120,57 @@ class IdentityInterpolation:
     def change(self, attn, hidden_states, text, pd: int, fd: int) -> torch.Tensor:
         """to_out-projected (softmax(S') − softmax(S))·V_p for PD's row, (queries, channels)."""
         text = text[0] if isinstance(text, tuple) else text
-        scores_p = cross_attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
         scores_f = cross_attention_logits(attn, hidden_states[fd : fd + 1], text[fd : fd + 1])
+        return self.change_from(attn, hidden_states, text, pd, scores_f)
+
+    def change_from(self, attn, hidden_states, text, pd: int, scores_f: torch.Tensor) -> torch.Tensor:
+        """:meth:`change` with FD's scores S^f given, (heads, queries, keys)."""
+        text = text[0] if isinstance(text, tuple) else text
+        scores_p = cross_attention_logits(attn, hidden_states[pd : pd + 1], text[pd : pd + 1])
         mixed = interpolate_scores(scores_p, scores_f, self.state.pairs, self.state.alpha)
         delta = mixed.softmax(dim=-1) - scores_p.softmax(dim=-1)  # (heads, queries, keys)
         value = cross_value(attn, text[pd : pd + 1])
         change = attn.batch_to_head_dim(delta @ value)[0]  # (queries, heads·d)
         projected = change.to(attn.to_out[0].weight.dtype) @ attn.to_out[0].weight.T  # linear, no bias
         return (projected / attn.rescale_output_factor).to(hidden_states.dtype)
+
+
+class HandedIdentityInterpolation(IdentityInterpolation):
+    """:class:`IdentityInterpolation` across calls (Face-diffuser): in FD's call it records FD's
+    scores S^f at this layer; in the call that sees the identity token it adds eq. 3's change
+    to PD's row with them (:meth:`InterpolationState.in_call`)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if self.state.call is None or encoder_hidden_states is None:
+            return out
+        if hidden_states.ndim != 3:
+            raise ValueError(f"{self.name}: eq. 3 interpolation expects (batch, tokens, channels) hidden states")
+        pd, fd = self.state.call
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        with torch.no_grad():
+            if fd is not None:
+                self.state.fd_scores[self.name] = cross_attention_logits(
+                    attn, hidden_states[fd : fd + 1], text[fd : fd + 1]
+                )
+            if pd is not None:
+                if self.name not in self.state.fd_scores:
+                    raise RuntimeError(f"{self.name}: PD's call came before FD's call of the step recorded its scores")
+                out = out.clone()
+                out[pd] = out[pd] + self.change_from(attn, hidden_states, text, pd, self.state.fd_scores[self.name])
+        return out
+
+
+@contextlib.contextmanager
+def interpolate_across_calls(models, state: InterpolationState, layers: Sequence[str]) -> Iterator[InterpolationState]:
+    """Install :class:`HandedIdentityInterpolation` on ``layers`` of each UNet of a backend that
+    splits its rows over calls (FD's model records, the identity model applies)."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(
+                installed_processors(model, layers, lambda name, inner: HandedIdentityInterpolation(inner, state, name))
+            )
+        yield state
 
 
 @contextlib.contextmanager

@@ -97,6 +97,24 @@ class TokenMapStore:
         layout = same_layout(step, self.conditions, self.approximate_shared_uncond, guided=self.guided)
         self.rows = {"fd": row, "pd": pd_row(layout.rows, fallback=row)}
 
+    @contextlib.contextmanager
+    def in_call(self, origin: Sequence[int], pd_maps: bool, identity: bool = False) -> Iterator[None]:
+        """For a backend that splits the engine's rows over calls of its own models
+        (Face-diffuser): during one of its calls, address FD's and PD's rows by their index in
+        that call. ``origin``: the engine row of each row of the call; FD's map is the row from
+        FD's engine row (only FD's model sees it); PD's the row from PD's engine row in the
+        call the backend marks ``pd_maps``. ``identity`` (the call sees c̃) is not needed here."""
+        engine = self.rows
+        self.rows = {
+            lane: origin.index(row)
+            for lane, row in engine.items()
+            if row in origin and (lane == "fd" or pd_maps)
+        }
+        try:
+            yield
+        finally:
+            self.rows = engine
+
     def add(self, lane: str, layer: str, probs: torch.Tensor) -> None:
         key = (lane, layer)
         probs = probs.detach().float()

@@ -18,7 +18,7 @@ from ..backends.base import Conditions
 from ..errors import InputError
 from ..images import load_image
 from ..sampling import Guidance, check_scheduler, same_layout, same_pass
-from .interpolate import InterpolationState, interpolate_identity
+from .interpolate import InterpolationState, interpolate_across_calls, interpolate_identity
 from .maps import LANES, TokenMapStore, cross_attention_groups, is_joint, record_token_maps
 from .tokens import TokenAlignment, align_tokens
 
@@ -112,13 +112,39 @@ def prepare(
     )
 
 
+def across_calls(backend) -> bool:
+    """Whether ``backend`` splits the engine's rows over calls of its own models *and* maps them
+    onto those calls for the analyses (``analysis_across_calls``: Face-diffuser, whose calls
+    tell ``backend.analysis_state`` the engine row of each of their rows)."""
+    return bool(getattr(backend, "analysis_across_calls", False))
+
+
+def analysed_models(backend) -> list:
+    """The networks whose attention the analyses record or change: every UNet of a backend that
+    maps its rows across calls (Face-diffuser: FD's model, the SDM, a separate TDM), else the denoiser."""
+    return list(backend.unets()) if across_calls(backend) else [backend.denoiser]
+
+
+@contextlib.contextmanager
+def handed_to(backend, state):
+    """Let a backend that maps the analyses onto its own calls read ``state`` for the block."""
+    if not across_calls(backend):
+        yield
+        return
+    backend.analysis_state = state
+    try:
+        yield
+    finally:
+        backend.analysis_state = None
+
+
 def check_rows_in_one_call(backend) -> None:
-    """Refuse backends whose PD rows are not rows of the engine's one denoiser call (Face-diffuser
-    evaluates PD with its own UNets on rows of its own; :func:`freecure.fasa.rows_in_one_call`);
-    :class:`RowGuard` checks it again at run time."""
+    """Refuse backends whose PD rows are not rows of the engine's one denoiser call
+    (:func:`freecure.fasa.rows_in_one_call`) unless they map the rows onto their own calls
+    (:func:`across_calls`: Face-diffuser); :class:`RowGuard` checks it again at run time."""
     from ..fasa import rows_in_one_call
 
-    if not rows_in_one_call(backend):
+    if not rows_in_one_call(backend) and not across_calls(backend):
         raise InputError(
             f"the attention studies need FD's and PD's rows in one denoiser call, but the {backend.name} backend "
             "evaluates PD with its own models in separate calls; analyse another backend"
@@ -137,7 +163,9 @@ def _joint_run(freecure, setup: StudySetup, store, on_step) -> torch.Tensor:
     backend.family.set_timesteps(scheduler, setup.steps, backend.device, setup.latent_size)
     approximate = freecure.config.approximate_shared_uncond
     guard = RowGuard(store, setup.conditions, approximate, setup.guidance.cfg, backend.name)
-    with guard.watching(backend.denoiser):
+    # a backend that maps the rows onto its own calls is handed the store instead of guarded
+    watching = handed_to(backend, store) if across_calls(backend) else guard.watching(backend.denoiser)
+    with watching:
         same = same_pass(
             backend,
             scheduler,
@@ -251,7 +279,9 @@ def attention_study(
         counts = {_heads(freecure.backend.denoiser, name) for name in layers}
         if not heads or any(not 0 <= h < min(counts) for h in heads):
             raise InputError(f"head indices must lie in 0..{min(counts) - 1}, got {list(heads)}")
-    with record_token_maps(freecure.backend.denoiser, store, layers):
+    with contextlib.ExitStack() as recording:
+        for model in analysed_models(freecure.backend):
+            recording.enter_context(record_token_maps(model, store, layers))
         z0 = _joint_run(freecure, setup, store, on_step)
     fd_image, pd_image = decode_latents(freecure.pipeline, z0, setup.image_size)
     alignment = setup.alignment
@@ -374,8 +404,12 @@ def interpolation_study(
             state = InterpolationState(
                 setup.conditions, float(alpha), pairs, freecure.config.approximate_shared_uncond, setup.guidance.cfg
             )
-            model = freecure.backend.denoiser
-            context = interpolate_identity(model, state, layers) if alpha else contextlib.nullcontext()
+            if not alpha:
+                context = contextlib.nullcontext()
+            elif across_calls(freecure.backend):
+                context = interpolate_across_calls(analysed_models(freecure.backend), state, layers)
+            else:
+                context = interpolate_identity(freecure.backend.denoiser, state, layers)
             with context:
                 z0 = _joint_run(freecure, setup, state, None)
             fd, pd = decode_latents(freecure.pipeline, z0, setup.image_size)

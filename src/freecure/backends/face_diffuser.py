@@ -191,6 +191,11 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     #: (docs/engine.md, "FASA on Face-diffuser")
     rows_in_one_call = False
     fasa_across_calls = True
+    #: the attention analyses (``freecure analyze``) likewise map the engine's FD and PD rows onto
+    #: these calls: each call tells ``analysis_state`` the engine row of each of its rows and
+    #: whether it is PD's call (:meth:`_analysis_call`; docs/analysis.md, "Face-diffuser")
+    analysis_across_calls = True
+    analysis_state = None
 
     def __init__(
         self,
@@ -368,7 +373,7 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
         others = [i for i, key in enumerate(keys) if key not in (PD, PD_UNCOND)]
         if not conds and (not unconds or self.fasa_state is not None):
             # before injection PD is FD's model; FASA's rows then hold a lone pd_uncond row
-            return self._unet(self.pipeline.unet, latents, timestep, rows, list(range(len(keys))))
+            return self._unet(self.pipeline.unet, latents, timestep, rows, list(range(len(keys))), pd_maps=True)
         pairs = self._pd_pairs(latents, keys, conds, unconds, others)
         pd = rows[pairs[0][1]]
         if not isinstance(pd, FaceDiffuserConditioning):
@@ -391,17 +396,22 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
         pd_origin = [row for pair in pairs for row in pair]
         if stage in (TEXT, SNF) and self.fd_is_tdm:
             eps = self._unet(
-                self.tdm_unet, torch.cat([fd_latents, pd_latents]), timestep, fd_rows + tdm_rows, others + pd_origin
+                self.tdm_unet,
+                torch.cat([fd_latents, pd_latents]),
+                timestep,
+                fd_rows + tdm_rows,
+                others + pd_origin,
+                pd_maps=stage == TEXT,
             )
             eps_fd, e = eps[: len(others)], eps[len(others) :]
         else:
             eps_fd = self._unet(self.pipeline.unet, fd_latents, timestep, fd_rows, others) if others else None
             if stage in (TEXT, SNF):
-                e = self._unet(self.tdm_unet, pd_latents, timestep, tdm_rows, pd_origin)
+                e = self._unet(self.tdm_unet, pd_latents, timestep, tdm_rows, pd_origin, pd_maps=stage == TEXT)
         # 2. SDM rows: s(c), s(c̃) per PD pair.
         if stage in (SNF, SUBJECT):
             sdm_rows = [row for _, c in pairs for row in (pd.text_only, rows[c])]
-            s = self._unet(self.sdm_unet, pd_latents, timestep, sdm_rows, pd_origin)
+            s = self._unet(self.sdm_unet, pd_latents, timestep, sdm_rows, pd_origin, pd_maps=True, identity=True)
 
         # 3. Per-row predictions whose guided combination is the original's ε.
         out = torch.empty_like(latents)
@@ -436,11 +446,35 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
                 raise ValueError(f"face-diffuser: rows {u} (pd_uncond) and {c} (pd) hold different latents")
         return pairs
 
-    def _unet(self, unet, latents, timestep, rows: Sequence[TextConditioning], origin=None) -> torch.Tensor:
-        """One call of ``unet``; ``origin``: the engine row of each row, for FASA's hand-over."""
+    def _unet(
+        self,
+        unet,
+        latents,
+        timestep,
+        rows: Sequence[TextConditioning],
+        origin=None,
+        pd_maps: bool = False,
+        identity: bool = False,
+    ) -> torch.Tensor:
+        """One call of ``unet``; ``origin``: the engine row of each row, for FASA's and the
+        analyses' hand-over; ``pd_maps``/``identity``: see :meth:`_analysis_call`."""
         embeds = torch.cat([row.prompt_embeds for row in rows]).to(device=latents.device, dtype=unet.dtype)
-        with self._fasa_call(origin):
+        with self._fasa_call(origin), self._analysis_call(origin, pd_maps, identity):
             return unet(latents.to(unet.dtype), timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    @contextlib.contextmanager
+    def _analysis_call(self, origin: Sequence[int] | None, pd_maps: bool, identity: bool):
+        """During an analysis (``analysis_state`` set by :mod:`freecure.analysis.studies`), tell it
+        which engine row each row of this call comes from. ``pd_maps``: this call's row from PD's
+        conditional engine row stands for PD (the SDM's s(c̃) from SNF on; the TDM's e(c) in the
+        text-only stage; FD's model before injection, where PD's row is FD's). ``identity``: the
+        call sees the identity-augmented prompt c̃ (the SDM's), where eq. 3 applies."""
+        state = self.analysis_state
+        if state is None or origin is None:
+            yield
+            return
+        with state.in_call(list(origin), pd_maps=pd_maps, identity=identity):
+            yield
 
     @contextlib.contextmanager
     def _fasa_call(self, origin: Sequence[int] | None):
