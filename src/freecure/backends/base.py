@@ -113,6 +113,9 @@ class Backend:
     #: FD's keys handed to PD's calls); it reads the state from ``fasa_state`` during the FASA pass.
     fasa_across_calls: bool = False
     fasa_state = None
+    #: Likewise for the attention studies (``freecure analyze``): a backend that tells the
+    #: studies' state which engine row each row of its own calls came from (Face-diffuser).
+    analysis_across_calls: bool = False
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
