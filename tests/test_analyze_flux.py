@@ -24,8 +24,8 @@ from freecure.analysis import (
     joint_text_maps,
     prepare,
 )
-from freecure.analysis.maps import JointText
 from freecure.analysis.studies import _joint_run
+from freecure.attention import JointContext
 from freecure.attributes import parse_prompt
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
 from freecure.cli import main
@@ -135,7 +135,7 @@ def test_joint_processor_equals_an_explicit_joint_softmax(tiny_flux, kind):
     image, text = torch.randn(2, 16, 32, generator=g), torch.randn(2, T, 32, generator=g)
     states, encoder = (image, text) if kind == "double" else (torch.cat([text, image], dim=1), None)
     inner = attn.processor
-    context = JointText(T)
+    context = JointContext(T)
     m, n = 1, 3
     with torch.no_grad():
         plain = inner(attn, states, encoder, None, (cos, sin))

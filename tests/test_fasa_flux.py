@@ -12,7 +12,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from PIL import Image
 
-from freecure.attention import _JointContext
+from freecure.attention import JointContext
 from freecure.attributes import parse_prompt
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
 from freecure.cli import main
@@ -61,7 +61,7 @@ def call(processor, attn, kind, image, text, rotary):
 
 
 def fasa_processor(state):
-    return FoundationAwareJointAttention(FluxAttnProcessor(), state, "test", _JointContext(TEXT), chunk_size=5)
+    return FoundationAwareJointAttention(FluxAttnProcessor(), state, "test", JointContext(TEXT), chunk_size=5)
 
 
 def rope(x, cos, sin):

@@ -214,8 +214,9 @@ def capture_cross_attention(
 
 # --- FLUX: joint attention over [text; image] ---------------------------------------------
 @dataclass
-class _JointContext:
-    """Shared by the FLUX capture processors of one transformer: the current text length."""
+class JointContext:
+    """Shared by the FLUX processors of one transformer: the current call's text length
+    (single-stream blocks see [text; image] as one sequence and need it)."""
 
     text_tokens: int | None = None
 
@@ -232,7 +233,7 @@ class JointAttentionCapture:
     blocks pass them concatenated, and the text length comes from the transformer call.
     """
 
-    def __init__(self, inner, store: AttentionStore, name: str, context: _JointContext, chunk_size: int = 256):
+    def __init__(self, inner, store: AttentionStore, name: str, context: JointContext, chunk_size: int = 256):
         self.inner = inner
         self.store = store
         self.name = name
@@ -314,18 +315,27 @@ def capture_joint_attention(
     unknown = [name for name in layers if name not in transformer.attn_processors]
     if not layers or unknown:
         raise ValueError(f"no such FLUX attention processors to capture: {unknown or 'none given'}")
-    context = _JointContext()
+    def capture(name, inner, context):
+        return JointAttentionCapture(inner, store, name, context, chunk_size)
+
+    with installed_joint_processors(transformer, layers, capture):
+        yield store
+
+
+@contextlib.contextmanager
+def installed_joint_processors(transformer, layers: Sequence[str], make) -> Iterator[JointContext]:
+    """:func:`installed_processors` for FLUX joint attention: ``make(name, inner, context)`` on
+    ``layers``, with a forward pre-hook telling ``context`` each call's text length; processors
+    and hook removed in ``finally``."""
+    context = JointContext()
 
     def text_length(module, args, kwargs):
         text = kwargs.get("encoder_hidden_states")
         context.text_tokens = None if text is None else int(text.shape[1])
 
-    def capture(name, inner):
-        return JointAttentionCapture(inner, store, name, context, chunk_size)
-
-    with installed_processors(transformer, layers, capture):
+    with installed_processors(transformer, layers, lambda name, inner: make(name, inner, context)):
         handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
         try:
-            yield store
+            yield context
         finally:
             handle.remove()

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .attention import _grid_for, _JointContext, installed_processors
+from .attention import _grid_for, installed_joint_processors, installed_processors
 from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
 from .errors import InputError
 from .masks import to_latent_resolution
@@ -485,21 +485,11 @@ def foundation_aware_joint_attention(
     """Install :class:`FoundationAwareJointAttention` around the processors of ``layers`` of a
     FLUX transformer for the duration of the block (the originals are restored in
     ``finally``); a pre-hook tells single-stream blocks the text length of each call."""
-    context = _JointContext()
-
-    def text_length(module, args, kwargs):
-        text = kwargs.get("encoder_hidden_states")
-        context.text_tokens = None if text is None else int(text.shape[1])
-
-    def wrap(name, inner):
+    def wrap(name, inner, context):
         return FoundationAwareJointAttention(inner, state, name, context, chunk_size)
 
-    with installed_processors(transformer, layers, wrap):
-        handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
-        try:
-            yield state
-        finally:
-            handle.remove()
+    with installed_joint_processors(transformer, layers, wrap):
+        yield state
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import installed_processors
+from ..attention import installed_joint_processors, installed_processors
 from ..sampling import same_layout
-from .maps import is_joint, joint_processors, pd_row, single_row
+from .maps import is_joint, pd_row, single_row
 from .projections import cross_attention_logits, cross_value, joint_projection
 
 
@@ -178,7 +178,7 @@ def interpolate_identity(model, state: InterpolationState, layers: Sequence[str]
     """Install :class:`IdentityInterpolation` (UNet) or :class:`JointIdentityInterpolation`
     (FLUX) on ``layers``; originals restored in ``finally``."""
     if is_joint(model):
-        with joint_processors(
+        with installed_joint_processors(
             model, layers, lambda name, inner, text: JointIdentityInterpolation(inner, state, name, text)
         ):
             yield state
@@ -225,7 +225,7 @@ class JointIdentityInterpolation:
 
         def row(r):
             text = None if encoder_hidden_states is None else encoder_hidden_states[r : r + 1]
-            return joint_projection(attn, hidden_states[r : r + 1], text, rotary, self.text.tokens)
+            return joint_projection(attn, hidden_states[r : r + 1], text, rotary, self.text.text_tokens)
 
         joint_p, joint_f = row(pd), row(fd)
         changes = []

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..attention import _grid_for, installed_processors
+from ..attention import JointContext, _grid_for, installed_joint_processors, installed_processors
 from ..backends.base import FD, PD
 from ..sampling import PD_LANE, same_layout
 from .projections import cross_attention_logits, joint_projection
@@ -197,13 +197,6 @@ def record_token_maps(model, store: TokenMapStore, layers: Sequence[str]) -> Ite
 
 
 # --- FLUX: joint attention over [text; image] ---------------------------------------------
-@dataclass
-class JointText:
-    """The text length of the current FLUX transformer call (single-stream blocks need it)."""
-
-    tokens: int | None = None
-
-
 class JointTokenMapRecorder:
     """FLUX attention processor: delegate the output to ``inner``; record FD's and PD's image
     queries' joint softmax on each text key, plus their total mass on the image keys.
@@ -212,7 +205,7 @@ class JointTokenMapRecorder:
     image queries × 4608 joint keys × 24 heads).
     """
 
-    def __init__(self, inner, store: TokenMapStore, name: str, text: JointText, chunk_size: int = 256):
+    def __init__(self, inner, store: TokenMapStore, name: str, text: JointContext, chunk_size: int = 256):
         self.inner, self.store, self.name, self.text, self.chunk_size = inner, store, name, text, chunk_size
 
     def __call__(
@@ -233,7 +226,7 @@ class JointTokenMapRecorder:
     def _record(self, attn, hidden_states, encoder_hidden_states, rotary) -> None:
         for lane, row in self.store.rows.items():
             text = None if encoder_hidden_states is None else encoder_hidden_states[row : row + 1]
-            joint = joint_projection(attn, hidden_states[row : row + 1], text, rotary, self.text.tokens)
+            joint = joint_projection(attn, hidden_states[row : row + 1], text, rotary, self.text.text_tokens)
             self.store.add(lane, self.name, joint_text_maps(joint, self.store.heads, self.chunk_size))
 
 
@@ -251,24 +244,6 @@ def joint_text_maps(joint, heads: Sequence[int] | None = None, chunk_size: int =
     return torch.cat(maps)
 
 
-@contextlib.contextmanager
-def joint_processors(transformer, layers: Sequence[str], make) -> Iterator[JointText]:
-    """Install ``make(name, inner, text)`` on ``layers`` of a FLUX transformer, with a pre-hook
-    telling ``text`` each call's text length; processors and hook removed in ``finally``."""
-    text = JointText()
-
-    def text_length(module, args, kwargs):
-        states = kwargs.get("encoder_hidden_states")
-        text.tokens = None if states is None else int(states.shape[1])
-
-    with installed_processors(transformer, layers, lambda name, inner: make(name, inner, text)):
-        handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
-        try:
-            yield text
-        finally:
-            handle.remove()
-
-
 def is_joint(model) -> bool:
     """Whether ``model`` is a FLUX transformer (joint attention) rather than a UNet."""
     return any(block_group(name) in JOINT_GROUPS for name in model.attn_processors)
@@ -277,8 +252,9 @@ def is_joint(model) -> bool:
 @contextlib.contextmanager
 def record_joint_token_maps(transformer, store: TokenMapStore, layers: Sequence[str]) -> Iterator[TokenMapStore]:
     """Install :class:`JointTokenMapRecorder` on ``layers`` of a FLUX transformer."""
+
     def make(name, inner, text):
         return JointTokenMapRecorder(inner, store, name, text)
 
-    with joint_processors(transformer, layers, make):
+    with installed_joint_processors(transformer, layers, make):
         yield store
