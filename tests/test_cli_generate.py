@@ -68,6 +68,27 @@ def test_generate_tiny_writes_every_stage_and_a_manifest(tmp_path, ref, capsys):
     assert strip.width > 3 * 64
 
 
+def test_tiny_models_leave_no_files_in_the_temp_directory(tmp_path, ref, monkeypatch):
+    """--tiny saves and reloads its random models through diffusers' files; they go once loaded
+    (every run used to leave ≈ 30 MB in /tmp), and the models still run without them."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    from freecure.cli.eval import TINY_CLIP, _prompt_consistency
+    from freecure.tiny import tiny_flux_pipeline
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert generate(tmp_path, tmp_path / "run", "--steps", "2") == 0
+    flux = tiny_flux_pipeline()
+    scorer = _prompt_consistency(argparse.Namespace(clip_model=TINY_CLIP), torch.device("cpu"))
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("freecure-tiny")] == []
+    assert flux.transformer.dtype == torch.float32 and scorer.name == TINY_CLIP
+
+
 def test_generate_never_overwrites_without_asking(tmp_path, ref, capsys):
     out = tmp_path / "run"
     assert generate(tmp_path, out) == 0

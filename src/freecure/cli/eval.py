@@ -171,8 +171,9 @@ def _prompt_consistency(args, device):
     from ..evaluation.metrics import PromptConsistency, build_tiny_clip
 
     if args.clip_model == TINY_CLIP:
-        directory = build_tiny_clip(Path(tempfile.mkdtemp(prefix="freecure-tiny-clip-")))
-        scorer = PromptConsistency.from_pretrained(str(directory), device=device)
+        with tempfile.TemporaryDirectory(prefix="freecure-tiny-clip-") as scratch:
+            directory = build_tiny_clip(Path(scratch))
+            scorer = PromptConsistency.from_pretrained(str(directory), device=device)
         scorer.name = TINY_CLIP
         return scorer
     return PromptConsistency.from_pretrained(args.clip_model, device=device)
