@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from .projections import joint_projection
+
 AGGREGATIONS = ("per_resolution", "per_layer")
 
 
@@ -264,32 +266,11 @@ class JointAttentionCapture:
         )
 
     def _row_map(self, attn, hidden_states, encoder_hidden_states, rotary, row: int) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        def heads(x):
-            return x.unflatten(-1, (-1, attn.head_dim))  # (1, tokens, heads, head_dim)
-
-        states = hidden_states[row : row + 1]
-        if encoder_hidden_states is not None:  # double-stream block: text has its own projections
-            text = encoder_hidden_states[row : row + 1]
-            text_tokens = text.shape[1]
-            image = states
-            key = torch.cat(
-                [attn.norm_added_k(heads(attn.add_k_proj(text))), attn.norm_k(heads(attn.to_k(image)))], dim=1
-            )
-        else:  # single-stream block: states are [text; image] already
-            text_tokens = self.context.text_tokens
-            if text_tokens is None:
-                raise RuntimeError("the text length of the FLUX call is unknown: capture outside the transformer")
-            image = states[:, text_tokens:]
-            key = attn.norm_k(heads(attn.to_k(states)))
-        query = attn.norm_q(heads(attn.to_q(image)))
-        if rotary is not None:
-            cos, sin = rotary
-            key = apply_rotary_emb(key, (cos, sin), sequence_dim=1)
-            query = apply_rotary_emb(query, (cos[text_tokens:], sin[text_tokens:]), sequence_dim=1)
-        key = key[0].transpose(0, 1).float()  # (heads, joint keys, d)
-        query = query[0].transpose(0, 1).float()  # (heads, image queries, d)
+        text = None if encoder_hidden_states is None else encoder_hidden_states[row : row + 1]
+        joint = joint_projection(
+            attn, hidden_states[row : row + 1], text, rotary, self.context.text_tokens, values=False
+        )
+        query, key = joint.query, joint.key  # (heads, image queries, d), (heads, joint keys, d)
         columns = list(self.store.token_indices)
         scale = 1.0 / math.sqrt(query.shape[-1])
         maps = []

@@ -1,5 +1,6 @@
 """Queries, keys and values of one batch row, as an attention layer computes them: the one
-place the analyses project a row (Stable Diffusion's cross-attention, FLUX's joint attention).
+place the analyses (and the SAME pass's FLUX capture) project a row (Stable Diffusion's
+cross-attention, FLUX's joint attention).
 
 UNet cross-attention: image queries against the text keys. FLUX joint attention: image
 queries against the joint key set [text; image] (text first), RMS-normed and rotary-embedded
@@ -54,7 +55,7 @@ class JointProjection:
 
     query: torch.Tensor
     key: torch.Tensor
-    value: torch.Tensor
+    value: torch.Tensor | None
     text_tokens: int
 
     @property
@@ -67,9 +68,15 @@ class JointProjection:
 
 
 def joint_projection(
-    attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, rotary, text_tokens: int | None
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    rotary,
+    text_tokens: int | None,
+    values: bool = True,
 ) -> JointProjection:
-    """:class:`JointProjection` of one row (``hidden_states`` (1, tokens, channels)).
+    """:class:`JointProjection` of one row (``hidden_states`` (1, tokens, channels)); with
+    ``values=False`` its ``value`` is None (the maps need queries and keys only).
 
     Double-stream blocks pass text (``encoder_hidden_states``) and image separately, text with
     its own projections; single-stream blocks pass [text; image] concatenated, and
@@ -89,13 +96,20 @@ def joint_projection(
             ],
             dim=1,
         )
-        value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), heads(attn.to_v(image))], dim=1)
+        value = (
+            torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), heads(attn.to_v(image))], dim=1)
+            if values
+            else None
+        )
     else:
         if text_tokens is None:
-            raise RuntimeError("the text length of the FLUX call is unknown: install the processors with joint_hooks")
+            raise RuntimeError(
+                "the text length of the FLUX call is unknown: install the processors with "
+                "freecure.attention.installed_joint_processors"
+            )
         image = hidden_states[:, text_tokens:]
         key = attn.norm_k(heads(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states))
+        value = heads(attn.to_v(hidden_states)) if values else None
     query = attn.norm_q(heads(attn.to_q(image)))
     if rotary is not None:
         cos, sin = rotary
@@ -105,4 +119,5 @@ def joint_projection(
     def per_head(x):
         return x[0].transpose(0, 1).float()  # (heads, tokens, d)
 
-    return JointProjection(per_head(query), per_head(key), per_head(value), int(text_tokens))
+    value = None if value is None else per_head(value)
+    return JointProjection(per_head(query), per_head(key), value, int(text_tokens))

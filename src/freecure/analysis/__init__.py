@@ -1,6 +1,7 @@
 """The paper's motivation studies (§3): per-token cross-attention maps of FD and PD
 (Figure 3) and the identity-column interpolation of eq. 3 (Figures 4 and 10)."""
 
+from ..projections import JointProjection, cross_attention_logits, cross_query_key, cross_value, joint_projection
 from .grids import GridLayout, labelled_grid
 from .interpolate import (
     HandedIdentityInterpolation,
@@ -20,7 +21,6 @@ from .maps import (
     joint_text_maps,
     record_token_maps,
 )
-from .projections import JointProjection, cross_attention_logits, cross_query_key, cross_value, joint_projection
 from .studies import AttentionStudy, InterpolationStudy, attention_study, interpolation_study, prepare
 from .tokens import TokenAlignment, align_tokens, identity_in_prompt
 

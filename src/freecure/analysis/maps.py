@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..attention import JointContext, _grid_for, installed_joint_processors, installed_processors
 from ..backends.base import FD, PD
+from ..projections import cross_attention_logits, joint_projection
 from ..sampling import PD_LANE, same_layout
-from .projections import cross_attention_logits, joint_projection
 
 LANES = ("fd", "pd")
 #: Block groups in the order the model runs them (UNet, then FLUX).
