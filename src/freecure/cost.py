@@ -58,6 +58,73 @@ def literal_rofa(
     return z_p
 
 
+@dataclass
+class _Setup:
+    """What both counters build the same way: the backend's conditions for a grey reference,
+    sizes, guidance and z_T (the backend's injection step overridden)."""
+
+    backend: Backend
+    conditions: Conditions
+    references: list
+    guidance: Guidance
+    guidance_scale: float
+    image_size: tuple[int, int]
+    latent_size: tuple[int, int]
+    z_T: torch.Tensor
+
+    def scheduler(self, num_inference_steps: int):
+        scheduler = copy.deepcopy(self.backend.pipeline.scheduler)
+        self.backend.family.set_timesteps(scheduler, num_inference_steps, self.backend.device, self.latent_size)
+        return scheduler
+
+
+def _setup(freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale,
+           true_cfg_scale) -> _Setup:
+    from .attributes import parse_prompt
+    from .pipeline import _to
+
+    backend = freecure_pipeline.backend
+    family = backend.family
+    if guidance_scale is None:
+        guidance_scale = backend.default_guidance_scale
+    parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
+    references = [_gray_reference()]
+    conditions = backend.conditions(parsed, references, num_inference_steps)
+    conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
+    height, width = freecure_pipeline.default_size()
+    latent_size = family.latent_size(backend.pipeline, height, width)
+    backend.guidance_scale = guidance_scale
+    setup = _Setup(
+        backend, conditions, references, family.loop_guidance(guidance_scale, true_cfg_scale), guidance_scale,
+        (height, width), latent_size, None,
+    )
+    setup.z_T = family.initial_latents(
+        backend.pipeline, setup.scheduler(num_inference_steps), latent_size, torch.Generator().manual_seed(seed),
+        backend.device, backend.dtype,
+    )
+    return setup
+
+
+def _engine_cost(engine, setup: _Setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale):
+    """Run ``engine`` (a FreeCurePipeline) once and count its work, per stage too."""
+    output = engine(
+        prompt,
+        setup.references,
+        class_word=class_word,
+        num_inference_steps=num_inference_steps,
+        inject_step=inject_step,
+        guidance_scale=setup.guidance_scale,
+        true_cfg_scale=true_cfg_scale,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    cost = asdict(Cost(output.unet_calls, output.batch_items))
+    cost["stages"] = {
+        stage.name: {"ran": stage.ran, "unet_calls": stage.unet_calls, "batch_items": stage.batch_items}
+        for stage in output.stages
+    }
+    return cost, output
+
+
 def count_costs(
     freecure_pipeline,
     prompt: str = "a man with black curly hair, laughing happily",
@@ -74,34 +141,16 @@ def count_costs(
     to the backend's (7.5 SD1.5, 5.0 SDXL, 3.5 embedded for FLUX). Returns a dict with
     ``plain_pd``, ``literal`` and ``engine`` entries (calls, items) and the settings.
     """
-    from .attributes import parse_prompt
-    from .pipeline import _to
-
-    backend = freecure_pipeline.backend
-    pipeline = backend.pipeline
-    family = backend.family
-    if guidance_scale is None:
-        guidance_scale = backend.default_guidance_scale
-    config = freecure_pipeline.config
-    parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
-    references = [_gray_reference()]
-    conditions = backend.conditions(parsed, references, num_inference_steps)
-    conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
-    height, width = freecure_pipeline.default_size()
-    latent_size = family.latent_size(pipeline, height, width)
-    guidance = family.loop_guidance(guidance_scale, true_cfg_scale)
-    backend.guidance_scale = guidance_scale
-    image_size = (height, width)
+    setup = _setup(
+        freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale, true_cfg_scale
+    )
+    backend, family, config = setup.backend, setup.backend.family, freecure_pipeline.config
+    conditions, guidance, image_size, z_T = setup.conditions, setup.guidance, setup.image_size, setup.z_T
+    latent_size = setup.latent_size
     results: dict[str, dict] = {}
 
     def fresh():
-        scheduler = copy.deepcopy(pipeline.scheduler)
-        family.set_timesteps(scheduler, num_inference_steps, backend.device, latent_size)
-        return scheduler
-
-    z_T = family.initial_latents(
-        pipeline, fresh(), latent_size, torch.Generator().manual_seed(seed), backend.device, backend.dtype
-    )
+        return setup.scheduler(num_inference_steps)
 
     counter = UNetCounter()
     with counter.attached(backend.unets()), torch.no_grad():
@@ -138,21 +187,9 @@ def count_costs(
         )
         results["literal"] = asdict(Cost(counter.calls, counter.items))
 
-    output = freecure_pipeline(
-        prompt,
-        references,
-        class_word=class_word,
-        num_inference_steps=num_inference_steps,
-        inject_step=inject_step,
-        guidance_scale=guidance_scale,
-        true_cfg_scale=true_cfg_scale,
-        generator=torch.Generator().manual_seed(seed),
+    results["engine"], output = _engine_cost(
+        freecure_pipeline, setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale
     )
-    results["engine"] = asdict(Cost(output.unet_calls, output.batch_items))
-    results["engine"]["stages"] = {
-        stage.name: {"ran": stage.ran, "unet_calls": stage.unet_calls, "batch_items": stage.batch_items}
-        for stage in output.stages
-    }
     results["settings"] = dict(
         num_inference_steps=num_inference_steps,
         inject_step=inject_step,
@@ -163,7 +200,7 @@ def count_costs(
         prompt=prompt,
         backend=backend.name,
         family=family.name,
-        guidance_scale=guidance_scale,
+        guidance_scale=setup.guidance_scale,
         true_cfg_scale=true_cfg_scale,
     )
     return results
@@ -234,51 +271,31 @@ def count_fasa_costs(
     rows (one per lane when guidance-distilled). ``guidance_scale`` defaults to the backend's.
     Returns ``literal_fasa`` and ``engine_fasa`` entries (calls, items; the engine's per stage).
     """
-    from .attributes import parse_prompt
-    from .pipeline import _to
-
-    backend = freecure_pipeline.backend
-    pipeline = backend.pipeline
-    family = backend.family
-    if guidance_scale is None:
-        guidance_scale = backend.default_guidance_scale
+    setup = _setup(
+        freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale, true_cfg_scale
+    )
+    backend, family, latent_size, z_T = setup.backend, setup.backend.family, setup.latent_size, setup.z_T
     config = replace(freecure_pipeline.config, method="fasa")
-    parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
-    references = [_gray_reference()]
-    conditions = backend.conditions(parsed, references, num_inference_steps)
-    conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
-    height, width = freecure_pipeline.default_size()
-    latent_size = family.latent_size(pipeline, height, width)
-    guidance = family.loop_guidance(guidance_scale, true_cfg_scale)
-    backend.guidance_scale = guidance_scale
-    scheduler = copy.deepcopy(pipeline.scheduler)
-    family.set_timesteps(scheduler, num_inference_steps, backend.device, latent_size)
-    generator = torch.Generator().manual_seed(seed)
-    z_T = family.initial_latents(pipeline, scheduler, latent_size, generator, backend.device, backend.dtype)
     mask = torch.zeros(family.attention_grid(latent_size), device=z_T.device)
     mask[: mask.shape[0] // 2] = 1.0
     layers = family.fasa_layers(backend.denoiser, config.fasa.layers)
     counter = UNetCounter()
     with counter.attached(backend.unets()):
         literal_fasa(
-            backend, scheduler, z_T, conditions, mask, guidance, (height, width), layers, config.fasa.mask_weight
+            backend,
+            setup.scheduler(num_inference_steps),
+            z_T,
+            setup.conditions,
+            mask,
+            setup.guidance,
+            setup.image_size,
+            layers,
+            config.fasa.mask_weight,
         )
     results = {"literal_fasa": asdict(Cost(counter.calls, counter.items))}
     engine = type(freecure_pipeline)(backend, freecure_pipeline.face_parser, config)
     engine.set_progress_bar_config(disable=True)
-    output = engine(
-        prompt,
-        references,
-        class_word=class_word,
-        num_inference_steps=num_inference_steps,
-        inject_step=inject_step,
-        guidance_scale=guidance_scale,
-        true_cfg_scale=true_cfg_scale,
-        generator=torch.Generator().manual_seed(seed),
+    results["engine_fasa"], _ = _engine_cost(
+        engine, setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale
     )
-    results["engine_fasa"] = asdict(Cost(output.unet_calls, output.batch_items))
-    results["engine_fasa"]["stages"] = {
-        stage.name: {"ran": stage.ran, "unet_calls": stage.unet_calls, "batch_items": stage.batch_items}
-        for stage in output.stages
-    }
     return results
