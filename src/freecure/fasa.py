@@ -46,6 +46,7 @@ from .attention import _grid_for, installed_joint_processors, installed_processo
 from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
 from .errors import InputError
 from .masks import to_latent_resolution
+from .projections import joint_projection
 from .sampling import FD_LANE, PD_LANE, BatchLayout, Guidance, SamePassResult, predict_guided
 
 #: Mask sources: the FD image's face-parse region of the attributes (the authors'), or SAME's ℳ.
@@ -455,27 +456,20 @@ class FoundationAwareJointAttention:
 
     @staticmethod
     def _projections(attn, hidden_states, encoder_hidden_states, rotary, text_tokens: int):
-        """The image tokens' queries and the [text; image] keys and values, as the layer computes
-        them (RMS-normed, rotary-embedded at their positions), each (batch, heads, tokens, d)."""
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        query, key, value, _, text_key, text_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-
-        def heads(x):
-            return x.unflatten(-1, (-1, attn.head_dim))
-
-        query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
-        if encoder_hidden_states is not None:  # double-stream: text has its own projections
-            key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
-            value = torch.cat([heads(text_value), value], dim=1)
-        else:  # single-stream: the states are [text; image] already
-            query = query[:, text_tokens:]
-        if rotary is not None:
-            cos, sin = rotary
-            query = apply_rotary_emb(query, (cos[text_tokens:], sin[text_tokens:]), sequence_dim=1)
-            key = apply_rotary_emb(key, rotary, sequence_dim=1)
-        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        """The image tokens' queries and the [text; image] keys and values of each row, as the
+        layer computes them (:func:`freecure.projections.joint_projection`, float32), each
+        (rows, heads, tokens, d)."""
+        rows = [
+            joint_projection(
+                attn,
+                hidden_states[r : r + 1],
+                None if encoder_hidden_states is None else encoder_hidden_states[r : r + 1],
+                rotary,
+                text_tokens,
+            )
+            for r in range(hidden_states.shape[0])
+        ]
+        return tuple(torch.stack([getattr(row, part) for row in rows]) for part in ("query", "key", "value"))
 
 
 @contextlib.contextmanager

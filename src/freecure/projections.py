@@ -1,5 +1,5 @@
 """Queries, keys and values of one batch row, as an attention layer computes them: the one
-place the analyses (and the SAME pass's FLUX capture) project a row (Stable Diffusion's
+place the analyses, the SAME pass's FLUX capture and FASA on FLUX project a row (Stable Diffusion's
 cross-attention, FLUX's joint attention).
 
 UNet cross-attention: image queries against the text keys. FLUX joint attention: image
