@@ -509,3 +509,45 @@ def test_cli_missing_tokenizer_dir_exits_2(tmp_path, capsys) -> None:
     argv = ["attributes", "a man smiling", "--class-word", "man"]
     assert main([*argv, "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- terminal output
+
+# An escape sequence (colour, clear screen), a bell, a carriage return, a right-to-left
+# override, a zero-width space and a C1 control (CSI).
+HOSTILE = "\x1b[31m\x1b[2J\x07\r\u202e\u200b\x9b"
+
+
+def _raw_controls(text: str) -> list[str]:
+    import unicodedata
+
+    return [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
+
+
+def test_printable_escapes_control_characters_and_keeps_text() -> None:
+    from freecure.terminal import printable
+
+    assert printable("a \x1b[31mred\x1b[0m hair\x07") == "a \\x1b[31mred\\x1b[0m hair\\x07"
+    assert printable("tab\there\nnew\rline\x7f\x9b") == "tab\\there\\nnew\\rline\\x7f\\x9b"
+    assert printable("rtl \u202e zero\u200bwidth \u2028 \udc80") == "rtl \\u202e zero\\u200bwidth \\u2028 \\udc80"
+    assert printable("γ é 中 😀 … “quoted” \\ back") == "γ é 中 😀 … “quoted” \\ back"  # text is kept
+
+
+def test_cli_table_prints_no_raw_control_characters(capsys) -> None:
+    prompt = f"a man {HOSTILE}with red{HOSTILE}hair, laughing{HOSTILE} happily"
+    assert main(["attributes", prompt, "--class-word", "man", "--no-tokens"]) == 0
+    out = capsys.readouterr().out
+    assert _raw_controls(out) == [], out
+    assert "foundation prompt:  a man \\x1b[31m\\x1b[2J\\x07\\r\\u202e\\u200b\\x9bwith" in out
+    assert "red\\x1b[31m" in out  # the attribute's text, escaped too
+
+
+def test_error_messages_print_no_raw_control_characters(tmp_path, capsys) -> None:
+    """A message that names what the user typed (here a file name) shows its control bytes
+    escaped: every command's one-line error goes through freecure.terminal.printable."""
+    missing = tmp_path / f"me{HOSTILE}.png"
+    argv = ["generate", "--tiny", "--prompt", "a man", "--ref", str(missing), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert _raw_controls(err) == [], err
+    assert "me\\x1b[31m\\x1b[2J\\x07\\r\\u202e\\u200b\\x9b.png" in err and err.count("\n") == 1
