@@ -382,6 +382,100 @@ def test_attribute_past_the_context_window(clip_tokenizer) -> None:
         parse_prompt(f"a man {padding} with black hair", "man", tokenizer=clip_tokenizer)
 
 
+# --------------------------------------------------------------------------- cost of long prompts
+
+
+class _OffsetTokenizer:
+    """A fast-tokenizer stand-in: one token per run of non-space characters, with offsets."""
+
+    model_max_length = 10**30  # no context limit (like a tokenizer without one)
+
+    def __call__(self, text, return_offsets_mapping=False, verbose=False, **kwargs):
+        import re
+
+        offsets = [(0, 0), *((m.start(), m.end()) for m in re.finditer(r"\S+", text)), (0, 0)]
+        return {"input_ids": list(range(len(offsets))), "offset_mapping": offsets}
+
+
+def _parser_lines(prompt: str, **kwargs) -> int:
+    """Lines of freecure/attributes.py executed while parsing ``prompt`` (a loop's body counts
+    once per pass): a measure of the parser's work that does not depend on the machine's speed."""
+    import sys
+
+    import freecure.attributes as module
+
+    source = module.__file__
+    default_vocabulary()  # read once (cached), not counted
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == source else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        parse_prompt(prompt, "woman", **kwargs)
+    finally:
+        sys.settrace(previous)
+    return count
+
+
+@pytest.mark.parametrize(
+    "unit, kwargs",
+    [
+        ("red ", {}),  # one unpunctuated run of modifiers before the head
+        ("zebra ", {}),  # one unpunctuated run of unknown words
+        ("with red hair, laughing happily, ", {}),  # many attributes
+        ("very ", {}),  # intensifiers: joinable, but no expression
+        ("with red hair, laughing happily, ", {"tokenizer": _OffsetTokenizer()}),  # token columns
+    ],
+    ids=["modifiers", "unknown-words", "attributes", "intensifiers", "token-columns"],
+)
+def test_parsing_is_linear_in_the_prompt_length(unit, kwargs) -> None:
+    """Doubling the prompt at most (about) doubles the parser's work. The first unpunctuated
+    run looked ahead to its end for every word (9 KB 0.3 s, 72 KB 11.9 s): 4× the work here."""
+
+    def prompt(n: int) -> str:
+        return "a woman " + unit * n + "with black hair"
+
+    short, long = _parser_lines(prompt(300), **kwargs), _parser_lines(prompt(600), **kwargs)
+    assert long <= 2.2 * short, (short, long)
+
+
+def test_long_prompts_parse_as_before() -> None:
+    """The linear look-ahead finds the same phrases as the unbounded one: a multi-word phrase
+    inside a long run, the longest match first, and stops at punctuation and the class word."""
+    run = " ".join(["red"] * 50)
+    parsed = parse_prompt(f"a woman with {run} pony tail, a man wearing sunglasses woman laughing", "woman")
+    assert [a.text for a in parsed.attributes] == [f"{run} pony tail", "sunglasses", "laughing"]
+    assert parsed.unknown_words == ("man",)
+
+
+def test_overlong_prompts_are_refused_before_parsing() -> None:
+    from freecure.attributes import MAX_PROMPT_CHARS, check_prompt_length, detect_class_word
+
+    prompt = "a woman with red hair " * (MAX_PROMPT_CHARS // 22 + 1)
+    for call in (lambda: parse_prompt(prompt, "woman"), lambda: detect_class_word(prompt)):
+        with pytest.raises(InputError, match=f"at most {MAX_PROMPT_CHARS:,} are accepted"):
+            call()
+    check_prompt_length("a woman", limit=7)
+    with pytest.raises(InputError, match="the prompt is 8 characters long; at most 7"):
+        check_prompt_length("a woman ", limit=7)
+
+
+def test_an_attribute_past_the_context_is_named_shortly(clip_tokenizer) -> None:
+    run = " ".join(["red"] * 400)
+    with pytest.raises(InputError, match="77-token context") as refused:
+        parse_prompt(f"a man {run} hair", "man", tokenizer=clip_tokenizer)
+    assert len(str(refused.value)) < 400
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -415,3 +509,45 @@ def test_cli_missing_tokenizer_dir_exits_2(tmp_path, capsys) -> None:
     argv = ["attributes", "a man smiling", "--class-word", "man"]
     assert main([*argv, "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- terminal output
+
+# An escape sequence (colour, clear screen), a bell, a carriage return, a right-to-left
+# override, a zero-width space and a C1 control (CSI).
+HOSTILE = "\x1b[31m\x1b[2J\x07\r\u202e\u200b\x9b"
+
+
+def _raw_controls(text: str) -> list[str]:
+    import unicodedata
+
+    return [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
+
+
+def test_printable_escapes_control_characters_and_keeps_text() -> None:
+    from freecure.terminal import printable
+
+    assert printable("a \x1b[31mred\x1b[0m hair\x07") == "a \\x1b[31mred\\x1b[0m hair\\x07"
+    assert printable("tab\there\nnew\rline\x7f\x9b") == "tab\\there\\nnew\\rline\\x7f\\x9b"
+    assert printable("rtl \u202e zero\u200bwidth \u2028 \udc80") == "rtl \\u202e zero\\u200bwidth \\u2028 \\udc80"
+    assert printable("γ é 中 😀 … “quoted” \\ back") == "γ é 中 😀 … “quoted” \\ back"  # text is kept
+
+
+def test_cli_table_prints_no_raw_control_characters(capsys) -> None:
+    prompt = f"a man {HOSTILE}with red{HOSTILE}hair, laughing{HOSTILE} happily"
+    assert main(["attributes", prompt, "--class-word", "man", "--no-tokens"]) == 0
+    out = capsys.readouterr().out
+    assert _raw_controls(out) == [], out
+    assert "foundation prompt:  a man \\x1b[31m\\x1b[2J\\x07\\r\\u202e\\u200b\\x9bwith" in out
+    assert "red\\x1b[31m" in out  # the attribute's text, escaped too
+
+
+def test_error_messages_print_no_raw_control_characters(tmp_path, capsys) -> None:
+    """A message that names what the user typed (here a file name) shows its control bytes
+    escaped: every command's one-line error goes through freecure.terminal.printable."""
+    missing = tmp_path / f"me{HOSTILE}.png"
+    argv = ["generate", "--tiny", "--prompt", "a man", "--ref", str(missing), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert _raw_controls(err) == [], err
+    assert "me\\x1b[31m\\x1b[2J\\x07\\r\\u202e\\u200b\\x9b.png" in err and err.count("\n") == 1

@@ -11,10 +11,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -28,6 +30,9 @@ if importlib.util.find_spec("gradio") is None:  # not imported here: the server 
 
 from freecure.demo import METHODS  # noqa: E402
 from freecure.demo.service import (  # noqa: E402
+    MAX_PAGE_PROMPT_CHARS,
+    MAX_UPLOAD_BYTES,
+    DemoFiles,
     FaceCheck,
     ModelCache,
     Runner,
@@ -116,6 +121,25 @@ def test_read_upload_refuses_non_images_and_keeps_real_ones(astronaut):
         read_upload("x.jpg", b"\xff\xd8 truncated")
 
 
+def test_prompts_over_the_page_limit_are_refused_in_one_line(grey_image):
+    """The page's API refuses a prompt over MAX_PAGE_PROMPT_CHARS before parsing it (a 1 MB
+    prompt kept the single worker busy for a minute); so does the preview while typing."""
+    prompt = PROMPT + ", smiling" * ((MAX_PAGE_PROMPT_CHARS - len(PROMPT)) // 9 + 1)
+    assert len(prompt) > MAX_PAGE_PROMPT_CHARS
+    message = f"at most {MAX_PAGE_PROMPT_CHARS:,} are accepted"
+    with pytest.raises(InputError, match=message):
+        check_request({"prompt": prompt}, [("a.png", png_bytes(grey_image))], EXAMPLE, demo_args())
+    preview = preview_attributes(prompt, trigger=None)
+    assert not preview["ok"] and message in preview["error"]
+    # at the limit: accepted
+    check_request({"prompt": prompt[:MAX_PAGE_PROMPT_CHARS]}, [("a.png", png_bytes(grey_image))], EXAMPLE, demo_args())
+
+
+def test_read_upload_refuses_files_over_the_limit():
+    with pytest.raises(InputError, match="big.png is larger than 20 MB"):
+        read_upload("big.png", b"\0" * (MAX_UPLOAD_BYTES + 1))
+
+
 def test_face_check_refuses_a_photo_without_a_face(astronaut, grey_image):
     pytest.importorskip("facenet_pytorch", reason="MTCNN comes with `pip install --no-deps facenet-pytorch`")
     check = FaceCheck()
@@ -184,6 +208,138 @@ def test_progress_callback_reports_every_step_of_every_stage(tiny_sd15, astronau
         assert counts == [(done, total) for done in range(total + 1)], stage
 
 
+# --------------------------------------------------------------------------- the demo's files
+
+
+def _make_run(files: DemoFiles) -> tuple[Path, Path]:
+    out_dir, zip_dir = files.new_run()
+    for folder in (out_dir, zip_dir):
+        folder.mkdir()
+        (folder / "fd.png").write_bytes(b"png")
+    return out_dir, zip_dir
+
+
+def _upload(cache: Path, digest: str, name: str = "me.png") -> Path:
+    path = cache / digest / name  # Gradio keeps each upload in a folder of its own
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"photo")
+    return path
+
+
+def test_a_pages_run_folders_go_once_superseded_or_the_page_closes(tmp_path):
+    files = DemoFiles(tmp_path / "runs", tmp_path / "cache")
+    (tmp_path / "runs").mkdir()
+    first, second = _make_run(files), _make_run(files)
+    files.hold("a", "run", first)
+    assert all(path.is_dir() for path in first)
+    files.hold("a", "run", second)  # the page shows its next run: the first is no longer needed
+    assert not any(path.exists() for path in first) and all(path.is_dir() for path in second)
+    other = _make_run(files)
+    files.hold("b", "run", other)
+    files.end("a")  # the page was closed
+    assert not any(path.exists() for path in second) and all(path.is_dir() for path in other)
+    failed = _make_run(files)
+    files.release(failed)  # a failed run: nobody holds it
+    assert not any(path.exists() for path in failed)
+    files.release(other)  # held by page b: kept
+    assert all(path.is_dir() for path in other)
+
+
+def test_uploads_go_when_no_page_holds_them(tmp_path):
+    cache = tmp_path / "cache"
+    files = DemoFiles(tmp_path / "runs", cache)
+    shared, own = _upload(cache, "1a2b"), _upload(cache, "3c4d", "you.png")
+    files.hold("a", "uploads", [shared])
+    files.hold("b", "uploads", [shared, own])  # the same photo uploaded twice is one cache file
+    files.end("a")
+    assert shared.is_file()
+    files.hold("b", "uploads", [own])  # page b replaced its uploads
+    assert not shared.exists() and not shared.parent.exists() and own.is_file()
+    files.end("b")
+    assert not own.exists() and cache.is_dir()
+    # Gradio's stray empty temp files at the top of the cache go once a minute old
+    stray, fresh, kept = cache / "tmpold", cache / "tmpnew", cache / "tmpfull"
+    for path in (stray, fresh, kept):
+        path.write_bytes(b"" if path != kept else b"data")
+    os.utime(stray, (time.time() - 120, time.time() - 120))
+    os.utime(kept, (time.time() - 120, time.time() - 120))
+    files.sweep()
+    assert not stray.exists() and fresh.exists() and kept.exists()
+
+
+def test_the_oldest_run_goes_when_too_many_are_kept(tmp_path):
+    files = DemoFiles(tmp_path, max_runs=2)
+    runs = [_make_run(files) for _ in range(3)]
+    for session, run in zip("abc", runs):
+        files.hold(session, "run", run)
+    assert [run[0].is_dir() for run in runs] == [False, True, True]
+
+
+def test_demo_files_never_delete_what_the_demo_did_not_make(tmp_path, monkeypatch):
+    workdir, cache, outside = tmp_path / "runs", tmp_path / "cache", tmp_path / "outside"
+    workdir.mkdir()
+    outside.mkdir()
+    files = DemoFiles(workdir, cache, own_workdir=True)
+    users = [workdir / "notes.txt", outside / "photo.png", workdir / "0001-photos" / "me.png"]
+    for path in users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the user's")
+    # a folder where the demo would have put its first run: the demo names another
+    (workdir / "0001-00000000").mkdir()
+    files._ids = iter([1, 1, 2])  # the first name taken twice
+    with monkeypatch.context() as patch:
+        patch.setattr("freecure.demo.service.time.time", lambda: 0.0)
+        run = _make_run(files)
+    assert run[0].name == "0002-00000000" and (workdir / "0001-00000000").is_dir()
+    link = _upload(cache, "5e6f", "link.png")
+    link.unlink()
+    link.symlink_to(outside / "photo.png")  # a link inside the cache to a file outside it
+    for path in [*users, workdir, outside, workdir / "0001-00000000", link, cache, tmp_path]:
+        files.hold("a", "uploads", [path])
+        files.hold("a", "uploads", [])
+        files.release([path])
+    files.hold("a", "run", run)
+    files.end("a")
+    files.close()
+    assert all(path.read_text() == "the user's" for path in users)
+    assert (workdir / "0001-00000000").is_dir() and workdir.is_dir()  # not empty: kept
+    assert not cache.exists() and not run[0].exists()
+    # a workdir the demo made and that is empty at exit goes; one it did not make stays
+    for own in (True, False):
+        folder = tmp_path / f"own-{own}"
+        folder.mkdir()
+        made = DemoFiles(folder, own_workdir=own)
+        made.hold("a", "run", _make_run(made))
+        made.close()
+        assert folder.exists() is not own
+
+
+def test_runner_leaves_no_folder_of_a_failed_run_and_removes_its_runs_at_close(monkeypatch, tmp_path, tiny_sd15):
+    from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.pipeline import FreeCurePipeline
+    from freecure.tiny import LayoutFaceParser
+
+    loaded = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
+    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
+    monkeypatch.setattr(FaceCheck, "__call__", lambda self, references, names: None)
+    (tmp_path / "mine.txt").write_text("the user's")
+    runner = Runner(demo_args(), tmp_path)
+    request = check_request({"prompt": PROMPT, "use_example": "1", "steps": "2"}, [], EXAMPLE, demo_args())
+    result = runner.run(request)
+    zip_folder(result, request)
+    assert all(folder.is_dir() for folder in result.folders)
+
+    def fail(stage, done, total):
+        if stage == "writing the output folder":
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        runner.run(request, fail)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["mine.txt", *(f.name for f in result.folders)])
+    runner.close()  # at exit
+    assert [path.name for path in tmp_path.iterdir()] == ["mine.txt"]
+
+
 # --------------------------------------------------------------------------- the page in Chromium
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -246,13 +402,19 @@ runpy.run_module("freecure", run_name="__main__", alter_sys=True)
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    """`freecure demo --tiny` as a subprocess on a free localhost port, offline: its URL and log."""
+    """`freecure demo --tiny` as a subprocess on a free localhost port, offline: its URL, log,
+    process, workdir (which also holds a user's file and folder) and GRADIO_TEMP_DIR."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("demo-runs")
+    gradio_temp = tmp_path_factory.mktemp("gradio-temp")
+    (workdir / "notes.txt").write_text("the user's\n")  # not the demo's: must survive it
+    (workdir / "0001-photos").mkdir()
+    (workdir / "0001-photos" / "me.png").write_bytes(png_bytes(Image.new("RGB", (8, 8))))
     log_path = workdir / "server.log"
     log = log_path.open("w")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the demo must turn telemetry off itself
+    env["GRADIO_TEMP_DIR"] = str(gradio_temp)  # the demo makes its uploads folder inside
     command = [sys.executable, "-c", NETWORK_GUARD, "demo", "--tiny", "--port", str(port), "--steps", "3"]
     server = subprocess.Popen([*command, "--workdir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -267,7 +429,9 @@ def demo_server(tmp_path_factory):
                 if server.poll() is not None or time.time() > deadline:
                     pytest.fail(f"freecure demo did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.5)
-        yield argparse.Namespace(url=url, port=port, log=log_path)
+        yield argparse.Namespace(
+            url=url, port=port, log=log_path, process=server, workdir=workdir, gradio_temp=gradio_temp
+        )
     finally:
         server.terminate()
         try:
@@ -302,6 +466,13 @@ def open_page(page, url):
 
 def wait_for_results(page, timeout=120_000):
     page.locator("#stages tr.fc-stage").first.wait_for(timeout=timeout)
+
+
+def run_folder(page) -> Path:
+    """The folder of the run the page shows, from its zip's link (``…/file=<run>.zip/<name>.zip``)."""
+    href = page.locator("#download a[download]").first.get_attribute("href")
+    zip_path = Path(urllib.parse.unquote(href.split("file=", 1)[1]))
+    return zip_path.parent.with_name(zip_path.parent.name.removesuffix(".zip"))
 
 
 def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
@@ -351,11 +522,40 @@ def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path)
     page.locator("#references").get_by_text("notes").first.wait_for()
     page.fill("#prompt textarea", PROMPT)
     page.click("#run")
-    error = page.locator("[data-testid=toast-text]")
-    error.first.wait_for(timeout=30_000)
-    assert error.first.inner_text().startswith("notes.txt is not an image")
+    # the message stays on the page, in the status line, until the next run: no pop-up that
+    # fades after 10 s, no "Error" badge on each output
+    error = page.locator("#status .fc-status-error")
+    error.wait_for(timeout=30_000)
+    assert error.inner_text().startswith("notes.txt is not an image")
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert page.locator("[data-testid=toast-text]").count() == 0
     assert "Traceback" not in page.content()
     assert page.locator("#stages tr.fc-stage").count() == 0
+    # an upload no longer in the box is removed from the server
+    upload = next(demo_server.gradio_temp.rglob("notes.txt"))
+    page.locator("#references button[aria-label='Clear']").click()
+    deadline = time.time() + 30
+    while upload.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not upload.exists() and not upload.parent.exists()
+    # the next run clears the message; the run folder the page shows is on disk
+    page.set_input_files("#references input[type=file]", str(EXAMPLE))
+    page.locator("#references").get_by_text("astronaut").first.wait_for()
+    page.fill("#steps input", "2")
+    page.click("#run")
+    wait_for_results(page)
+    assert page.locator("#status .fc-status-error").count() == 0
+    first = run_folder(page)
+    assert (first / "manifest.json").is_file() and first.parent == demo_server.workdir
+    # a later run replaces it on the page: the earlier run's folders are removed
+    page.fill("#seed input", "1")
+    page.click("#run")
+    page.locator("#download a[download='freecure-token-fusion-seed1.zip']").wait_for(timeout=120_000)
+    second = run_folder(page)
+    assert second != first and (second / "manifest.json").is_file()
+    assert not first.exists() and not first.with_name(f"{first.name}.zip").exists()
+    image = page.locator("#fd img").first  # served from the run folder
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
     # a prompt without a class word is flagged while typing
     page.fill("#prompt textarea", "a cat with red hair")
     page.locator("#attributes .fc-error").filter(has_text="names no subject").wait_for()
@@ -367,6 +567,20 @@ def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path)
     page.locator("#guidance").get_by_placeholder("empty: the backend's own (5.0)").wait_for()
     page.locator("#attributes .fc-chip").filter(has_text="red hair · localized").wait_for()
     assert page.locator("#attributes .fc-unknown").count() == 0
+
+
+def test_page_and_server_bound_what_a_user_sends(page, demo_server):
+    """The prompt box takes at most MAX_PAGE_PROMPT_CHARS characters (the API refuses more, see
+    above); the server refuses an upload over MAX_UPLOAD_BYTES before storing it."""
+    open_page(page, demo_server.url)
+    assert page.get_attribute("#prompt textarea", "maxlength") == str(MAX_PAGE_PROMPT_CHARS)
+    page.fill("#prompt textarea", "a woman " + "x" * MAX_PAGE_PROMPT_CHARS)
+    assert len(page.input_value("#prompt textarea")) == MAX_PAGE_PROMPT_CHARS
+    big = {"name": "big.png", "mimeType": "image/png", "buffer": b"\0" * (MAX_UPLOAD_BYTES + 1)}
+    response = page.request.post(f"{demo_server.url}/gradio_api/upload", multipart={"files": big})
+    assert response.status == 413, response.text()[:300]
+    small = {"name": "small.png", "mimeType": "image/png", "buffer": png_bytes(Image.new("RGB", (8, 8)))}
+    assert page.request.post(f"{demo_server.url}/gradio_api/upload", multipart={"files": small}).ok
 
 
 def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
@@ -441,6 +655,18 @@ def test_server_prints_its_url_and_never_reaches_the_network(page, demo_server):
     assert f"freecure demo: http://127.0.0.1:{demo_server.port}/" in log
     assert "NETWORK ATTEMPT" not in log, log[-2000:]
     assert "gradio.live" not in log and "share=True" not in log
+
+
+def test_server_exit_removes_what_the_demo_made_and_nothing_else(page, demo_server):
+    """Runs after every page case: stopped with SIGTERM (as `kill` or a service manager does),
+    the demo removes its run folders and its uploads folder; the user's files in --workdir stay."""
+    assert any(demo_server.gradio_temp.iterdir())  # the demo's uploads folder, while it runs
+    demo_server.process.send_signal(signal.SIGTERM)
+    assert demo_server.process.wait(timeout=60) == 0
+    assert sorted(path.name for path in demo_server.workdir.iterdir()) == ["0001-photos", "notes.txt", "server.log"]
+    assert (demo_server.workdir / "0001-photos" / "me.png").is_file()
+    assert list(demo_server.gradio_temp.iterdir()) == []  # Gradio's own files went there too
+    assert "Traceback" not in demo_server.log.read_text()
 
 
 def test_fasa_method_runs_the_authors_correction_with_the_pages_progress(tiny_sd15, astronaut):

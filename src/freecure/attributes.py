@@ -32,6 +32,7 @@ after it behind the class word, joined by ", ". Linking words such as "with" are
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import io
@@ -55,6 +56,25 @@ ARTICLES = ("a", "an", "the")
 WORD_PATTERN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 # Gaps that may sit between the modifiers of one localized attribute ("long, wavy hair").
 _MODIFIER_GAP = re.compile(r"[\s,]*")
+
+#: The longest prompt :func:`parse_prompt` (and so every command) reads, in characters. No text
+#: encoder sees more than a few hundred tokens (CLIP 77; FLUX's T5 512, about 2,000 characters),
+#: so this only refuses pasted documents; ``freecure demo`` accepts far less
+#: (:data:`freecure.demo.service.MAX_PAGE_PROMPT_CHARS`). The parser is linear in the length.
+MAX_PROMPT_CHARS = 100_000
+
+
+def check_prompt_length(prompt: str, limit: int = MAX_PROMPT_CHARS) -> None:
+    """Refuse a prompt longer than ``limit`` characters, in one line.
+
+    Raises:
+        InputError: naming the prompt's length and the limit.
+    """
+    if len(prompt) > limit:
+        raise InputError(
+            f"the prompt is {len(prompt):,} characters long; at most {limit:,} are accepted "
+            "(the text encoder reads a few hundred at most): shorten it"
+        )
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -380,12 +400,14 @@ def _units(
             units.append(_Unit(i, i + len(class_words) - 1, other, is_class=i == subject))
             i += len(class_words)
             continue
+        # A phrase ends at punctuation or the class, and is at most the longest vocabulary
+        # phrase long: looking further (to the end of a long unpunctuated run) made the parser
+        # quadratic in the prompt's length.
+        limit = min(len(words), i + vocabulary.max_phrase_words)
         stop = i + 1
-        while (
-            stop < len(words) and stop not in class_starts and not _gap(text, words, stop).strip()
-        ):
+        while stop < limit and stop not in class_starts and not _gap(text, words, stop).strip():
             stop += 1
-        entry, length = vocabulary.match(lowered[:stop], i)
+        entry, length = vocabulary.match(lowered[i:stop], 0)
         units.append(_Unit(i, i + length - 1, entry))
         i += length
     return units
@@ -402,7 +424,7 @@ def _claim_localized(text: str, words: Sequence[_Word], units: list[_Unit]) -> l
     for k, unit in enumerate(units):
         if unit.role != "head":
             continue
-        group = [k]
+        group = [k]  # built backwards (appending), then reversed: inserting in front is quadratic
         j = k - 1
         while (
             j >= 0
@@ -410,8 +432,9 @@ def _claim_localized(text: str, words: Sequence[_Word], units: list[_Unit]) -> l
             and units[j].role in ("modifier", "intensifier")
             and _MODIFIER_GAP.fullmatch(_unit_gap(text, words, units, j + 1))
         ):
-            group.insert(0, j)
+            group.append(j)
             j -= 1
+        group.reverse()
         for member in group:
             units[member].owner = len(groups)
         groups.append(group)
@@ -464,8 +487,9 @@ def token_indices_for_spans(
 ) -> list[tuple[int, ...]]:
     """Columns of the tokens of ``text`` (special tokens included, BOS = 0) inside each span.
 
-    Uses the tokenizer's offset mapping; tokenizers without one (slow ``transformers``
-    tokenizers) are handled by tokenizing the prefix of the text before and up to each span.
+    Uses the tokenizer's offset mapping (linear in the text's length); tokenizers without one
+    (slow ``transformers`` tokenizers) are handled by tokenizing the prefix of the text before
+    and up to each span, which is quadratic.
 
     Args:
         tokenizer: anything with the Hugging Face call interface.
@@ -476,13 +500,27 @@ def token_indices_for_spans(
         offsets = tokenizer(text, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     except (NotImplementedError, TypeError, KeyError, ValueError):
         return _token_indices_by_prefix(tokenizer, text, spans)
+    tokens = [
+        (column, token_start, token_end)
+        for column, (token_start, token_end) in enumerate(offsets)
+        if token_start < token_end  # special tokens have empty spans
+    ]
+    if any(before[2] > after[1] for before, after in zip(tokens, tokens[1:])):
+        # overlapping or unordered offsets (no tokenizer FreeCure ships): compare every pair
+        return [
+            tuple(column for column, token_start, token_end in tokens if token_start < end and token_end > start)
+            for start, end in spans
+        ]
+    # Tokens in order and disjoint: those overlapping a span are one run, found by bisection
+    # (one pass over every token for every span made long prompts quadratic).
+    ends = [token_end for _, _, token_end in tokens]
     result = []
     for start, end in spans:
-        columns = [
-            column
-            for column, (token_start, token_end) in enumerate(offsets)
-            if token_start < token_end and token_start < end and token_end > start
-        ]
+        k = bisect.bisect_right(ends, start)  # the first token ending after the span's start
+        columns = []
+        while k < len(tokens) and tokens[k][1] < end:
+            columns.append(tokens[k][0])
+            k += 1
         result.append(tuple(columns))
     return result
 
@@ -544,7 +582,7 @@ def _check_context(tokenizer: Any, prompt: str, attributes: Sequence[Attribute])
     for attribute in attributes:
         if attribute.token_indices and max(attribute.token_indices) > limit - 2:
             raise InputError(
-                f"the attribute {attribute.text!r} lies past the {limit}-token context of the "
+                f"the attribute {shorten(attribute.text)!r} lies past the {limit}-token context of the "
                 f"text encoder in {shorten(prompt)!r}; shorten the prompt or move the attribute forward"
             )
 
@@ -608,11 +646,13 @@ def parse_prompt(
         vocabulary: the attribute vocabulary; :func:`default_vocabulary` when None.
 
     Raises:
-        InputError: empty prompt, class word missing, trigger missing or misplaced, or an
-            attribute past the tokenizer's context length.
+        InputError: empty prompt, a prompt over :data:`MAX_PROMPT_CHARS` characters, class
+            word missing, trigger missing or misplaced, or an attribute past the tokenizer's
+            context length.
     """
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty; give one such as 'a man with black curly hair'")
+    check_prompt_length(prompt)
     class_words = _validated_word(class_word, "class word")
     if trigger is not None:
         if len(_validated_word(trigger, "trigger word")) != 1:
@@ -756,8 +796,10 @@ def detect_class_word(prompt: str, candidates: Sequence[str] = COMMON_CLASS_WORD
     """The first of ``candidates`` that appears in ``prompt`` as a whole word.
 
     Raises:
-        InputError: none appears; the message asks for an explicit class word.
+        InputError: none appears (the message asks for an explicit class word), or the prompt
+            is longer than :data:`MAX_PROMPT_CHARS`.
     """
+    check_prompt_length(prompt)
     words = {word.lower() for word in re.findall(r"[A-Za-z]+", prompt)}
     for candidate in candidates:
         if candidate in words:

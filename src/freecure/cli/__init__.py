@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from ..errors import FreeCureError
+from ..terminal import printable
 
 # Sub-command modules, in the order `freecure --help` lists them.
 COMMANDS = ("generate", "embed", "attributes", "parse", "cost", "eval", "report", "analyze", "demo")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         if debug:
             traceback.print_exc()
-        first, *rest = message.splitlines() or [""]
+        # lines at "\n" only; a user's "\r", escape sequence or other control byte is shown escaped
+        first, *rest = [printable(line) for line in message.strip("\n").split("\n")]
         print(f"freecure {args.command}: error: {first}", file=sys.stderr)
         for line in rest:
             print(f"  {line}", file=sys.stderr)

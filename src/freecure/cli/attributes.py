@@ -6,6 +6,7 @@ import argparse
 
 from ..atomic import json_text
 from ..attributes import ParsedPrompt, parse_prompt
+from ..terminal import printable
 
 _COLUMNS = ("attribute", "kind", "category", "parse classes", "tokens")
 
@@ -54,10 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(parsed: ParsedPrompt) -> str:
-    """A plain-text report: one row per attribute, then the derived prompts."""
+    """A plain-text report: one row per attribute, then the derived prompts. The prompt's text
+    is shown through :func:`freecure.terminal.printable`: control characters (an escape
+    sequence, a carriage return, a newline) appear escaped, never raw."""
     rows = [
         (
-            attribute.text,
+            printable(attribute.text),
             attribute.kind,
             attribute.category,
             " ".join(attribute.parse_classes) or "-",
@@ -76,10 +79,10 @@ def format_table(parsed: ParsedPrompt) -> str:
     class_tokens = " ".join(map(str, parsed.class_token_indices)) or "-"
     lines += [
         "",
-        f"foundation prompt:  {parsed.foundation_prompt}",
-        f"template prompt:    {parsed.template_prompt}",
-        f"expression prompt:  {parsed.expression_prompt}",
+        f"foundation prompt:  {printable(parsed.foundation_prompt)}",
+        f"template prompt:    {printable(parsed.template_prompt)}",
+        f"expression prompt:  {printable(parsed.expression_prompt)}",
         f"class tokens:       {class_tokens}",
-        f"unknown words:      {', '.join(parsed.unknown_words) or '-'}",
+        f"unknown words:      {printable(', '.join(parsed.unknown_words)) or '-'}",
     ]
     return "\n".join(lines)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
+import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -28,7 +31,14 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
-        "--workdir", type=Path, default=None, metavar="DIR", help="where runs are written (default: a temp folder)"
+        "--workdir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=(
+            "where runs are written (default: a temp folder); each run's folder is removed once no page "
+            "shows it, and all of them at exit (the page's zip keeps a run)"
+        ),
     )
     parser.add_argument(
         "--no-preload", action="store_true", help="load --backend's models on the first request, not at start"
@@ -68,24 +78,68 @@ def run(args: argparse.Namespace) -> int:
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
         raise InputError(f"--workdir must be a folder, but {args.workdir} is a file")
     check_port_free(args.host, args.port)
-    try:  # after the quick checks: importing Gradio takes seconds
-        from ..demo.app import create_app, find_example, launch
-    except ImportError as error:
-        raise InputError(f"the demo needs Gradio ({error}); install it: pip install 'freecure[demo]'") from None
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="freecure-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    example = find_example()
-    demo = create_app(args, workdir, example, preload=not args.no_preload)
-    allowed = [str(workdir.resolve())] + ([str(example.parent)] if example is not None else [])
-    launch(demo, args.host, args.port, allowed)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"freecure demo: http://{host}:{args.port}/  (runs are written to {workdir}; Ctrl+C stops)", flush=True)
-    if args.tiny:
-        print("freecure demo: --tiny: tiny random-weight components; the images are noise", flush=True)
+    gradio_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
+    files = demo_files(args.workdir)  # before Gradio is imported: it writes to GRADIO_TEMP_DIR
+    atexit.register(files.close)  # also when start-up fails half-way
+    previous = _on_sigterm(_stop)  # `kill`, a service manager: clean up as on Ctrl+C
     try:
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
+        try:  # after the quick checks: importing Gradio takes seconds
+            from ..demo.app import create_app, find_example, launch
+        except ImportError as error:
+            raise InputError(f"the demo needs Gradio ({error}); install it: pip install 'freecure[demo]'") from None
+        example = find_example()
+        demo = create_app(args, files.workdir, example, preload=not args.no_preload, files=files)
+        allowed = [str(files.workdir.resolve())] + ([str(example.parent)] if example is not None else [])
+        launch(demo, args.host, args.port, allowed)
+        try:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(
+                f"freecure demo: http://{host}:{args.port}/  (runs are written to {files.workdir}; Ctrl+C stops)",
+                flush=True,
+            )
+            if args.tiny:
+                print("freecure demo: --tiny: tiny random-weight components; the images are noise", flush=True)
+            demo.block_thread()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close()
     finally:
-        demo.close()
+        if previous is not None:
+            _on_sigterm(previous)
+        files.close()
+        atexit.unregister(files.close)
+        if gradio_temp_dir is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = gradio_temp_dir
     return 0
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds to the clean-up in run()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (only the main thread can); the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def demo_files(workdir: Path | None):
+    """The demo's files: ``workdir`` (default: a new temp folder) for run folders, and a new folder
+    of its own for Gradio's uploads (``GRADIO_TEMP_DIR`` is pointed there, inside the one a user
+    set, if any), so that what the demo removes is only ever what it made."""
+    from ..demo.service import DemoFiles
+
+    own_workdir = workdir is None or not workdir.exists()
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="freecure-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    parent = os.environ.get("GRADIO_TEMP_DIR") or None
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="freecure-demo-uploads-", dir=parent))
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read by Gradio on import, and when the page is built and served
+    return DemoFiles(workdir, cache, own_workdir=own_workdir)

@@ -3,8 +3,11 @@
 In: reference photo(s) or the bundled example, the prompt (its attributes shown while typing),
 backend, method, steps, seed, γ, guidance, injection step. Out: per-stage progress, FD | PD |
 FreeCure, the merged mask on PD, per-attribute masks and attention maps, the attribute and stage
-tables and a zip of the run's folder. Bad input raises :class:`gradio.Error`: a message on the page.
-Gradio's queue (concurrency 1) runs one generation at a time and shows later users their place.
+tables and a zip of the run's folder. Bad input or a failed run shows its message in the page's
+status line (``#status``), which stays until the next run (no pop-up that fades, no "Error"
+badges). Gradio's queue (concurrency 1) runs one generation at a time and shows later users their
+place. Run folders are served from where they were written (not copied) and removed, with the
+session's uploads, once no page shows them (:class:`freecure.demo.service.DemoFiles`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from ..backends import BACKENDS  # noqa: E402
 from ..errors import FreeCureError, InputError  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .service import (  # noqa: E402
+    MAX_PAGE_PROMPT_CHARS,
     MAX_STEPS,
     MAX_UPLOAD_BYTES,
+    DemoFiles,
     Runner,
     backend_trigger,
     check_request,
@@ -35,6 +40,9 @@ from .service import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 EXAMPLE_PROMPT = "a woman with red hair, laughing happily"
+# Gradio's own sweep of its cache (every hour, what is older than a day): uploads no run used
+# and no page holds would otherwise wait for the exit.
+CACHE_SWEEP = (3600, 24 * 3600)
 CSS = """
 .fc-table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 .fc-table th, .fc-table td { border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: left; }
@@ -118,14 +126,27 @@ def _form_value(value: Any) -> str:
     return str(value)
 
 
+def upload_paths(paths) -> list[Path]:
+    return [Path(getattr(path, "name", path)) for path in paths or []]
+
+
 def read_uploads(paths) -> list[tuple[str, bytes]]:
     uploads = []
-    for path in paths or []:
-        path = Path(getattr(path, "name", path))
-        if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise InputError(f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; upload a smaller photo")
-        uploads.append((path.name, path.read_bytes()))
+    for path in upload_paths(paths):
+        try:
+            if path.stat().st_size > MAX_UPLOAD_BYTES:
+                raise InputError(
+                    f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; upload a smaller photo"
+                )
+            uploads.append((path.name, path.read_bytes()))
+        except FileNotFoundError:
+            raise InputError(f"{path.name} is no longer on the server (uploads expire); upload it again") from None
     return uploads
+
+
+def status_html(message: str) -> str:
+    """The status line: what went wrong in the last run, until the next one ("" after a good run)."""
+    return f'<div class="fc-error fc-status-error" role="alert">{_escape(message)}</div>'
 
 
 def backend_guidance(name: str) -> float | None:
@@ -134,11 +155,22 @@ def backend_guidance(name: str) -> float | None:
 
 
 def create_app(
-    args: argparse.Namespace, workdir: Path, example: Path | None = None, preload: bool = True
+    args: argparse.Namespace,
+    workdir: Path,
+    example: Path | None = None,
+    preload: bool = True,
+    files: DemoFiles | None = None,
 ) -> gr.Blocks:
     """The demo page for the ``freecure demo`` options ``args``; run outputs go under ``workdir``.
-    ``preload`` loads ``args.backend``'s models in the background right away."""
-    runner = Runner(args, workdir, preload=args.backend if preload else None)
+    ``preload`` loads ``args.backend``'s models in the background right away. ``files`` says
+    which files the demo made and removes them when no page needs them (default: only the run
+    folders under ``workdir``)."""
+    files = files or DemoFiles(workdir)
+    runner = Runner(args, workdir, preload=args.backend if preload else None, files=files)
+    gr.set_static_paths([str(Path(workdir).resolve())])  # results are served from their run folder, not copied
+
+    def session(request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or "-"
 
     def preview(prompt: str, backend: str) -> str:
         return attributes_html(preview_attributes(prompt or "", backend_trigger(args, backend)))
@@ -150,8 +182,25 @@ def create_app(
     def on_backend(prompt: str, backend: str):
         return preview(prompt, backend), gr.update(placeholder=guidance_placeholder(backend))
 
+    def hold_uploads(uploads, request: gr.Request):
+        files.hold(session(request), "uploads", upload_paths(uploads))
+
+    def end_session(request: gr.Request):
+        files.end(session(request))
+
     def run(
-        files, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step, progress=gr.Progress()  # noqa: B008 (Gradio injects progress this way)
+        uploads,
+        use_example,
+        prompt,
+        backend,
+        method,
+        steps,
+        seed,
+        gamma,
+        guidance,
+        inject_step,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008 (Gradio injects progress this way)
     ):
         form = {
             "prompt": prompt or "",
@@ -164,19 +213,27 @@ def create_app(
             "inject_step": _form_value(inject_step),
             "use_example": "1" if use_example else "0",
         }
+        files.hold(session(request), "uploads", upload_paths(uploads))
+        result = None
         try:
-            request = check_request(form, read_uploads(files), example, args)
+            checked = check_request(form, read_uploads(uploads), example, args)
 
             def report(stage: str, done: int, total: int) -> None:
                 progress((done, total) if total else None, desc=f"{stage}: step {done}/{total}" if total else stage)
 
-            result = runner.run(request, report)
-            archive = zip_folder(result, request)
-        except FreeCureError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # one line on the page; the traceback in the server log
-            logger.exception("demo run failed")
-            raise gr.Error(f"internal error ({type(error).__name__}: {error}); see the server log") from None
+            result = runner.run(checked, report)
+            archive = zip_folder(result, checked)
+        except Exception as error:  # the message stays in the status line until the next run
+            if result is not None:
+                files.release(result.folders)
+            if isinstance(error, FreeCureError):
+                message = str(error)
+            else:  # one line on the page; the traceback in the server log
+                logger.exception("demo run failed")
+                message = f"internal error ({type(error).__name__}: {error}); see the server log"
+            return (*[gr.skip()] * (len(outputs) - 1), status_html(message))
+        files.hold(session(request), "run", result.folders)  # lets go of this page's previous run
+        files.sweep()
         gallery = [(str(result.out_dir / name), caption) for caption, name in result.attribute_files]
         return (
             str(result.path("fd.png")),
@@ -188,10 +245,11 @@ def create_app(
             stage_table_html(result.stages),
             notes_html(result.notes),
             str(archive),
+            "",  # a good run clears the status line
         )
 
     backends = sorted(BACKENDS)
-    with gr.Blocks(title="FreeCure demo", analytics_enabled=False) as demo:
+    with gr.Blocks(title="FreeCure demo", analytics_enabled=False, delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             "# FreeCure\nUpload a face, type a prompt, compare the foundation model (FD), the personalized "
             "model (PD) and FreeCure, which restores the attributes PD dropped."
@@ -211,7 +269,12 @@ def create_app(
                     label="use the bundled example (examples/astronaut.png) when nothing is uploaded",
                     elem_id="use-example",
                 )
-                prompt = gr.Textbox(label="prompt", placeholder=EXAMPLE_PROMPT, elem_id="prompt")
+                prompt = gr.Textbox(
+                    label=f"prompt (at most {MAX_PAGE_PROMPT_CHARS:,} characters)",
+                    placeholder=EXAMPLE_PROMPT,
+                    max_length=MAX_PAGE_PROMPT_CHARS,
+                    elem_id="prompt",
+                )
                 attributes = gr.HTML(preview("", args.backend), elem_id="attributes")
                 backend = gr.Dropdown(backends, value=args.backend, label="backend", elem_id="backend")
                 method = gr.Dropdown(
@@ -244,6 +307,7 @@ def create_app(
                     )
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
+                status = gr.HTML(elem_id="status")  # the last run's error, until the next run
                 with gr.Row():
                     image = {"type": "filepath", "interactive": False, "height": 220}
                     fd = gr.Image(label="FD (foundation)", elem_id="fd", **image)
@@ -260,25 +324,31 @@ def create_app(
 
         prompt.change(preview, [prompt, backend], attributes, queue=False, show_progress="hidden")
         backend.change(on_backend, [prompt, backend], [attributes, guidance], queue=False, show_progress="hidden")
+        references.change(hold_uploads, references, None, queue=False, show_progress="hidden")
+        outputs = [fd, pd, cured, overlay, maps, attribute_table, stage_table, notes, download, status]
         run_button.click(
             run,
             [references, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step],
-            [fd, pd, cured, overlay, maps, attribute_table, stage_table, notes, download],
+            outputs,
             show_progress="full",
         )
+        demo.unload(end_session)  # a closed or reloaded page: its uploads and run folders go
     demo.queue(default_concurrency_limit=1)  # one generation at a time; Gradio shows later users their place
     demo.freecure_runner = runner
+    demo.freecure_files = files
     return demo
 
 
 def launch(demo: gr.Blocks, host: str, port: int, allowed_paths: list[str]) -> None:
-    """Serve the page on ``host:port``: no share link, no telemetry, errors shown on the page."""
+    """Serve the page on ``host:port``: no share link, no telemetry, errors shown on the page,
+    uploads over :data:`~freecure.demo.service.MAX_UPLOAD_BYTES` refused by the server."""
     demo.launch(
         server_name=host,
         server_port=port,
         share=False,
         show_error=True,
         quiet=True,
+        max_file_size=MAX_UPLOAD_BYTES,
         ssr_mode=False,  # no Node server
         prevent_thread_lock=True,
         allowed_paths=allowed_paths,

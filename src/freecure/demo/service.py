@@ -10,17 +10,18 @@ import io
 import itertools
 import logging
 import math
+import shutil
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..attributes import COMMON_CLASS_WORDS, ParsedPrompt, detect_class_word, parse_prompt
+from ..attributes import COMMON_CLASS_WORDS, ParsedPrompt, check_prompt_length, detect_class_word, parse_prompt
 from ..backends import BACKENDS
 from ..errors import InputError
 from ..images import load_image, to_rgb
@@ -33,6 +34,11 @@ MAX_REFERENCES = 8
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
+#: The longest prompt the page (its text box) and its API accept, in characters: CLIP reads 77
+#: tokens (about 300 characters), FLUX's T5 512 (about 2,000); the rest would be cut anyway.
+MAX_PAGE_PROMPT_CHARS = 2_000
+#: Runs whose folders are kept for the pages that show them; past this, the oldest goes.
+MAX_KEPT_RUNS = 32
 
 
 def backend_trigger(args: argparse.Namespace, backend: str) -> str | None:
@@ -66,6 +72,7 @@ def preview_attributes(prompt: str, trigger: str | None) -> dict[str, Any]:
     if not prompt.strip():
         return {"ok": False, "error": "type a prompt, e.g. “a woman with red hair, laughing happily”"}
     try:
+        check_prompt_length(prompt, MAX_PAGE_PROMPT_CHARS)
         parsed = parse_prompt(prompt, find_class_word(prompt), trigger=trigger)
     except InputError as error:
         return {"ok": False, "error": str(error)}
@@ -127,9 +134,11 @@ def check_request(
     """Check the page's form before anything is queued.
 
     Raises:
-        InputError: an empty prompt, a prompt without class word, an unknown backend or
-            method, a number out of range, a file that is not an image, no reference photo.
+        InputError: an empty prompt, one over :data:`MAX_PAGE_PROMPT_CHARS` characters, a
+            prompt without class word, an unknown backend or method, a number out of range, a
+            file that is not an image or over :data:`MAX_UPLOAD_BYTES`, no reference photo.
     """
+    check_prompt_length(form.get("prompt") or "", MAX_PAGE_PROMPT_CHARS)
     prompt = (form.get("prompt") or "").strip()
     if not prompt:
         raise InputError("the prompt is empty; type one, e.g. “a woman with red hair, laughing happily”")
@@ -240,17 +249,183 @@ class RunResult:
     def path(self, name: str) -> Path | None:
         return self.out_dir / name if name in self.files else None
 
+    @property
+    def folders(self) -> tuple[Path, Path]:
+        """The run's folder and the folder of its zip (:func:`zip_folder`)."""
+        return self.out_dir, self.out_dir.with_name(f"{self.out_dir.name}.zip")
+
+
+class DemoFiles:
+    """The files and folders the demo makes, and when they go.
+
+    The demo makes run folders (``<workdir>/<run>/`` and the zip beside it, ``<run>.zip/``) and,
+    through the web framework, uploads in a cache folder of its own (``cache``). A page session
+    *holds* what it still needs under named slots — ``"run"``: the folders its results are
+    served from, ``"uploads"``: the photos its upload box holds; holding new paths in a slot lets
+    go of the slot's earlier ones. A path no session holds is deleted at once; so is the oldest
+    run when more than ``max_runs`` are held, everything a session holds when it ends
+    (:meth:`end`), and everything at exit (:meth:`close`).
+
+    Only paths the demo made are ever deleted: run folders :meth:`new_run` named (and that did not
+    exist before), and files inside ``cache``. The workdir itself is removed at exit only when the
+    demo created it and it is empty by then; ``cache`` (a fresh folder the demo made for the web
+    framework, nobody else's) is removed whole.
+
+    Args:
+        workdir: where run folders go.
+        cache: the web framework's upload folder, when the demo created it; None: uploads are
+            never deleted.
+        own_workdir: the demo created ``workdir``.
+        max_runs: most runs held at once (:data:`MAX_KEPT_RUNS`).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        cache: Path | None = None,
+        own_workdir: bool = False,
+        max_runs: int = MAX_KEPT_RUNS,
+    ):
+        self.workdir = Path(workdir)
+        self.cache = None if cache is None else Path(cache).resolve()
+        self.own_workdir = own_workdir
+        self.max_runs = max_runs
+        self._ids = itertools.count(1)
+        self._made: set[Path] = set()
+        self._holders: dict[Path, set[tuple[str, str]]] = {}
+        self._slots: dict[tuple[str, str], frozenset[Path]] = {}  # in the order they were last set
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def new_run(self) -> tuple[Path, Path]:
+        """A fresh run folder and the folder for its zip (neither exists yet); both are the demo's."""
+        with self._lock:
+            while True:
+                out_dir = self.workdir / f"{next(self._ids):04d}-{int(time.time() * 1000) % 10**8:08d}"
+                zip_dir = out_dir.with_name(f"{out_dir.name}.zip")
+                if not out_dir.exists() and not zip_dir.exists():  # never adopt a folder of someone else
+                    self._made.update((out_dir, zip_dir))
+                    return out_dir, zip_dir
+
+    def _ours(self, path: Path) -> Path | None:
+        """``path`` as the demo's own, or None: a run folder it named, or a file in its cache."""
+        path = Path(path)
+        if path in self._made:
+            return path
+        if self.cache is not None:
+            resolved = path.resolve()  # a link out of the cache is not the demo's
+            if resolved != self.cache and resolved.is_relative_to(self.cache):
+                return resolved
+        return None
+
+    def hold(self, session: str, slot: str, paths: Iterable[Path | str]) -> None:
+        """``session`` now needs ``paths`` in ``slot`` (and no longer the slot's earlier ones)."""
+        with self._lock:
+            if self._closed:
+                return
+            key = (session, slot)
+            paths = frozenset(path for path in map(self._ours, paths) if path is not None)
+            old = self._slots.pop(key, frozenset())
+            for path in paths:
+                self._holders.setdefault(path, set()).add(key)
+            self._slots[key] = paths
+            self._let_go(key, old - paths)
+            runs = [held for held in self._slots if held[1] == "run"]
+            for oldest in runs[: max(len(runs) - self.max_runs, 0)]:
+                self._let_go(oldest, self._slots.pop(oldest))
+
+    def release(self, paths: Iterable[Path | str]) -> None:
+        """Delete ``paths`` (the demo's own) that no session holds: a failed run's folders."""
+        with self._lock:
+            for path in map(self._ours, paths):
+                if path is not None and not self._holders.get(path):
+                    self._remove(path)
+
+    def end(self, session: str) -> None:
+        """The session's page was closed: let go of everything it held."""
+        with self._lock:
+            for key in [key for key in self._slots if key[0] == session]:
+                self._let_go(key, self._slots.pop(key))
+
+    def sweep(self, age: float = 60.0) -> None:
+        """Delete the empty ``tmp*`` files Gradio 6 leaves at the top of its cache (one for each
+        uploaded file it hands to a function, never used) once ``age`` seconds old."""
+        if self.cache is None or not self.cache.is_dir():
+            return
+        now = time.time()
+        for path in self.cache.glob("tmp*"):
+            try:
+                info = path.lstat()
+                if path.is_file() and not path.is_symlink() and info.st_size == 0 and now - info.st_mtime > age:
+                    path.unlink()
+            except OSError:
+                pass
+
+    def held(self) -> set[Path]:
+        with self._lock:
+            return {path for path, holders in self._holders.items() if holders}
+
+    def close(self) -> None:
+        """At exit: delete every run folder the demo made, its cache, and its own empty workdir."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for path in sorted(self._made):
+                self._remove(path)
+            self._holders.clear()
+            self._slots.clear()
+            if self.cache is not None:
+                shutil.rmtree(self.cache, ignore_errors=True)
+            if self.own_workdir:
+                try:
+                    self.workdir.rmdir()  # only when empty: a file someone put there stays
+                except OSError:
+                    pass
+
+    def _let_go(self, key: tuple[str, str], paths: Iterable[Path]) -> None:
+        for path in paths:
+            holders = self._holders.get(path, set())
+            holders.discard(key)
+            if not holders:
+                self._holders.pop(path, None)
+                self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        except OSError as error:
+            logger.warning("could not remove %s: %s", path, error)
+            return
+        if path not in self._made and self.cache is not None:
+            parent = path.parent  # Gradio keeps each upload in a folder of its own
+            if parent != self.cache and parent.is_relative_to(self.cache):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    pass
+
 
 class Runner:
     """Runs checked requests one after another (the web framework's queue calls :meth:`run` from
-    one worker at a time); each run writes to its own folder under ``workdir``."""
+    one worker at a time); each run writes to its own folder under ``workdir``, which
+    ``files`` (:class:`DemoFiles`) names and later removes."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, preload: str | None = None):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        workdir: Path,
+        preload: str | None = None,
+        files: DemoFiles | None = None,
+    ):
         self.args = args
         self.workdir = Path(workdir)
+        self.files = files or DemoFiles(self.workdir)
         self.models = ModelCache(args)
         self.face_check = FaceCheck()
-        self._ids = itertools.count(1)
         if preload is not None:  # load the default backend in the background right away
             threading.Thread(target=self._preload, args=(preload,), name="freecure-demo-preload", daemon=True).start()
 
@@ -260,11 +435,23 @@ class Runner:
         except Exception:  # the first request retries and shows the error on the page
             logger.exception("could not preload backend %s", backend)
 
+    def close(self) -> None:
+        """Delete every run folder the runner wrote (see :meth:`DemoFiles.close`)."""
+        self.files.close()
+
     def run(self, request: RunRequest, report: ProgressReport = lambda stage, done, total: None) -> RunResult:
+        """Generate ``request`` into a new run folder; a failed run leaves no folder behind."""
+        out_dir, zip_dir = self.files.new_run()
+        try:
+            return self._run(request, report, out_dir)
+        except BaseException:
+            self.files.release([out_dir, zip_dir])
+            raise
+
+    def _run(self, request: RunRequest, report: ProgressReport, out_dir: Path) -> RunResult:
         from ..outputs import save_output, slug
         from ..pipeline import FreeCurePipeline
 
-        out_dir = self.workdir / f"{next(self._ids):04d}-{int(time.time() * 1000) % 10**8:08d}"
         report("checking the reference photos", 0, 0)
         self.face_check(request.references, request.reference_names)
         report(f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)"), 0, 0)
@@ -322,7 +509,7 @@ class Runner:
 def zip_folder(result: RunResult, request: RunRequest) -> Path:
     """The run's output folder — the one ``freecure generate`` writes — as a zip next to it."""
     folder = f"freecure-{request.backend}-seed{request.seed}"
-    path = result.out_dir.with_name(f"{result.out_dir.name}.zip") / f"{folder}.zip"
+    path = result.folders[1] / f"{folder}.zip"
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in result.files:
