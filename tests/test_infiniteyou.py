@@ -168,6 +168,10 @@ def test_infusenet_loads_strictly_from_one_file_or_shards(backend, tmp_path):
         state = loaded.state_dict()
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
         assert not any(p.is_meta for p in [*loaded.parameters(), *loaded.buffers()])
+    first = sorted((tmp_path / "sharded").glob("*-00001-of-*.safetensors"))[0]
+    first.write_bytes(first.read_bytes()[:100])  # a truncated download
+    with pytest.raises(WeightsNotFoundError, match=f"cannot read .*{first.name} as a safetensors file for InfuseNet"):
+        load_infusenet(tmp_path / "sharded")
     index = tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json"
     index.write_text(index.read_text().replace("-00001-of-", "-00001-of-../../"))  # a shard outside the folder
     with pytest.raises(WeightsNotFoundError, match="is not a file in"):
