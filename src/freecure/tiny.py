@@ -185,8 +185,8 @@ def remove_stale_tiny_folders(root: str | os.PathLike | None = None) -> list[Pat
             info = path.lstat()
         except OSError:
             continue
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():  # no links, files or others' folders
-            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != getattr(os, "getuid", lambda: info.st_uid)():
+            continue  # no links, no files, no other user's folders
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
