@@ -238,11 +238,10 @@ def folder_layout(folder: str | os.PathLike, what: str, hint: str = "") -> tuple
 
 
 def meta_model(model_cls, config: Mapping):
-    """``model_cls.from_config(config)`` with its parameters on the meta device (no memory, no
-    initialisation): the keys and shapes that a checkpoint for this config must hold."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
+    """``model_cls.from_config(config)`` with its parameters and buffers on the meta device (no
+    memory, no initialisation; what accelerate's ``init_empty_weights`` does, without needing
+    accelerate): the keys and shapes that a checkpoint for this config must hold."""
+    with torch.device("meta"):
         return model_cls.from_config(dict(config))
 
 
@@ -304,9 +303,7 @@ def load_diffusers_model(model_cls, folder: str | os.PathLike, what: str, hint: 
     layout, safetensors = folder_layout(folder, what, hint)
     check_layout(model_cls, config, layout, f"{what}: the weights in {folder} do not match its config.json", hint)
     try:
-        model = model_cls.from_pretrained(
-            folder, torch_dtype=dtype, use_safetensors=safetensors, low_cpu_mem_usage=True
-        )
+        model = model_cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=safetensors)
     except (OSError, ValueError, RuntimeError) as error:
         raise WeightsNotFoundError(f"could not load {what} from {folder}: {_first_line(error)}.{tail}") from None
     unloaded = [name for name, value in (*model.named_parameters(), *model.named_buffers()) if value.is_meta]
