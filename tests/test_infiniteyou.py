@@ -85,6 +85,105 @@ def test_resampler_file_loads_strictly(tmp_path):
         load_resampler(tmp_path / "other.bin", TINY_RESAMPLER)
 
 
+def test_infusenet_layout_is_the_released_one():
+    """The key list derived from InfuseNet's configuration is the builder's (the model its
+    config.json makes, on the meta device), and it is the released file's: DiffSynth-Studio
+    records the hash of infu_flux_v1.0/aes_stage2/InfuseNetModel's keys and shapes."""
+    from diffusers import FluxControlNetModel
+
+    from freecure.checkpoints import check_layout, meta_model
+    from keylists import key_hash, read_config
+
+    config = read_config("infiniteyou_infusenet_config.json")
+    layout = read_layout("infiniteyou_infusenet_keys.txt")
+    model = meta_model(FluxControlNetModel, config)
+    assert {key: tuple(value.shape) for key, value in model.state_dict().items()} == layout
+    assert key_hash(layout) == "7f9583eb8ba86642abb9a21a4b2c9e16"
+    assert len(layout) == 314 and layout["controlnet_single_blocks.9.weight"] == (3072, 3072)
+    assert "controlnet_blocks.4.weight" not in layout and "time_text_embed.guidance_embedder.linear_1.weight" in layout
+    check_layout(FluxControlNetModel, config, layout, "InfuseNet")
+    layout["input_hint_block.0.weight"] = (16, 3, 3, 3)
+    with pytest.raises(WeightsNotFoundError, match=r"unexpected keys \(1\): input_hint_block\.0\.weight"):
+        check_layout(FluxControlNetModel, config, layout, "InfuseNet")
+
+
+def _drop(key):
+    return lambda state: state.pop(key, None) is not None
+
+
+def _add(key, value, replace=False):
+    """Put ``value`` under ``key`` in the first shard that holds it (``replace``) or in the first one."""
+
+    def edit(state):
+        if replace and key not in state:
+            return False
+        state[key] = value
+        return True
+
+    return edit
+
+
+BROKEN_INFUSENETS = {  # edit → the message naming it
+    "missing": (_drop("controlnet_single_blocks.0.weight"), r"missing keys \(1\): controlnet_single_blocks\.0\.weight"),
+    "unexpected": (
+        _add("controlnet_blocks.2.weight", torch.zeros(32, 32)),
+        r"unexpected keys \(1\): controlnet_blocks\.2\.weight",
+    ),
+    "reshaped": (
+        _add("controlnet_x_embedder.bias", torch.zeros(3), replace=True),
+        r"shape mismatches \(1\): controlnet_x_embedder\.bias \(checkpoint \(3,\), model \(32,\)\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("case", sorted(BROKEN_INFUSENETS))
+def test_infusenet_with_a_wrong_key_is_refused_naming_it(backend, tmp_path, case, sharded):
+    """diffusers' from_pretrained only warned: a missing key stayed on the meta device (the later
+    .to(device) failed with "Cannot copy out of meta tensor"), an extra one was dropped. The
+    InfuseNet folder (one file or shards with their index) is refused, naming the key, before
+    image_proj_model.bin or the base model are looked for."""
+    from keylists import save_edited
+
+    edit, message = BROKEN_INFUSENETS[case]
+    shards = {"max_shard_size": "200KB"} if sharded else {}
+    save_edited(backend.infusenet, tmp_path / "aes_stage2" / "InfuseNetModel", edit, **shards)
+    index = tmp_path / "aes_stage2" / "InfuseNetModel" / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.is_file() == sharded
+    with pytest.raises(WeightsNotFoundError, match=message) as error:
+        InfiniteYouBackend.from_pretrained(
+            str(tmp_path / "no-base-model"), tmp_path / "aes_stage2", "aes_stage2", device="cpu",
+            dtype=torch.float32, face_embedding=torch.ones(512),
+        )
+    assert "InfuseNet" in str(error.value) and "--infiniteyou-weights" in str(error.value)
+
+
+def test_infusenet_loads_strictly_from_one_file_or_shards(backend, tmp_path):
+    from freecure.backends.infiniteyou import load_infusenet
+    from keylists import save_edited
+
+    expected = backend.infusenet.state_dict()
+    for folder, shards in ((tmp_path / "single", {}), (tmp_path / "sharded", {"max_shard_size": "200KB"})):
+        loaded = load_infusenet(save_edited(backend.infusenet, folder, **shards), torch.float32)
+        state = loaded.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        assert not any(p.is_meta for p in [*loaded.parameters(), *loaded.buffers()])
+    first = sorted((tmp_path / "sharded").glob("*-00001-of-*.safetensors"))[0]
+    first.write_bytes(first.read_bytes()[:100])  # a truncated download
+    with pytest.raises(WeightsNotFoundError, match=f"cannot read .*{first.name} as a safetensors file for InfuseNet"):
+        load_infusenet(tmp_path / "sharded")
+    index = tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(index.read_text().replace("-00001-of-", "-00001-of-../../"))  # a shard outside the folder
+    with pytest.raises(WeightsNotFoundError, match="is not a file in"):
+        load_infusenet(tmp_path / "sharded")
+    index.write_text("{not json")
+    with pytest.raises(WeightsNotFoundError, match="cannot read .*index.json, the shard index of InfuseNet"):
+        load_infusenet(tmp_path / "sharded")
+    (tmp_path / "single" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    with pytest.raises(WeightsNotFoundError, match="describes a ControlNetModel, not a FluxControlNetModel"):
+        load_infusenet(tmp_path / "single")
+
+
 def test_resampler_computes_the_original_perceiver():
     """The original Resampler's forward written out: learned queries, ``depth`` × (perceiver
     attention over [features; latents] with the √√d split scale + FFN, both residual), then
@@ -261,3 +360,18 @@ def test_generate_refuses_bad_infusenet_options_before_loading(tmp_path, capsys)
     assert "finite" in capsys.readouterr().err
     assert main([*args, "--face-embedding", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_generate_names_the_missing_infusenet_key_in_one_line(backend, tmp_path, astronaut, capsys):
+    """Before, the run went on with a parameter left on the meta device and ended in torch's
+    "Cannot copy out of meta tensor" traceback; now: exit 2, one line, the key named."""
+    from keylists import save_edited
+
+    save_edited(backend.infusenet, tmp_path / "aes_stage2" / "InfuseNetModel", _drop("controlnet_blocks.1.bias"))
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    args = ["generate", "--backend", "infiniteyou", "--infiniteyou-weights", str(tmp_path / "aes_stage2")]
+    args += ["--prompt", PROMPT, "--ref", str(tmp_path / "ref.png"), "--device", "cpu", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "missing keys (1): controlnet_blocks.1.bias" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

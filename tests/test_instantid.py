@@ -260,3 +260,94 @@ def test_bad_face_files_fail_before_any_model_loads(tmp_path, capsys):
     args = [*base, "--face-embedding", str(tmp_path / "ok.safetensors"), "--face-keypoints", str(tmp_path / "kps.json")]
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     assert "5 finite [x, y] pairs" in capsys.readouterr().err
+
+
+# --- IdentityNet is loaded strictly -----------------------------------------------------------------
+def _drop(key):
+    return lambda state: state.pop(key, None) is not None
+
+
+def _add(key):
+    return lambda state: state.setdefault(key, torch.zeros(2)) is not None
+
+
+def _reshape(key):
+    return lambda state: key in state and state.update({key: torch.zeros(3)}) is None
+
+
+BROKEN_CHECKPOINTS = {  # edit → the message naming it
+    "missing": (_drop("controlnet_mid_block.weight"), r"missing keys \(1\): controlnet_mid_block\.weight"),
+    "unexpected": (_add("controlnet_mid_block.extra"), r"unexpected keys \(1\): controlnet_mid_block\.extra"),
+    "reshaped": (
+        _reshape("controlnet_mid_block.bias"),
+        r"shape mismatches \(1\): controlnet_mid_block\.bias \(checkpoint \(3,\), model \(64,\)\)",
+    ),
+}
+
+
+def test_identitynet_layout_of_the_released_config():
+    """The key list derived from the released ControlNetModel/config.json is what the builder
+    (the model its config.json makes, on the meta device) expects, and the check names a key."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from freecure.checkpoints import check_layout, meta_model
+    from freecure.configs import SDXL_UNET
+    from keylists import read_config
+
+    config = read_config("instantid_identitynet_config.json")
+    layout = read_layout("instantid_identitynet_keys.txt")
+    model = meta_model(ControlNetModel, config)
+    assert {key: tuple(value.shape) for key, value in model.state_dict().items()} == layout
+    assert len(layout) == 844 and sum(torch.Size(shape).numel() for shape in layout.values()) == 1_251_014_160
+    with torch.device("meta"):  # IdentityNet is a ControlNet of SDXL's UNet
+        from_unet = ControlNetModel.from_unet(UNet2DConditionModel(**SDXL_UNET))
+    assert {key: tuple(value.shape) for key, value in from_unet.state_dict().items()} == layout
+    check_layout(ControlNetModel, config, layout, "IdentityNet")
+    del layout["controlnet_down_blocks.8.weight"]
+    with pytest.raises(WeightsNotFoundError, match=r"missing keys \(1\): controlnet_down_blocks\.8\.weight"):
+        check_layout(ControlNetModel, config, layout, "IdentityNet")
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CHECKPOINTS))
+def test_identitynet_with_a_wrong_key_is_refused_naming_it(backend, tmp_path, case):
+    """diffusers' from_pretrained only warned: a missing key stayed on the meta device (the later
+    .to(device) failed with "Cannot copy out of meta tensor"), an extra one was dropped. The
+    IdentityNet folder is refused, naming the key, before the base model is even looked for."""
+    from keylists import save_edited
+
+    edit, message = BROKEN_CHECKPOINTS[case]
+    folder = save_edited(backend.controlnet, tmp_path / "ControlNetModel", edit)
+    # a readable ip-adapter.bin (it is read first, and checked against the base model only later)
+    torch.save({"image_proj": {"latents": torch.zeros(1, 16, 8)}, "ip_adapter": {}}, tmp_path / "ip-adapter.bin")
+    with pytest.raises(WeightsNotFoundError, match=message) as error:
+        InstantIDBackend.from_pretrained(
+            str(tmp_path / "no-base-model"), tmp_path / "ip-adapter.bin", folder, device="cpu",
+            dtype=torch.float32, face_embedding=tmp_path / "face.safetensors",
+        )
+    assert "IdentityNet" in str(error.value) and "--instantid-controlnet" in str(error.value)
+
+
+def test_identitynet_loads_strictly_from_one_file_or_shards(backend, tmp_path):
+    from freecure.backends.instantid import load_identitynet
+    from keylists import save_edited
+
+    expected = backend.controlnet.state_dict()
+    for folder in (
+        save_edited(backend.controlnet, tmp_path / "single"),
+        save_edited(backend.controlnet, tmp_path / "sharded", max_shard_size="300KB"),
+    ):
+        loaded = load_identitynet(folder, torch.float32)
+        state = loaded.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        assert not any(p.is_meta for p in loaded.parameters())
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    # a key missing from one shard, and a shard the index names but the folder lacks
+    broken = save_edited(backend.controlnet, tmp_path / "broken", _drop("controlnet_mid_block.weight"),
+                         max_shard_size="300KB")
+    with pytest.raises(WeightsNotFoundError, match=r"missing keys \(1\): controlnet_mid_block\.weight"):
+        load_identitynet(broken)
+    next(iter(sorted((tmp_path / "sharded").glob("*-of-*.safetensors")))).unlink()
+    with pytest.raises(WeightsNotFoundError, match=r"the shard '.*-00001-of-.*' that .*index\.json lists"):
+        load_identitynet(tmp_path / "sharded")
+    with pytest.raises(WeightsNotFoundError, match="IdentityNet folder not found"):
+        load_identitynet(tmp_path / "nowhere")

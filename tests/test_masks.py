@@ -88,6 +88,33 @@ def test_latent_resolution_of_a_non_square_mask_keeps_rows_and_columns():
     assert up.shape == (64, 96) and torch.all(up[:14, :22] == 1) and torch.all(up[18:] == 0)
 
 
+def test_attention_maps_are_upsampled_bilinearly():
+    """An attention map goes up to the parse masks' resolution bilinearly (half-pixel centres,
+    edges clamped): one hot cell becomes a ramp, not the constant block that area (nearest-like)
+    upsampling would give."""
+    hot = torch.zeros(2, 2)
+    hot[0, 0] = 1.0
+    up = resize_map(hot, (8, 8))
+    ramp = torch.tensor([1.0, 1.0, 0.875, 0.625, 0.375, 0.125, 0.0, 0.0])
+    torch.testing.assert_close(up[0], ramp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(up, ramp[:, None] * ramp[None, :], rtol=0, atol=1e-6)  # separable
+    assert len(torch.unique(up)) > 2  # area would give only 0 and 1
+
+
+def test_attention_maps_are_downsampled_by_area():
+    """Down-sizing averages each block of cells (area): a lone hot cell keeps its mass (1/16 of its
+    4×4 block) and the mean is preserved; bilinear sampling would read only the middle of each block
+    and lose the cell."""
+    hot = torch.zeros(8, 8)
+    hot[0, 0] = 1.0
+    down = resize_map(hot, (2, 2))
+    assert down[0, 0] == 1 / 16 and down.sum() == 1 / 16
+    g = torch.Generator().manual_seed(0)
+    heat = torch.rand(32, 48, generator=g)
+    down = resize_map(heat, (8, 12))
+    torch.testing.assert_close(down, heat.reshape(8, 4, 12, 4).mean(dim=(1, 3)), rtol=0, atol=1e-6)
+
+
 def test_overlay_tints_only_inside_mask():
     image = Image.fromarray(np.full((16, 16, 3), 100, np.uint8))
     mask = torch.zeros(16, 16)

@@ -256,3 +256,83 @@ def test_plain_pass_guides_each_lane_with_its_own_negative_branch(tiny_sd15, gre
         scheduler.set_timesteps(4)
         plain_pass(spy, scheduler, z_T(tiny_sd15, 64, 64), conditions, Guidance(), (64, 64), lane=lane)
         assert spy.keys == expected
+
+
+# --- tiny start-up leaves nothing behind ---------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_tiny_start_up_removes_only_stale_tiny_folders(tmp_path, monkeypatch):
+    """A SIGKILL (out of memory) during --tiny start-up leaves its freecure-tiny-PID-* folder; the
+    next start removes those whose process is gone, and nothing else: not a live process's, not
+    a link, a file or any other name."""
+    import os
+    import tempfile
+
+    from freecure.tiny import tiny_sd15_pipeline
+
+    scratch, outside = tmp_path / "tmp", tmp_path / "elsewhere"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep" / "photo.png").write_bytes(b"user data")
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    dead = _dead_pid()
+    stale = scratch / f"freecure-tiny-{dead}-ab_cd123"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 4096)
+    live = scratch / f"freecure-tiny-{os.getpid()}-efgh5678"
+    live.mkdir()
+    kept = [live]
+    for name in ("freecure-tiny-abcdefgh", f"freecure-tiny-clip-{dead}-abcd1234", f"freecure-tiny-{dead}-abcd123",
+                 f"freecure-tiny-{dead}-abcd1234.old", f"my-freecure-tiny-{dead}-abcd1234", f"freecure-demo-{dead}"):
+        (scratch / name).mkdir()
+        kept.append(scratch / name)
+    (scratch / f"freecure-tiny-{dead}-link1234").symlink_to(outside / "keep", target_is_directory=True)
+    (scratch / f"freecure-tiny-{dead}-file1234").write_text("not a folder")
+    kept += [scratch / f"freecure-tiny-{dead}-link1234", scratch / f"freecure-tiny-{dead}-file1234"]
+
+    pipe = tiny_sd15_pipeline()
+
+    assert not stale.exists()
+    assert all(path.exists() or path.is_symlink() for path in kept)
+    assert (outside / "keep" / "photo.png").read_bytes() == b"user data"
+    assert sorted(scratch.iterdir()) == sorted(kept)  # and its own scratch folder is gone
+    assert pipe.unet is not None
+
+
+def test_sigterm_during_tiny_start_up_removes_its_folder(tmp_path):
+    """A SIGTERM (kill, timeout) while the tiny models are saved: the folder goes, and the process
+    still ends by that signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys, tempfile
+tempfile.tempdir = sys.argv[1]
+from diffusers import StableDiffusionPipeline
+from freecure.tiny import tiny_sd15_pipeline
+save = StableDiffusionPipeline.save_pretrained
+def save_then_terminate(self, directory, *args, **kwargs):
+    save(self, directory, *args, **kwargs)
+    assert os.listdir(directory)
+    os.kill(os.getpid(), signal.SIGTERM)
+StableDiffusionPipeline.save_pretrained = save_then_terminate
+tiny_sd15_pipeline()
+print("survived")
+"""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, str(scratch)], capture_output=True, text=True,
+                          timeout=300, env=environment)
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "survived" not in done.stdout
+    assert list(scratch.iterdir()) == []

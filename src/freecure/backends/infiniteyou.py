@@ -77,6 +77,34 @@ def injection_step(guidance_start: float, num_inference_steps: int) -> int:
     return next(i for i in range(num_inference_steps) if i / num_inference_steps >= guidance_start)
 
 
+#: The InfuseNet folder of a variant (``infu_flux_v1.0/<variant>/InfuseNetModel``: config.json and
+#: diffusion_pytorch_model.safetensors, or shards and their index).
+INFUSENET_FOLDER = "InfuseNetModel"
+
+
+def load_infusenet(folder: str | os.PathLike, dtype=None):
+    """InfuseNet (a diffusers ``FluxControlNetModel``) from ``folder`` (``.../InfuseNetModel``),
+    strictly (:func:`freecure.checkpoints.load_diffusers_model`, every shard of a sharded folder):
+    a missing, unexpected or reshaped key is refused, named, before anything is loaded
+    (diffusers alone only warns).
+
+    Raises:
+        WeightsNotFoundError: the folder or its files are missing or do not match.
+    """
+    from diffusers import FluxControlNetModel
+
+    from ..checkpoints import load_diffusers_model
+
+    hint = (
+        f"Pass --infiniteyou-weights DIR, the folder {VERSION}/<variant> of {REPO_ID} (with "
+        f"{INFUSENET_FOLDER}/ and image_proj_model.bin), or run with --tiny."
+    )
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise WeightsNotFoundError(f"InfuseNet folder not found: {folder} is not a folder. {hint}")
+    return load_diffusers_model(FluxControlNetModel, folder, "InfuseNet", hint, dtype)
+
+
 def load_resampler(path: str | os.PathLike, config: dict = RESAMPLER) -> IdentityResampler:
     """``image_proj_model.bin`` (its ``image_proj`` entry) into an :class:`IdentityResampler`,
     strictly, read with ``weights_only=True``."""
@@ -258,8 +286,6 @@ class InfiniteYouBackend(Backend):
         **kwargs,
     ) -> InfiniteYouBackend:
         """FLUX.1-dev plus ``infu_flux_v1.0/<variant>`` from a local folder or the Hub."""
-        from diffusers import FluxControlNetModel
-
         from ..runtime import load_base_pipeline
 
         if variant not in VARIANTS:
@@ -267,14 +293,22 @@ class InfiniteYouBackend(Backend):
         logger.warning("InfiniteYou's weights are licensed CC BY-NC 4.0: non-commercial use only")
         folder = Path(weights) if weights else None
         if folder is None:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import constants, snapshot_download
 
-            root = snapshot_download(REPO_ID, allow_patterns=[f"{VERSION}/{variant}/*"])
+            try:
+                root = snapshot_download(REPO_ID, allow_patterns=[f"{VERSION}/{variant}/*"])
+            except Exception as error:  # noqa: BLE001 - offline, network, authentication: one message
+                reason = (
+                    "HF_HUB_OFFLINE is set and the files are not in the local cache"
+                    if constants.HF_HUB_OFFLINE
+                    else (str(error).strip().splitlines() or [type(error).__name__])[0]
+                )
+                raise WeightsNotFoundError(
+                    f"could not get {REPO_ID}/{VERSION}/{variant}: {reason}. Pass --infiniteyou-weights DIR "
+                    f"(the folder {VERSION}/{variant}), or run with --tiny."
+                ) from None
             folder = Path(root) / VERSION / variant
-        try:
-            infusenet = FluxControlNetModel.from_pretrained(folder / "InfuseNetModel", torch_dtype=dtype)
-        except (OSError, ValueError) as error:
-            raise WeightsNotFoundError(f"cannot load InfuseNet from {folder / 'InfuseNetModel'}: {error}") from None
+        infusenet = load_infusenet(folder / INFUSENET_FOLDER, dtype)  # strict: a bad key is named before any load
         resampler = load_resampler(folder / "image_proj_model.bin").to(device, dtype)
         pipeline = load_base_pipeline(base_model, device, dtype)
         if face_embedding is None:

@@ -129,6 +129,51 @@ def load_instantid_adapter(pipeline, state, scale: float = IP_ADAPTER_SCALE, res
     pipeline.set_ip_adapter_scale(scale)
 
 
+#: What to do when IdentityNet cannot be used.
+IDENTITYNET_HINT = (
+    f"Pass --instantid-controlnet FOLDER ({REPO_ID}'s {CONTROLNET_FOLDER}: config.json and "
+    "diffusion_pytorch_model.safetensors), or run with --tiny."
+)
+
+
+def load_identitynet(source: str | os.PathLike | None = None, dtype=None):
+    """IdentityNet (a diffusers ``ControlNetModel``) from a local folder, or from the Hub's
+    ``InstantX/InstantID/ControlNetModel`` when ``source`` is None, loaded strictly
+    (:func:`freecure.checkpoints.load_diffusers_model`): a missing, unexpected or reshaped key is
+    refused, named, before anything is loaded (diffusers alone only warns).
+
+    Raises:
+        WeightsNotFoundError: the folder or its files are missing or do not match.
+    """
+    from pathlib import Path
+
+    from diffusers import ControlNetModel
+
+    if source is not None and str(source) != "":
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise WeightsNotFoundError(f"IdentityNet folder not found: {folder} is not a folder. {IDENTITYNET_HINT}")
+    else:
+        from huggingface_hub import constants, snapshot_download
+
+        try:
+            root = snapshot_download(
+                REPO_ID, allow_patterns=[f"{CONTROLNET_FOLDER}/*.json", f"{CONTROLNET_FOLDER}/*.safetensors"]
+            )
+        except Exception as error:  # noqa: BLE001 - offline, network, authentication: one message
+            reason = (
+                "HF_HUB_OFFLINE is set and the files are not in the local cache"
+                if constants.HF_HUB_OFFLINE
+                else (str(error).strip().splitlines() or [type(error).__name__])[0]
+            )
+            raise WeightsNotFoundError(
+                f"could not load IdentityNet ({REPO_ID}/{CONTROLNET_FOLDER}, {CONTROLNET_SIZE}): {reason}. "
+                f"{IDENTITYNET_HINT}"
+            ) from None
+        folder = Path(root) / CONTROLNET_FOLDER
+    return checkpoints.load_diffusers_model(ControlNetModel, folder, "IdentityNet", IDENTITYNET_HINT, dtype)
+
+
 def keypoint_tensor(face, image_size: tuple[int, int], device, dtype) -> torch.Tensor:
     """IdentityNet's control image for an (height, width) output: the keypoints scaled from the
     reference photo to the output, drawn, as (1, 3, H, W) in [0, 1] (diffusers' control-image
@@ -202,8 +247,6 @@ class InstantIDBackend(Backend):
         **kwargs,
     ) -> InstantIDBackend:
         """Load the base model, ``ip-adapter.bin`` and IdentityNet (local paths or the Hub)."""
-        from diffusers import ControlNetModel
-
         from ..runtime import load_base_pipeline, resolve_device, resolve_dtype
 
         device = resolve_device(str(device) if device is not None else None)
@@ -214,16 +257,7 @@ class InstantIDBackend(Backend):
         else:
             logger.warning("%s; an embedding computed with them carries that licence", INSIGHTFACE_LICENCE)
         state = read_adapter_file(resolve_file(REPO_ID, ADAPTER_FILE, ADAPTER_SIZE, weights, "--instantid-weights"))
-        try:
-            source = controlnet or REPO_ID
-            identitynet = ControlNetModel.from_pretrained(
-                source, subfolder=None if controlnet else CONTROLNET_FOLDER, dtype=dtype
-            )
-        except (OSError, ValueError) as error:
-            raise WeightsNotFoundError(
-                f"could not load IdentityNet ({REPO_ID}/{CONTROLNET_FOLDER}, {CONTROLNET_SIZE}): "
-                f"{str(error).splitlines()[0]}. Pass --instantid-controlnet FOLDER, or run with --tiny."
-            ) from None
+        identitynet = load_identitynet(controlnet, dtype)  # strict: a bad key is named before any load
         pipeline = load_base_pipeline(base_model, device, dtype, sdxl=True)
         load_instantid_adapter(pipeline, state, ip_adapter_scale)
         return cls(pipeline, identitynet.to(device), analyzer, **kwargs)
