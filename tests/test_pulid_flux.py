@@ -316,7 +316,7 @@ def test_pulid_flux_without_tiny_needs_a_face_embedding_and_weights(tmp_path, ca
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "--face-embedding" in err and "non-commercial" in err and "Traceback" not in err
-    save_face_embedding(random_face_embedding(1280, 1024, patches=2), tmp_path / "face.safetensors")
+    save_face_embedding(random_face_embedding(1280, 1024, patches=577), tmp_path / "face.safetensors")
     face, weights = str(tmp_path / "face.safetensors"), str(tmp_path / "no.safetensors")
     missing = ["--face-embedding", face, "--pulid-weights", weights]
     assert main(base + missing) == 2

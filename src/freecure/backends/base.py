@@ -125,6 +125,19 @@ class Backend:
     def add_cli_arguments(cls, group) -> None:
         """Add this backend's own options to ``freecure generate`` (an argparse group)."""
 
+    #: What the backend's identity file (``--face-embedding`` …) holds, an
+    #: :class:`~freecure.backends.identity_files.IdentitySchema`; None for a backend without one.
+    identity_schema = None
+
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """Read and check the identity files the options name against :attr:`identity_schema`,
+        with the widths of the model the options describe; called before any model loads.
+
+        Raises:
+            InputError: a file that does not fit, naming the tensor and what is expected.
+        """
+
     @classmethod
     def from_cli(cls, args) -> Backend:
         """Build the backend from parsed ``freecure generate`` options.

@@ -12,27 +12,28 @@ insightface/onnxruntime are an optional extra (``pip install 'freecure[insightfa
 precomputed embedding (``--face-embedding FILE.safetensors``, and ``--face-keypoints FILE`` for
 InstantID) lets the backends run without it. The file's tensors:
 
-``id_embedding`` (512,) — required; ``keypoints`` (5, 2) — pixel (x, y) in the photo, optional;
-``image_size`` (2,) — (width, height) of that photo, optional; ``clip_embedding`` (257, 1280)
-and ``negative_clip_embedding`` (257, 1280) — CLIP ViT-H penultimate hidden states of the
-aligned face and of a zero image (IP-Adapter-FaceID Plus/PlusV2 only).
+``id_embedding`` (512,) or (1, 512) — required; ``keypoints`` (5, 2) — pixel (x, y) in the
+photo, optional; ``image_size`` (2,) — (width, height) of that photo, integers, optional;
+``clip_embedding`` (257, 1280) and ``negative_clip_embedding`` (257, 1280) — CLIP ViT-H
+penultimate hidden states of the aligned face and of a zero image (IP-Adapter-FaceID
+Plus/PlusV2 only). Each backend's ``identity_schema`` (:func:`face_file_schema`, checked by
+:mod:`.identity_files`) says which it reads, with the widths of its model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from ..errors import InputError, WeightsNotFoundError
+from .identity_files import MAX_IMAGE_SIDE, IdentitySchema, TensorField, read_identity_file
 
 logger = logging.getLogger(__name__)
 
@@ -90,31 +91,86 @@ class FaceEmbedding:
                 raise InputError(f"{name} must be a finite (tokens, width) matrix, got shape {tuple(value.shape)}")
 
 
-def load_face_embedding(path: str | os.PathLike) -> FaceEmbedding:
-    """Read a ``--face-embedding`` safetensors file (see the module docstring for its tensors)."""
-    from safetensors.torch import load_file
+# --------------------------------------------------------------------------- the file format
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"--face-embedding {path} does not exist")
-    try:
-        tensors = load_file(str(path))
-    except Exception as error:
-        raise InputError(f"cannot read the face-embedding file {path} as safetensors: {error}") from None
-    if "id_embedding" not in tensors:
-        raise InputError(f"{path} holds no 'id_embedding' tensor (it holds: {', '.join(sorted(tensors)) or 'nothing'})")
-    known = {"id_embedding", "keypoints", "image_size", "clip_embedding", "negative_clip_embedding"}
-    unknown = sorted(set(tensors) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown tensors {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+#: The tensors of the insightface backends' ``--face-embedding`` file (:mod:`.identity_files`);
+#: each backend's ``identity_schema`` takes the ones it reads (:func:`face_file_schema`).
+ID_EMBEDDING = TensorField(
+    "id_embedding",
+    (("id_width",), (1, "id_width")),
+    "the face-recognition (ArcFace) embedding of insightface",
+)
+KEYPOINTS = TensorField(
+    "keypoints",
+    ((5, 2),),
+    "pixel (x, y) of eyes, nose and mouth corners in the photo",
+    kind="real",
+    required=False,
+    bound=MAX_IMAGE_SIDE,
+    within="image_size",
+)
+IMAGE_SIZE = TensorField(
+    "image_size",
+    ((2,),),
+    "(width, height) of the photo the keypoints are in",
+    kind="int",
+    required=False,
+    bound=None,
+    minimum=1,
+    maximum=MAX_IMAGE_SIDE,
+)
+CLIP_EMBEDDING = TensorField(
+    "clip_embedding",
+    (("clip_tokens", "clip_width"),),
+    "CLIP ViT-H penultimate hidden states of the aligned face (required by Plus/PlusV2)",
+    required=False,
+)
+NEGATIVE_CLIP_EMBEDDING = TensorField(
+    "negative_clip_embedding",
+    (("clip_tokens", "clip_width"),),
+    "the same of an all-zero image, for the negative branch (required by Plus/PlusV2)",
+    required=False,
+)
+
+
+def face_file_schema(backend: str, doc: str, what: str, clip: bool) -> IdentitySchema:
+    """The ``--face-embedding`` schema of an insightface backend: ``id_embedding`` (``what``
+    says which embedding), the optional keypoints and photo size, and (``clip``) the CLIP states."""
+    fields = [replace(ID_EMBEDDING, what=what), KEYPOINTS, IMAGE_SIZE]
+    if clip:
+        fields += [CLIP_EMBEDDING, NEGATIVE_CLIP_EMBEDDING]
+    return IdentitySchema(backend, "--face-embedding", tuple(fields), doc)
+
+
+#: The whole format, for readers that name no backend.
+FACE_FILE_SCHEMA = face_file_schema(
+    "an insightface backend", "docs/backends/ip_adapter_faceid.md", ID_EMBEDDING.what, clip=True
+)
+
+
+def face_from_tensors(tensors: dict[str, torch.Tensor]) -> FaceEmbedding:
+    """A :class:`FaceEmbedding` of a checked file's tensors."""
     size = tensors.get("image_size")
+    optional = {name: tensors[name].float() for name in ("keypoints", "clip_embedding", "negative_clip_embedding")
+                if name in tensors}
     return FaceEmbedding(
-        id_embedding=tensors["id_embedding"].float().flatten(),
-        keypoints=None if "keypoints" not in tensors else tensors["keypoints"].float(),
+        id_embedding=tensors["id_embedding"].float().reshape(-1),
         image_size=None if size is None else (int(size[0]), int(size[1])),
-        clip_embedding=tensors.get("clip_embedding"),
-        negative_clip_embedding=tensors.get("negative_clip_embedding"),
+        **optional,
     )
+
+
+def load_face_embedding(
+    path: str | os.PathLike,
+    schema: IdentitySchema = FACE_FILE_SCHEMA,
+    dims: dict[str, int] | None = None,
+    size: tuple[int, int] | None = None,
+) -> FaceEmbedding:
+    """Read a ``--face-embedding`` file, checked against ``schema`` (the backend's
+    ``identity_schema``) with the model's widths ``dims`` (default: the 512-d embedding);
+    ``size`` is the reference photo's (width, height) for keypoints without ``image_size``."""
+    dims = {"id_width": FACE_EMBEDDING_DIM} if dims is None else dims
+    return face_from_tensors(read_identity_file(path, schema, dims, size=size))
 
 
 def save_face_embedding(path: str | os.PathLike, face: FaceEmbedding) -> None:
@@ -132,16 +188,16 @@ def save_face_embedding(path: str | os.PathLike, face: FaceEmbedding) -> None:
     save_file(tensors, str(path))
 
 
-def load_face_keypoints(path: str | os.PathLike) -> torch.Tensor:
-    """Read ``--face-keypoints``: a JSON list of 5 ``[x, y]`` pixel pairs, (5, 2)."""
-    path = Path(path).expanduser()
-    try:
-        points = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"--face-keypoints {path}: expected a JSON list of 5 [x, y] pairs ({error})") from None
-    if tuple(points.shape) != (5, 2) or not torch.isfinite(points).all():
-        raise InputError(f"--face-keypoints {path}: expected 5 finite [x, y] pairs, got shape {tuple(points.shape)}")
-    return points
+#: ``--face-keypoints``: a JSON list of the 5 [x, y] pairs.
+KEYPOINTS_FILE_SCHEMA = IdentitySchema(
+    "instantid", "--face-keypoints", (replace(KEYPOINTS, required=True),), "docs/backends/instantid.md"
+)
+
+
+def load_face_keypoints(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read ``--face-keypoints``: a JSON list of 5 ``[x, y]`` pixel pairs, (5, 2), inside the
+    photo of (width, height) ``size`` when given."""
+    return read_identity_file(path, KEYPOINTS_FILE_SCHEMA, size=size)["keypoints"].float()
 
 
 # --------------------------------------------------------------------------- analyzers
@@ -265,15 +321,23 @@ def reference_face(
     analyzer,
     method: str,
     need_keypoints: bool = False,
+    schema: IdentitySchema = FACE_FILE_SCHEMA,
+    dims: dict[str, int] | None = None,
 ) -> FaceEmbedding:
     """The face a run conditions on: the ``--face-embedding`` file if given (keypoints from
     ``--face-keypoints`` override the file's), else ``analyzer`` on the first reference photo.
 
+    The files are checked against ``schema`` with the model's widths ``dims``. Keypoints are
+    pixels of the photo of the file's ``image_size``, else of the first reference photo; they
+    must lie inside it.
+
     Raises:
-        InputError: no file, no analyzer, or no reference; the message says what to pass.
+        InputError: no file, no analyzer, or no reference; a file that does not fit; the message
+            says what to pass.
     """
+    photo = references[0].size if references else None
     if embedding_file is not None:
-        face = load_face_embedding(embedding_file)
+        face = load_face_embedding(embedding_file, schema, dims, size=photo)
     elif analyzer is not None and references:
         face = analyzer(references[0])
     else:
@@ -281,8 +345,10 @@ def reference_face(
             raise InputError(f"{method} needs a reference photo (--ref) or --face-embedding FILE.safetensors")
         raise InputError(how_to_supply(method, keypoints=need_keypoints))
     if keypoints_file is not None:
-        size = face.image_size or (references[0].size if references else None)
-        face = replace(face, keypoints=load_face_keypoints(keypoints_file), image_size=size)
+        size = face.image_size or photo
+        face = replace(face, keypoints=load_face_keypoints(keypoints_file, size=size), image_size=size)
+    elif face.keypoints is not None and face.image_size is None:
+        face = replace(face, image_size=photo)  # a file's keypoints are the photo's pixels too
     if need_keypoints and face.keypoints is None:
         raise InputError(f"{method} needs the face's 5 keypoints: pass --face-keypoints FILE.json (5 [x, y] pairs)")
     return face

@@ -38,6 +38,7 @@ from ..checkpoints import check_state_dict, read_tensors
 from ..errors import InputError, WeightsNotFoundError
 from ..families import pack_latents
 from .base import PD, Backend, TextConditioning
+from .identity_files import IdentitySchema, TensorField, read_identity_file
 from .photomaker_v2 import FACE_EMBEDDING_DIM, FacePerceiverResampler
 
 logger = logging.getLogger(__name__)
@@ -119,25 +120,27 @@ def load_resampler(path: str | os.PathLike, config: dict = RESAMPLER) -> Identit
     return resampler.eval()
 
 
-def load_face_embedding(path) -> torch.Tensor:
-    """The tensor ``embedding`` ((512,) or (1, 512)) of a safetensors file: a precomputed ArcFace
-    embedding, as facexlib's IR-SE50 gives it on an aligned 112² crop."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+#: ``--face-embedding``: the ArcFace embedding the Resampler reads (its ``proj_in`` input, 512).
+IDENTITY_SCHEMA = IdentitySchema(
+    "infiniteyou",
+    "--face-embedding",
+    (
+        TensorField(
+            "embedding",
+            (("id_width",), (1, "id_width")),
+            "the ArcFace embedding (facexlib IR-SE50 on the aligned 112² crop, norm ≈ 20–30)",
+        ),
+    ),
+    "docs/backends/infiniteyou.md",
+)
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"face embedding file not found: {path}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"cannot read {path} as safetensors: {error}") from None
-    if "embedding" not in tensors:
-        raise InputError(f"{path} has no tensor named 'embedding' (it has: {', '.join(tensors) or 'none'})")
-    embedding = tensors["embedding"].float().reshape(-1)
-    if embedding.numel() != FACE_EMBEDDING_DIM or not torch.isfinite(embedding).all():
-        raise InputError(f"{path}: 'embedding' must hold {FACE_EMBEDDING_DIM} finite numbers")
-    return embedding
+
+def load_face_embedding(path, dims: dict[str, int] | None = None) -> torch.Tensor:
+    """The tensor ``embedding`` ((512,) or (1, 512)) of a safetensors file: a precomputed ArcFace
+    embedding, as facexlib's IR-SE50 gives it on an aligned 112² crop; checked against
+    :data:`IDENTITY_SCHEMA` with the Resampler's width ``dims`` (default 512)."""
+    dims = {"id_width": RESAMPLER["embedding_dim"]} if dims is None else dims
+    return read_identity_file(path, IDENTITY_SCHEMA, dims)["embedding"].float().reshape(-1)
 
 
 class FacexlibArcFace:
@@ -218,6 +221,7 @@ class InfiniteYouBackend(Backend):
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     default_guidance_scale = 3.5
+    identity_schema = IDENTITY_SCHEMA
 
     def __init__(
         self,
@@ -343,7 +347,7 @@ class InfiniteYouBackend(Backend):
         options = dict(
             conditioning_scale=args.infusenet_conditioning_scale, guidance_start=args.infusenet_guidance_start
         )
-        embedding = load_face_embedding(args.face_embedding) if args.face_embedding else None
+        embedding = load_face_embedding(args.face_embedding, cls.identity_dims(args)) if args.face_embedding else None
         if args.tiny:
             backend = cls.tiny(**options)
             if embedding is not None:
@@ -361,6 +365,17 @@ class InfiniteYouBackend(Backend):
             face_embedding=embedding,
             **options,
         )
+
+    @classmethod
+    def identity_dims(cls, args) -> dict[str, int]:
+        """The Resampler's embedding width, released and tiny alike (512)."""
+        return {"id_width": RESAMPLER["embedding_dim"]}
+
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """``--face-embedding`` against :attr:`identity_schema`, before any model loads."""
+        if getattr(args, "face_embedding", None):
+            load_face_embedding(args.face_embedding, cls.identity_dims(args))
 
     # -- what the engine asks --------------------------------------------------------------
     def unets(self) -> list[torch.nn.Module]:

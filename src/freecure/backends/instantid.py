@@ -45,11 +45,13 @@ from .face_embedding import (
     RandomFaceAnalyzer,
     add_face_arguments,
     draw_keypoints,
+    face_file_schema,
     load_face_embedding,
     load_face_keypoints,
     reference_face,
     scale_keypoints,
 )
+from .identity_files import reference_size
 from .ip_adapter_faceid import (
     IdentityConditioning,
     identity_rows,
@@ -181,6 +183,12 @@ def keypoint_tensor(face, image_size: tuple[int, int], device, dtype) -> torch.T
     height, width = image_size
     points = scale_keypoints(face.keypoints, face.image_size, (width, height))
     image = np.asarray(draw_keypoints((width, height), points), dtype=np.float32) / 255.0
+    if not image.any():  # every keypoint outside the output: IdentityNet would see a black image
+        pairs = ", ".join(f"({x:g}, {y:g})" for x, y in points.tolist())
+        raise InputError(
+            f"InstantID's face keypoints draw nothing inside the {width}×{height} output (scaled: {pairs}); "
+            "keypoints are pixel (x, y) in the reference photo: check --face-keypoints and the file's image_size"
+        )
     return torch.from_numpy(image).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
 
 
@@ -202,6 +210,14 @@ class InstantIDBackend(Backend):
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     default_guidance_scale = 5.0  # the released infer.py
+    #: ``--face-embedding``: antelopev2's raw 512-d embedding (the Resampler's input width), and
+    #: optionally the 5 keypoints and the photo's size; ``--face-keypoints`` the keypoints alone.
+    identity_schema = face_file_schema(
+        name,
+        "docs/backends/instantid.md",
+        "insightface antelopev2's raw ArcFace embedding (embedding, norm ≈ 20–30)",
+        clip=False,
+    )
 
     def __init__(
         self,
@@ -297,10 +313,7 @@ class InstantIDBackend(Backend):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
-        if args.face_embedding is not None:  # bad files fail before any model loads
-            load_face_embedding(args.face_embedding)
-        if args.face_keypoints is not None:
-            load_face_keypoints(args.face_keypoints)
+        cls.check_identity_files(args)  # bad files fail before any model loads
         kwargs = dict(
             controlnet_scale=args.instantid_controlnet_scale,
             fd_identitynet=args.instantid_fd == "zero-identity",
@@ -320,10 +333,39 @@ class InstantIDBackend(Backend):
             args.instantid_ip_scale, **kwargs,
         )
 
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """``--face-embedding`` and ``--face-keypoints`` against :attr:`identity_schema` (keypoints
+        inside the photo: the file's ``image_size``, else the first ``--ref``), and keypoints from
+        one of them when an embedding file is given; before any model loads."""
+        embedding, keypoints = getattr(args, "face_embedding", None), getattr(args, "face_keypoints", None)
+        photo = reference_size(args)
+        face = None
+        if embedding is not None:
+            face = load_face_embedding(embedding, cls.identity_schema, cls.identity_dims(args), size=photo)
+        if keypoints is not None:
+            load_face_keypoints(keypoints, size=(face.image_size if face is not None else None) or photo)
+        elif face is not None and face.keypoints is None:
+            raise InputError(
+                f"--face-embedding {embedding} holds no keypoints and InstantID needs the face's 5: pass "
+                "--face-keypoints FILE.json (5 [x, y] pairs in the photo's pixels), or put 'keypoints' (5, 2) "
+                "and 'image_size' into the file (docs/backends/instantid.md)"
+            )
+
+    @classmethod
+    def identity_dims(cls, args) -> dict[str, int]:
+        """The embedding width of the released (and the tiny) Resampler: 512."""
+        return {"id_width": RESAMPLER["embedding_dim"]}
+
+    def model_dims(self) -> dict[str, int]:
+        """The embedding width of the loaded Resampler (its ``proj_in`` input)."""
+        return {"id_width": self.unet.encoder_hid_proj.image_projection_layers[0].proj_in.in_features}
+
     # -- conditioning -----------------------------------------------------------------
     def identity_conditions(self, parsed, references, fd, num_inference_steps):
         face = reference_face(
-            references, self.face_embedding, self.face_keypoints, self.analyzer, "InstantID", need_keypoints=True
+            references, self.face_embedding, self.face_keypoints, self.analyzer, "InstantID", need_keypoints=True,
+            schema=self.identity_schema, dims=self.model_dims(),
         )
         self._face, self._kps = face, {}
         pd = IdentityConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, face.id_embedding[None])

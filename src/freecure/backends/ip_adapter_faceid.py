@@ -57,6 +57,7 @@ from .face_embedding import (
     InsightFaceAnalyzer,
     RandomFaceAnalyzer,
     add_face_arguments,
+    face_file_schema,
     load_face_embedding,
     reference_face,
 )
@@ -401,6 +402,14 @@ class IPAdapterFaceIDBackend(Backend):
     name = "ip-adapter-faceid"
     license = LICENSE
     default_guidance_scale = 7.5
+    #: ``--face-embedding``: the L2-normalised 512-d embedding; Plus/PlusV2 also the CLIP states,
+    #: (257, 1280) for the released CLIP ViT-H (the width is the projection's ``proj_in`` input).
+    identity_schema = face_file_schema(
+        name,
+        "docs/backends/ip_adapter_faceid.md",
+        "insightface buffalo_l's L2-normalised ArcFace embedding (normed_embedding, norm 1)",
+        clip=True,
+    )
 
     def __init__(
         self,
@@ -524,8 +533,7 @@ class IPAdapterFaceIDBackend(Backend):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
-        if args.face_embedding is not None:
-            load_face_embedding(args.face_embedding)  # a bad file fails before any model loads
+        cls.check_identity_files(args)  # a bad file fails before any model loads
         inject = args.inject_step if args.inject_step is not None else 0
         kwargs = dict(fd_lora=args.faceid_fd_lora == "keep", inject_step=inject, face_embedding=args.face_embedding)
         if args.tiny:
@@ -541,13 +549,53 @@ class IPAdapterFaceIDBackend(Backend):
             args.faceid_scale, args.faceid_s_scale, image_encoder=args.faceid_image_encoder, **kwargs,
         )
 
+    @classmethod
+    def file_schema(cls, variant: str):
+        """The schema for ``variant``: Plus/PlusV2 need the CLIP states in the file."""
+        if variant == "plain":
+            return cls.identity_schema
+        return cls.identity_schema.requiring("clip_embedding", "negative_clip_embedding")
+
+    @classmethod
+    def identity_dims(cls, args) -> dict[str, int]:
+        """The widths the file must have, before any model loads: the released projection's
+        (512-d embedding; CLIP ViT-H: 257 tokens of 1280), or the tiny model's CLIP width."""
+        from ..tiny_adapters import TINY_CLIP_DIM
+
+        dims = {"id_width": FACE_EMBEDDING_DIM}
+        if args.faceid_variant != "plain":
+            if args.tiny:
+                dims["clip_width"] = TINY_CLIP_DIM
+            else:
+                dims.update(clip_width=CLIP_VIT_H["hidden_size"], clip_tokens=CLIP_VIT_H["tokens"])
+        return dims
+
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """``--face-embedding`` against :attr:`identity_schema`, before any model loads."""
+        if getattr(args, "face_embedding", None) is not None:
+            load_face_embedding(args.face_embedding, cls.file_schema(args.faceid_variant), cls.identity_dims(args))
+
+    def model_dims(self) -> dict[str, int]:
+        """The widths of the loaded projection: its embedding input and (Plus) its CLIP input."""
+        projection = self.projection
+        first = next(m for m in projection.modules() if isinstance(m, nn.Linear))
+        dims = {"id_width": first.in_features}
+        proj_in = getattr(projection, "proj_in", None)  # the Plus projection's CLIP input
+        if self.variant != "plain" and isinstance(proj_in, nn.Linear):
+            dims["clip_width"] = proj_in.in_features
+        return dims
+
     def to_device(self, device) -> IPAdapterFaceIDBackend:
         self.pipeline.to(device)
         return self
 
     # -- conditioning -----------------------------------------------------------------
     def face(self, references) -> FaceEmbedding:
-        return reference_face(references, self.face_embedding, None, self.analyzer, "IP-Adapter-FaceID")
+        return reference_face(
+            references, self.face_embedding, None, self.analyzer, "IP-Adapter-FaceID",
+            schema=self.file_schema(self.variant), dims=self.model_dims(),
+        )
 
     def identity_conditions(self, parsed, references, fd, num_inference_steps):
         face = self.face(references)

@@ -37,10 +37,13 @@ from ..errors import InputError, WeightsNotFoundError
 from .base import PD, PD_UNCOND, Backend, TextConditioning
 from .pulid_embedding import (
     INSIGHTFACE_LICENSE,
+    PULID_SCHEMA,
+    RELEASED_DIMS,
     FaceSource,
     PuLIDFaceEmbedding,
     load_face_embedding,
     needs_face_embedding,
+    pulid_schema,
     random_face_embedding,
 )
 from .pulid_idformer import IDFormer, IDFormerConfig, tiny_idformer_config
@@ -319,11 +322,13 @@ def add_face_embedding_argument(group) -> None:
         action.help = f"{action.help}; {PULID_EMBEDDING_HELP}" if action.help else PULID_EMBEDDING_HELP
 
 
-def face_from_cli(args, backend: str):
-    """(face embedding, None) from ``--face-embedding``, else (None, the face encoder) for the
-    ``--ref`` photos; every missing package or input fails here, before any model loads."""
+def face_from_cli(args, backend: str, dims: dict[str, int] | None = None, schema=None):
+    """(face embedding, None) from ``--face-embedding`` (checked with the released widths
+    ``dims``), else (None, the face encoder) for the ``--ref`` photos; every missing package or
+    input fails here, before any model loads."""
     if args.face_embedding is not None:
-        return load_face_embedding(args.face_embedding), None
+        face = load_face_embedding(args.face_embedding, RELEASED_DIMS if dims is None else dims, schema or PULID_SCHEMA)
+        return face, None
     if not (getattr(args, "ref", None) or getattr(args, "identities", None)):  # generate's --ref, eval's
         raise needs_face_embedding(backend)
     from ..runtime import resolve_device
@@ -350,6 +355,8 @@ class PuLIDSDXLBackend(Backend):
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     default_guidance_scale = 7.0
+    #: ``--face-embedding``: the IDFormer's inputs, one row per reference photo.
+    identity_schema = pulid_schema(name)
 
     def __init__(
         self,
@@ -365,7 +372,7 @@ class PuLIDSDXLBackend(Backend):
             raise InputError("PuLID SDXL needs an SDXL-family base model (two text encoders)")
         config = modules.id_adapter.config
         if face is not None:
-            face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
+            face.check(config.id_dim, config.vit_dim, "the PuLID face embedding", self.identity_schema)
         self.faces = FaceSource(face, encoder)  # --face-embedding, or the encoder on the --ref photos
         # float32 as the original's IDFormer and id_to_k/id_to_v; keys/values are cast to the UNet's dtype
         self.modules = modules.to(device=self.device).eval()
@@ -407,6 +414,21 @@ class PuLIDSDXLBackend(Backend):
         group.add_argument("--pulid-ortho", choices=ORTHO_MODES, default="v2", help="PuLID SDXL: ortho (default v2)")
 
     @classmethod
+    def identity_dims(cls, args) -> dict[str, int]:
+        """The IDFormer's widths before any model loads: the released (id_cond 1280, EVA-CLIP
+        577 patches of 1024) or, under ``--tiny``, the tiny IDFormer's (any patch count)."""
+        if getattr(args, "tiny", False):
+            config = tiny_idformer_config(1)
+            return {"id_dim": config.id_dim, "vit_dim": config.vit_dim}
+        return dict(RELEASED_DIMS)
+
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """``--face-embedding`` against :attr:`identity_schema`, before any model loads."""
+        if getattr(args, "face_embedding", None) is not None:
+            load_face_embedding(args.face_embedding, cls.identity_dims(args), cls.identity_schema)
+
+    @classmethod
     def from_cli(cls, args) -> PuLIDSDXLBackend:
         from ..runtime import load_base_pipeline
 
@@ -417,7 +439,7 @@ class PuLIDSDXLBackend(Backend):
             backend.pipeline.to(args.device)
             backend.modules.to(args.device)
             return backend
-        face, encoder = face_from_cli(args, cls.name)
+        face, encoder = face_from_cli(args, cls.name, cls.identity_dims(args), cls.identity_schema)
         state = read_safetensors(download_weights(SDXL_WEIGHTS, args.pulid_weights))
         pipeline = load_base_pipeline(args.base_model or DEFAULT_BASE_MODEL, args.device, args.dtype, sdxl=True)
         with torch.device("meta"):
@@ -437,7 +459,8 @@ class PuLIDSDXLBackend(Backend):
         torch.manual_seed(seed)
         modules = PuLIDSDXLModules(pipeline.unet.config, list(pipeline.unet.attn_processors), config)
         if face_embedding is not None:
-            face = load_face_embedding(face_embedding)
+            dims = {"id_dim": config.id_dim, "vit_dim": config.vit_dim}
+            face = load_face_embedding(face_embedding, dims, cls.identity_schema)
         elif encoder is None:
             face = random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
         else:  # the face embedding of the reference photos, through ``encoder`` (e.g. PuLIDFaceEncoder.tiny())
@@ -467,7 +490,7 @@ class PuLIDSDXLBackend(Backend):
         photos through the face encoder (:mod:`.pulid_encoder`), as the original."""
         face = self.faces(references)
         config = self.modules.id_adapter.config
-        face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
+        face.check(config.id_dim, config.vit_dim, "the PuLID face embedding", self.identity_schema)
         tokens, uncond_tokens = self.identity_tokens(face)
         pd = PuLIDConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, tokens, uncond_tokens)
         return pd, min(self.inject_step, num_inference_steps - 1)

@@ -23,24 +23,53 @@ result instead, with tensors
 
 one row per reference photo (PuLID SDXL v1.1 accepts several: ``id_cond`` becomes
 (1, refs, 1280) and the hidden states are concatenated along the patch axis, as the original
-does; PuLID-FLUX takes one).
+does; PuLID-FLUX takes one). :func:`pulid_schema` is the file's schema (:mod:`.identity_files`);
+the widths come from the IDFormer (:data:`RELEASED_DIMS`, or the tiny one's under ``--tiny``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from .identity_files import IdentitySchema, TensorField, read_identity_file
 from .pulid_idformer import VIT_ROUNDS
 
 #: BiSeNet (CelebAMask-HQ) labels the original whitens before EVA-CLIP sees the face.
 BACKGROUND_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)
 
 INSIGHTFACE_LICENSE = "insightface antelopev2 models: non-commercial research use only"
+
+
+#: The released sizes: ``id_cond`` 1280 (ArcFace 512 ‖ EVA-CLIP 768), EVA02-CLIP-L-14-336's
+#: hidden states 577 patches (24² + class token) of 1024.
+RELEASED_DIMS = {"id_dim": 1280, "vit_dim": 1024, "patches": 577}
+
+
+def pulid_schema(backend: str) -> IdentitySchema:
+    """The ``--face-embedding`` schema of a PuLID backend: ``id_cond`` and the five hidden states,
+    one row per reference photo (``refs``, the same in every tensor)."""
+    hidden = tuple(
+        TensorField(
+            f"vit_hidden.{i}",
+            (("refs", "patches", "vit_dim"),),
+            f"EVA02-CLIP-L-14-336 hidden states entering block {4 * (i + 1)}",
+        )
+        for i in range(VIT_ROUNDS)
+    )
+    id_cond = TensorField(
+        "id_cond",
+        (("refs", "id_dim"),),
+        "antelopev2 ArcFace embedding (512) ‖ L2-normalised EVA-CLIP image embedding (768), one row per photo",
+    )
+    return IdentitySchema(backend, "--face-embedding", (id_cond, *hidden), "docs/backends/pulid.md")
+
+
+#: The schema of either PuLID backend's file (PuLID-FLUX adds refs = 1).
+PULID_SCHEMA = pulid_schema("pulid")
 
 
 @dataclass(frozen=True)
@@ -63,40 +92,24 @@ class PuLIDFaceEmbedding:
         """The unconditional input: zeros of the same shapes."""
         return PuLIDFaceEmbedding(torch.zeros_like(self.id_cond), tuple(torch.zeros_like(h) for h in self.vit_hidden))
 
-    def check(self, id_dim: int, vit_dim: int, what: str) -> None:
-        refs = self.id_cond.shape[0]
-        if self.id_cond.ndim != 2 or self.id_cond.shape[1] != id_dim:
-            raise InputError(f"{what}: id_cond has shape {tuple(self.id_cond.shape)}, expected (refs, {id_dim})")
-        for i, hidden in enumerate(self.vit_hidden):
-            if hidden.ndim != 3 or hidden.shape[0] != refs or hidden.shape[2] != vit_dim:
-                raise InputError(
-                    f"{what}: vit_hidden.{i} has shape {tuple(hidden.shape)}, expected ({refs}, patches, {vit_dim})"
-                )
-        values = [self.id_cond, *self.vit_hidden]
-        if not all(torch.isfinite(v).all() for v in values):
-            raise InputError(f"{what}: the embedding holds NaN or infinite values")
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The file's tensors: ``id_cond`` and ``vit_hidden.0`` … ``vit_hidden.4``."""
+        return {"id_cond": self.id_cond, **{f"vit_hidden.{i}": h for i, h in enumerate(self.vit_hidden)}}
+
+    def check(self, id_dim: int, vit_dim: int, what: str, schema: IdentitySchema = PULID_SCHEMA, **dims) -> None:
+        """Check against ``schema`` with the IDFormer's widths (``dims``: e.g. ``refs=1``)."""
+        if len(self.vit_hidden) != VIT_ROUNDS:
+            raise InputError(f"{what}: {len(self.vit_hidden)} hidden states, expected {VIT_ROUNDS}")
+        schema.check(self.tensors(), {"id_dim": id_dim, "vit_dim": vit_dim, **dims}, source=what)
 
 
-def load_face_embedding(path) -> PuLIDFaceEmbedding:
-    """Read a ``--face-embedding`` safetensors file (see the module docstring)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"face embedding file not found: {path}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"cannot read {path} as safetensors: {error}") from None
-    names = ["id_cond", *(f"vit_hidden.{i}" for i in range(VIT_ROUNDS))]
-    missing = [name for name in names if name not in tensors]
-    if missing:
-        raise InputError(
-            f"{path} lacks {', '.join(missing)}: a PuLID face embedding holds id_cond (refs, 1280) and "
-            f"vit_hidden.0 … vit_hidden.4 (refs, 577, 1024); see docs/backends/pulid.md"
-        )
-    return PuLIDFaceEmbedding(tensors["id_cond"].float(), tuple(tensors[f"vit_hidden.{i}"].float() for i in range(5)))
+def load_face_embedding(path, dims: dict[str, int] | None = None, schema: IdentitySchema = PULID_SCHEMA):
+    """Read a ``--face-embedding`` safetensors file (see the module docstring), checked against
+    ``schema`` with the IDFormer's widths ``dims`` (default: none fixed)."""
+    tensors = read_identity_file(path, schema, dims or {})
+    return PuLIDFaceEmbedding(
+        tensors["id_cond"].float(), tuple(tensors[f"vit_hidden.{i}"].float() for i in range(VIT_ROUNDS))
+    )
 
 
 def save_face_embedding(embedding: PuLIDFaceEmbedding, path, metadata: dict[str, str] | None = None) -> None:

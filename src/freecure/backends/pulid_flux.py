@@ -42,9 +42,11 @@ from .base import PD, PD_UNCOND, Backend
 from .pulid import LICENSE, IdentityRows, PuLIDConditioning, download_weights, face_from_cli, read_safetensors
 from .pulid_embedding import (
     INSIGHTFACE_LICENSE,
+    RELEASED_DIMS,
     FaceSource,
     PuLIDFaceEmbedding,
     load_face_embedding,
+    pulid_schema,
     random_face_embedding,
 )
 from .pulid_idformer import IDFormer, IDFormerConfig
@@ -194,6 +196,8 @@ class PuLIDFluxBackend(Backend):
     name = "pulid-flux"
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
+    #: ``--face-embedding``: the IDFormer's inputs of one reference photo (refs = 1).
+    identity_schema = pulid_schema(name)
 
     def __init__(self, pipeline, modules: PuLIDFluxModules, face: PuLIDFaceEmbedding | None, id_weight: float = 1.0,
                  start_step: int = 0, encoder=None):
@@ -211,12 +215,26 @@ class PuLIDFluxBackend(Backend):
         self.rows = IdentityRows()
         logger.warning("PuLID: %s", INSIGHTFACE_LICENSE)
 
-    @staticmethod
-    def check_face(face: PuLIDFaceEmbedding, modules: PuLIDFluxModules) -> None:
+    @classmethod
+    def check_face(cls, face: PuLIDFaceEmbedding, modules: PuLIDFluxModules) -> None:
         config = modules.pulid_encoder.config
-        face.check(config.id_dim, config.vit_dim, "the PuLID face embedding")
-        if face.id_cond.shape[0] != 1:
-            raise InputError("PuLID-FLUX takes one reference face embedding (id_cond of shape (1, 1280))")
+        face.check(config.id_dim, config.vit_dim, "the PuLID-FLUX face embedding", cls.identity_schema, refs=1)
+
+    @classmethod
+    def identity_dims(cls, args) -> dict[str, int]:
+        """The IDFormer's widths before any model loads (released or tiny), one reference row."""
+        from .pulid_idformer import tiny_idformer_config
+
+        if getattr(args, "tiny", False):
+            config = tiny_idformer_config(1)
+            return {"id_dim": config.id_dim, "vit_dim": config.vit_dim, "refs": 1}
+        return {**RELEASED_DIMS, "refs": 1}
+
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """``--face-embedding`` against :attr:`identity_schema`, before any model loads."""
+        if getattr(args, "face_embedding", None) is not None:
+            load_face_embedding(args.face_embedding, cls.identity_dims(args), cls.identity_schema)
 
     @classmethod
     def add_cli_arguments(cls, group) -> None:
@@ -234,7 +252,7 @@ class PuLIDFluxBackend(Backend):
             return backend
         from ..runtime import load_base_pipeline
 
-        face, encoder = face_from_cli(args, cls.name)
+        face, encoder = face_from_cli(args, cls.name, cls.identity_dims(args), cls.identity_schema)
         state = read_safetensors(download_weights(FLUX_WEIGHTS["v0.9.1"], args.pulid_weights))
         pipeline = load_base_pipeline(args.base_model or DEFAULT_FLUX_BASE, args.device, args.dtype)
         with torch.device("meta"):
@@ -255,7 +273,8 @@ class PuLIDFluxBackend(Backend):
         modules = PuLIDFluxModules.for_transformer(pipeline.transformer, tiny_idformer_config(24), dim_head=8, heads=2)
         config = modules.pulid_encoder.config
         if face_embedding is not None:
-            face = load_face_embedding(face_embedding)
+            dims = {"id_dim": config.id_dim, "vit_dim": config.vit_dim, "refs": 1}
+            face = load_face_embedding(face_embedding, dims, cls.identity_schema)
         elif encoder is None:
             face = random_face_embedding(config.id_dim, config.vit_dim, seed=seed)
         else:  # the face embedding of the first reference photo, through ``encoder``

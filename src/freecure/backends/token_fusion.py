@@ -19,10 +19,28 @@ from PIL import Image
 from ..attributes import ParsedPrompt
 from ..errors import InputError
 from .base import Backend, TextConditioning
+from .identity_files import IdentitySchema, TensorField, read_identity_file
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 IdentitySource = torch.Tensor | Callable[[Sequence[Image.Image]], torch.Tensor]
+
+
+#: ``--identity-embedding``: one vector (or one per class-word token) of the text states' width.
+IDENTITY_SCHEMA = IdentitySchema(
+    "token-fusion",
+    "--identity-embedding",
+    (
+        TensorField(
+            "identity",
+            (("text_dim",), ("tokens", "text_dim")),
+            "the identity embedding in the text encoder's output space (text_dim: 768 SD1.5, 2048 SDXL, "
+            "4096 FLUX's T5; tokens: the class word's)",
+        ),
+    ),
+    "README.md (token-fusion)",
+    allow_unknown=True,  # a state dict may carry other tensors; only 'identity' is read
+)
 
 
 class RandomProjectionIdentityEncoder:
@@ -60,6 +78,7 @@ class TokenFusionBackend(Backend):
 
     name = "token-fusion"
     license = "no checkpoint of its own; the base model's licence applies"
+    identity_schema = IDENTITY_SCHEMA
 
     def __init__(self, pipeline, identity: IdentitySource, inject_fraction: float = 0.2):
         super().__init__(pipeline)
@@ -97,9 +116,16 @@ class TokenFusionBackend(Backend):
         else:
             pipeline = load_base_pipeline(args.base_model or DEFAULT_BASE_MODEL, args.device, args.dtype)
             identity = None
-        if identity is None:
-            identity = load_identity_embedding(args.identity_embedding)
+        if identity is None:  # the width is the built pipeline's
+            identity = load_identity_embedding(args.identity_embedding, {"text_dim": text_dim(pipeline)})
         return cls(pipeline, identity, inject_fraction=args.inject_fraction)
+
+    @classmethod
+    def check_identity_files(cls, args) -> None:
+        """``--identity-embedding`` against :attr:`identity_schema` before any model loads (its
+        width is checked against the text encoder's once the base model is loaded)."""
+        if getattr(args, "identity_embedding", None) is not None:
+            load_identity_embedding(args.identity_embedding)
 
     def identity_embedding(self, references: Sequence[Image.Image]) -> torch.Tensor:
         if isinstance(self.identity, torch.Tensor):
@@ -137,29 +163,12 @@ def text_dim(pipeline) -> int:
     return int(config.get("cross_attention_dim") or config.get("joint_attention_dim"))
 
 
-def load_identity_embedding(path) -> torch.Tensor:
-    """Read the tensor ``identity`` from a safetensors file (or a ``torch.save`` file)."""
-    from pathlib import Path
-
-    from ..checkpoints import read_tensors
-
+def load_identity_embedding(path, dims: dict[str, int] | None = None) -> torch.Tensor:
+    """Read the tensor ``identity`` from a safetensors file (or a ``torch.save`` file), checked
+    against :data:`IDENTITY_SCHEMA`; ``dims`` may fix ``text_dim`` (the pipeline's)."""
     if path is None:
         raise InputError(
             "the token-fusion backend needs an identity embedding: pass --identity-embedding FILE "
             "(a safetensors file with a tensor named 'identity'), or run offline with --tiny"
         )
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"identity embedding file not found: {path}")
-    tensors = read_tensors(
-        path, "an identity embedding", hint="Save it with safetensors.torch.save_file({'identity': tensor}, FILE)."
-    )
-    if "identity" not in tensors:
-        raise InputError(f"{path} has no tensor named 'identity' (it has: {', '.join(tensors) or 'none'})")
-    identity = tensors["identity"].float()
-    if identity.ndim not in (1, 2) or identity.numel() == 0:
-        shape = tuple(identity.shape)
-        raise InputError(f"{path}: tensor 'identity' must have shape (dim,) or (tokens, dim), got {shape}")
-    if not torch.isfinite(identity).all():
-        raise InputError(f"{path}: tensor 'identity' holds NaN or infinite values")
-    return identity
+    return read_identity_file(path, IDENTITY_SCHEMA, dims)["identity"].float()

@@ -191,6 +191,9 @@ def run_attention(args: argparse.Namespace) -> int:
         f"steps averaged: {args.analysis_steps or 'all'} · heads: {args.heads or 'all'} · each map min-max normalised",
     ]
     grid = labelled_grid(cells, ["image", *labels], col_labels, title, cell=args.cell)
+    from ..atomic import json_text
+
+    summary_text = json_text(study.summary)  # NaN or infinity: one line, and nothing written
 
     out.mkdir(parents=True, exist_ok=True)
     study.images["fd"].save(out / "fd.png")
@@ -199,7 +202,7 @@ def run_attention(args: argparse.Namespace) -> int:
     tensors = {f"{lane}.{group}": t.contiguous().cpu() for (lane, group), t in study.maps.items()}
     tensors.update({f"full.{lane}.{group}": t.contiguous().cpu() for (lane, group), t in study.full.items()})
     save_file(tensors, str(out / "maps.safetensors"), metadata={"tokens": json.dumps(list(labels))})
-    (out / "summary.json").write_text(json.dumps(study.summary, indent=2) + "\n")
+    (out / "summary.json").write_text(summary_text)
     extra = {
         "analysis_steps": args.analysis_steps,
         "heads": args.heads,

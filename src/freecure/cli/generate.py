@@ -298,6 +298,7 @@ def build_freecure(args: argparse.Namespace):
     """
     from ..pipeline import FreeCureConfig, FreeCurePipeline
 
+    BACKENDS[args.backend].check_identity_files(args)  # the identity files fit the backend, before any model loads
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
     if args.compile and args.offload != "none":
