@@ -59,6 +59,7 @@ class TokenFusionBackend(Backend):
     """
 
     name = "token-fusion"
+    families = ("sd15", "sdxl", "flux")
     license = "no checkpoint of its own; the base model's licence applies"
 
     def __init__(self, pipeline, identity: IdentitySource, inject_fraction: float = 0.2):
