@@ -225,8 +225,9 @@ def test_cli_attention_and_interpolate_tiny(tmp_path, astronaut, capsys):
     assert manifest["alphas"] == [0.0, 1.0] and manifest["blocks"] == ["mid", "up"]
     assert grid.size == GridLayout(2, 2, 32, 3, 40).size  # 2 block groups down, 2 α across
     assert (out / "pd_up_a1.png").is_file() and (out / "pd_mid_a0.png").is_file()
-    assert _analyze(tmp_path, "interpolate", tmp_path / "bad", "--alpha", "1.5") == 2
-    assert "[0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # by --alpha's type, at parse time
+        _analyze(tmp_path, "interpolate", tmp_path / "bad", "--alpha", "1.5")
+    assert refused.value.code == 2 and "[0, 1]" in capsys.readouterr().err
 
 
 def test_cli_interpolate_refuses_backends_without_an_identity_token(tmp_path, monkeypatch, capsys):
@@ -252,3 +253,25 @@ def test_cli_unet_adapter_compares_text_maps_and_split_rows_are_refused(tmp_path
     off = tmp_path / "off"
     assert _analyze(tmp_path, "attention", off, "--backend", "ip-adapter-faceid", "--faceid-fd-lora", "off") == 2
     assert "separate calls" in capsys.readouterr().err and not off.exists()
+
+
+def test_cli_interpolate_gives_distinct_alphas_distinct_files(tmp_path, astronaut):
+    """`--alpha 0.1000001 0.1000002` wrote both cells to pd_up_a0.1.png (issue 20); ordinary α keep
+    their short names (pd_up_a0.5.png, pd_up_a1.png)."""
+    astronaut.resize((64, 64)).save(tmp_path / "ref.png")
+    out = tmp_path / "close"
+    alphas = ["0.1000001", "0.1000002", "0.5", "1"]
+    assert _analyze(tmp_path, "interpolate", out, "--alpha", *alphas, "--blocks", "up", "--steps", "2") == 0
+    cells = sorted(p.name for p in out.glob("pd_*.png"))
+    assert cells == ["pd_up_a0.1000001.png", "pd_up_a0.1000002.png", "pd_up_a0.5.png", "pd_up_a1.png"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir())  # no name listed twice
+
+
+def test_alpha_file_names_are_distinct_and_read_back():
+    from freecure.cli.analyze import alpha_text
+
+    assert [alpha_text(a) for a in (0.0, 0.25, 0.5, 1.0)] == ["0", "0.25", "0.5", "1"]
+    close = [0.1000001, 0.1000002, 0.1, 0.1 + 1e-17, 1 / 3, 0.1 + 0.2, 5e-324, 1.0 - 2**-53]
+    names = [alpha_text(a) for a in close]
+    assert len(set(names)) == len(set(close)) and all(float(n) == a for n, a in zip(names, close))

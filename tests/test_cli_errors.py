@@ -4,6 +4,7 @@ loaded or computed before the input is known to be usable (issue 9, kinds 1–3)
 from __future__ import annotations
 
 import errno
+import json
 import math
 
 import numpy as np
@@ -287,3 +288,262 @@ def test_json_is_written_strictly(tmp_path):
         write_json(tmp_path / "m.json", {"settings": {"guidance_scale": math.nan}, "ok": 1.0})
     assert not (tmp_path / "m.json").exists() and list(tmp_path.iterdir()) == []
     assert json_text({"a": [1.5, None]}) == '{\n  "a": [\n    1.5,\n    null\n  ]\n}\n'
+
+
+# --------------------------------------------------------------------------- issue 20: options and files
+# Each case: one line, exit code 2, no traceback, and no model built (``no_models``).
+
+
+def exit_code(argv) -> int:
+    """``main``'s exit code, whether argparse (SystemExit) or a check (return value) refused."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+@pytest.fixture
+def no_models_at_all(no_models, monkeypatch):
+    """``no_models``, and the tiny FLUX pipeline and the analyze/eval builders refused too."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the input was checked")
+
+    import freecure.cli.analyze
+    import freecure.cli.eval
+    import freecure.cli.generate
+    import freecure.tiny
+
+    monkeypatch.setattr(freecure.tiny, "tiny_flux_pipeline", refuse)
+    monkeypatch.setattr(freecure.tiny, "tiny_pipeline", refuse)
+    for module in (freecure.cli.generate, freecure.cli.analyze, freecure.cli.eval):
+        monkeypatch.setattr(module, "build_freecure", refuse)
+
+
+IGNORED_OPTIONS = [
+    # --tiny-family the backend cannot build: a UNet (or FLUX) run followed
+    *[(["--tiny-family", "flux", "--backend", b], "runs on") for b in
+      ("fastcomposer", "ip-adapter-faceid", "instantid", "pulid-sdxl")],
+    (["--tiny-family", "sdxl", "--backend", "infiniteyou"], "runs on flux only"),
+    # FLUX reads a negative prompt only with true CFG (it was recorded in the manifest as if used)
+    (["--tiny-family", "flux", "--negative-prompt", "blurry"], "pass --true-cfg-scale > 1"),
+    (["--backend", "pulid-flux", "--negative-prompt", "blurry"], "pass --true-cfg-scale > 1"),
+    (["--tiny-family", "flux", "--approximate-shared-uncond"], "--approximate-shared-uncond would be ignored"),
+    (["--compile-mode", "default"], "--compile-mode would be ignored"),
+    (["--compile", "--compile-mode", "bogus-mode"], "not a torch.compile mode"),  # was: after loading
+    (["--fasa-layers", "up"], "--fasa-layers would be ignored with --method rofa"),  # the default, given
+    (["--fasa-mask", "same"], "--fasa-mask would be ignored"),
+    (["--fasa-mask-weight", "2"], "--fasa-mask-weight would be ignored"),
+    (["--fasa-uncond"], "--fasa-uncond would be ignored"),
+    (["--backend", "ip-adapter-faceid", "--face-keypoints", "kps.json"], "belongs to the instantid backend"),
+    (["--true-cfg-scale", "2"], "--guidance-scale"),  # Stable Diffusion: was refused after loading
+    (["--true-cfg-scale", "0.5", "--tiny-family", "flux"], "--true-cfg-scale"),
+]
+
+
+@pytest.mark.parametrize("extra, message", IGNORED_OPTIONS)
+def test_options_a_run_would_ignore_are_refused_before_any_model_loads(
+    tmp_path, ref, capsys, no_models_at_all, extra, message
+):
+    assert exit_code(tiny_generate(ref, tmp_path / "out", *extra)) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_family_without_tiny_is_refused(tmp_path, ref, capsys, no_models_at_all):
+    argv = ["generate", "--prompt", PROMPT, "--ref", str(ref), "--out", str(tmp_path / "out"), "--tiny-family", "sdxl"]
+    assert exit_code(argv) == 2 and "only --tiny builds tiny models" in one_line_error(capsys)
+
+
+def analyze_args(ref, out, *extra, study="attention"):
+    return ["analyze", study, "--tiny", "--prompt", PROMPT, "--ref", str(ref), "--steps", "2", "--out", str(out),
+            "--no-progress", *extra]
+
+
+def eval_args(tmp_path, *extra, identities="examples/identities", prompts=None):
+    if prompts is None:
+        prompts = tmp_path / "prompts.csv"
+        prompts.write_text("prompt\na <S> with black curly hair\n")
+    return ["eval", "--tiny", "--identities", str(identities), "--prompts", str(prompts), "--num-seeds", "1",
+            "--steps", "2", "--out", str(tmp_path / "eval"), "--no-progress", "--no-report", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tiny-family", "flux", "--backend", "fastcomposer"], "runs on sd15 only"),
+        (["--fasa-layers", "late"], "--method rofa"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode would be ignored"),
+        (["--backend", "ip-adapter-faceid", "--face-keypoints", "kps.json"], "belongs to the instantid backend"),
+        (["--backend", "infiniteyou", "--negative-prompt", "blurry"], "pass --true-cfg-scale > 1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["analyze", "eval"])
+def test_analyze_and_eval_refuse_the_same_options_as_generate(
+    tmp_path, ref, capsys, no_models_at_all, command, extra, message
+):
+    argv = analyze_args(ref, tmp_path / "out", *extra) if command == "analyze" else eval_args(tmp_path, *extra)
+    assert exit_code(argv) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eval" / "settings").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message, study",
+    [
+        (["--cell", "0"], "--cell", "attention"),  # was: a traceback after the whole study ran
+        (["--cell", "60000"], "at most 512", "attention"),  # was: past 10 GB
+        (["--cell", "15"], "at least 16", "interpolate"),
+        (["--seed", str(2**70)], "--seed", "attention"),  # was: a traceback
+        (["--seed", "-1"], "--seed", "interpolate"),
+        (["--heads", "-1"], "--heads", "attention"),
+        (["--analysis-steps", "x"], "--analysis-steps", "attention"),
+        (["--alpha", "nan"], "finite", "interpolate"),
+        (["--ref", "missing.png"], "does not exist", "attention"),
+    ],
+)
+def test_analyze_options_are_typed_like_every_command(tmp_path, ref, capsys, no_models_at_all, extra, message, study):
+    assert exit_code(analyze_args(ref, tmp_path / "out", *extra, study=study)) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_analyze_help_states_the_cell_bound(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "attention", "--help"])
+    assert "16 … 512" in " ".join(capsys.readouterr().out.split())
+
+
+def _identity_files(tmp_path) -> dict:
+    """Identity manifests and prompt files that used to end in a traceback."""
+    photo = tmp_path / "me.png"
+    Image.new("RGB", (64, 64)).save(photo)
+    files = {
+        "strings.json": json.dumps({"identities": ["astronaut", "bob"]}).encode(),
+        "list-of-strings.json": json.dumps(["astronaut"]).encode(),
+        "reference-object.json": json.dumps(
+            {"identities": [{"id": "me", "class_word": "man", "references": [{"path": "me.png"}]}]}
+        ).encode(),
+        "references-number.json": json.dumps(
+            {"identities": [{"id": "me", "class_word": "man", "references": 3}]}
+        ).encode(),
+        "class-word-list.json": json.dumps(
+            {"identities": [{"id": "me", "class_word": ["man"], "references": ["me.png"]}]}
+        ).encode(),
+        "latin1.json": json.dumps(
+            {"identities": [{"id": "me", "class_word": "garçon", "references": ["me.png"]}]}, ensure_ascii=False
+        ).encode("latin-1"),
+        "latin1.csv": "id,class_word,references\n# mine\nme,garçon,me.png\n".encode("latin-1"),
+        "prompts-latin1.csv": "prompt\na <S> in a café\n".encode("latin-1"),
+        "prompts-latin1.txt": "a <S> in a café\n".encode("latin-1"),
+        "paper-group.csv": b"paper_group,prompt\n1,a <S> with black hair\none,a <S> with blue eyes\n",
+        "n-attributes.csv": b"# mine\nprompt,n_attributes\na <S> with black hair,1.5\n",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize(
+    "identities, prompts, message",
+    [
+        ("strings.json", None, "strings.json entry 1: each identity is an object"),
+        ("list-of-strings.json", None, "entry 1: each identity is an object"),
+        ("reference-object.json", None, "reference 1 of 'me' must be the path of a photo"),
+        ("references-number.json", None, "references of 'me' must be a list"),
+        ("class-word-list.json", None, "class_word must be a string"),
+        ("latin1.json", None, "latin1.json line 1: byte 0xe7 is not UTF-8"),
+        ("latin1.csv", None, "latin1.csv line 3: byte 0xe7 is not UTF-8"),
+        (None, "prompts-latin1.csv", "prompts-latin1.csv line 2: byte 0xe9 is not UTF-8"),
+        (None, "prompts-latin1.txt", "line 1: byte 0xe9 is not UTF-8"),
+        (None, "paper-group.csv", "paper-group.csv line 3: paper_group 'one' is not a whole number"),
+        (None, "n-attributes.csv", "n-attributes.csv line 3: n_attributes '1.5' is not a whole number"),
+    ],
+)
+def test_eval_identity_and_prompt_files_are_checked_in_one_line(
+    tmp_path, capsys, no_models_at_all, identities, prompts, message
+):
+    files = _identity_files(tmp_path)
+    kwargs = {}
+    if identities:
+        kwargs["identities"] = files[identities]
+    if prompts:
+        kwargs["prompts"] = files[prompts]
+    assert exit_code(eval_args(tmp_path, **kwargs)) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "eval" / "settings").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["cost", "--backend", "pulid-sdxl", "--family", "sd15"], "runs on sdxl only"),  # was: SDXL silently
+        (["cost", "--backend", "instantid", "--family", "flux"], "runs on sdxl only"),
+        (["cost", "--family", "flux", "--approximate-shared-uncond"], "--approximate-shared-uncond would be ignored"),
+        (["cost", "--faceid-fd-lora", "off"], "ip-adapter-faceid backend"),
+        (["cost", "--backend", "ip-adapter-faceid", "--instantid-fd", "no-identitynet"], "instantid backend"),
+        (["cost", "--true-cfg-scale", "2"], "--guidance-scale"),
+    ],
+)
+def test_cost_refuses_what_it_would_ignore_before_building(capsys, no_models_at_all, argv, message):
+    assert exit_code(argv) == 2 and message in one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------- what stays accepted
+
+
+def _parsed(argv):
+    from freecure.cli import build_parser
+    from freecure.cli.generate import check_model_arguments
+
+    args = build_parser().parse_args(argv)
+    check_model_arguments(args)
+    return args
+
+
+@pytest.mark.parametrize(
+    "extra, tiny_family",
+    [
+        ([], "sd15"),
+        (["--backend", "infiniteyou"], "flux"),  # the backend's own family when none is given
+        (["--backend", "photomaker"], "sdxl"),
+        (["--backend", "ip-adapter-faceid", "--tiny-family", "sdxl"], "sdxl"),
+        (["--tiny-family", "flux", "--negative-prompt", "blurry", "--true-cfg-scale", "2"], "flux"),
+        (["--tiny-family", "flux", "--approximate-shared-uncond", "--true-cfg-scale", "2"], "flux"),
+        (["--backend", "instantid", "--face-keypoints", "kps.json"], "sdxl"),
+        (["--negative-prompt", "blurry", "--approximate-shared-uncond"], "sd15"),
+        (["--method", "fasa", "--fasa-layers", "up", "--fasa-uncond"], "sd15"),
+        (["--compile", "--compile-mode", "reduce-overhead"], "sd15"),
+    ],
+)
+def test_options_a_run_reads_are_accepted(extra, tiny_family):
+    args = _parsed(["generate", "--tiny", "--prompt", PROMPT, *extra])
+    assert args.tiny_family == tiny_family
+
+
+def test_fasa_options_not_given_are_fasa_configs_defaults():
+    from freecure.cli.generate import fasa_config
+    from freecure.fasa import FasaConfig
+
+    assert fasa_config(_parsed(["generate", "--tiny", "--prompt", PROMPT, "--method", "fasa"])) == FasaConfig()
+    given = _parsed(["generate", "--tiny", "--prompt", PROMPT, "--method", "fasa", "--fasa-layers", "a*", "b*",
+                     "--fasa-mask", "same", "--fasa-mask-weight", "2", "--fasa-uncond"])
+    assert fasa_config(given) == FasaConfig(layers=("a*", "b*"), mask_source="same", mask_weight=2.0, uncond=True)
+
+
+def test_every_backend_declares_its_families():
+    from freecure.backends import BACKENDS
+
+    for name, backend in BACKENDS.items():
+        assert "families" in vars(backend), name  # declared by the backend itself, not inherited
+        assert backend.families and set(backend.families) <= {"sd15", "sdxl", "flux"}, name
+
+
+def test_compile_modes_come_from_torch():
+    from torch._inductor import list_mode_options
+
+    from freecure.errors import InputError as Refused
+    from freecure.runtime import compile_denoiser, compile_modes
+
+    assert set(compile_modes()) == set(list_mode_options()) >= {"default", "reduce-overhead", "max-autotune"}
+    with pytest.raises(Refused, match="bogus-mode"):
+        compile_denoiser(torch.nn.Linear(1, 1), mode="bogus-mode")

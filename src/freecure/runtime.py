@@ -138,11 +138,18 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str | None = None, backend
     dynamo cache is raised to hold every stage's graph (:data:`COMPILE_CACHE_SIZE`).
 
     Args:
-        mode: ``torch.compile`` mode, e.g. ``"reduce-overhead"`` (CUDA graphs) on a GPU.
+        mode: ``torch.compile`` mode, one of :func:`compile_modes`, e.g. ``"reduce-overhead"``
+            (CUDA graphs) on a GPU.
         backend: the compiler backend (tests use a counting one).
+
+    Raises:
+        InputError: ``mode`` is not a mode of this torch (torch.compile itself would fail only
+            at the first call, after every model loaded).
     """
     import torch._dynamo
 
+    if mode is not None and mode not in compile_modes():
+        raise InputError(f"unknown torch.compile mode {mode!r}; choose one of {', '.join(compile_modes())}")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
     denoiser.forward = torch.compile(denoiser.forward, dynamic=False, mode=mode, backend=backend)
 
@@ -150,3 +157,13 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str | None = None, backend
 #: Graphs a compiled denoiser may hold: 2 SAME shapes (± capture on its first step), ROFA,
 #: expression, plain generation, for a few batch sizes.
 COMPILE_CACHE_SIZE = 32
+
+
+def compile_modes() -> tuple[str, ...]:
+    """The modes ``torch.compile`` accepts in this torch: the keys of
+    ``torch._inductor.list_mode_options()`` (2.x: default, reduce-overhead, max-autotune,
+    max-autotune-no-cudagraphs, and lite in newer releases). Imports inductor (≈ 2 s), so it
+    runs only when a mode is given."""
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())

@@ -97,6 +97,10 @@ class Backend:
 
     #: Registry name, e.g. ``"token-fusion"``.
     name: str = "base"
+    #: The model families the backend runs on, its default first: ``"sd15"``, ``"sdxl"``,
+    #: ``"flux"`` (``freecure.tiny.tiny_pipeline``'s names). ``--tiny --tiny-family`` must name
+    #: one of them, and the CLI knows from them, before any model loads, whether a run is FLUX.
+    families: tuple[str, ...] = ("sd15", "sdxl", "flux")
     #: Licence of the backend's own checkpoints, shown to users.
     license: str = "n/a"
     #: Guidance scale w of the FD/PD passes, set by ``FreeCurePipeline`` before sampling. Only

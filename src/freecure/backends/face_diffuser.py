@@ -184,6 +184,7 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     """
 
     name = "face-diffuser"
+    families = ("sd15",)
     license = LICENSE
     default_guidance_scale = 5.0  # the original's default
     #: PD's rows go through the TDM and the SDM in calls of their own; FASA maps the engine's

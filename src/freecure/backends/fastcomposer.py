@@ -504,6 +504,7 @@ class FastComposerBackend(ImageAugmentedBackend):
     """
 
     name = "fastcomposer"
+    families = ("sd15",)
     license = LICENSE
     default_guidance_scale = 5.0  # the original's default
 

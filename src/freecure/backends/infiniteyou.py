@@ -218,6 +218,7 @@ class InfiniteYouBackend(Backend):
     """
 
     name = "infiniteyou"
+    families = ("flux",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     default_guidance_scale = 3.5

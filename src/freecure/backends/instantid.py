@@ -207,6 +207,7 @@ class InstantIDBackend(Backend):
     """
 
     name = "instantid"
+    families = ("sdxl",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     default_guidance_scale = 5.0  # the released infer.py

@@ -400,6 +400,7 @@ class IPAdapterFaceIDBackend(Backend):
     """
 
     name = "ip-adapter-faceid"
+    families = ("sd15", "sdxl")
     license = LICENSE
     default_guidance_scale = 7.5
     #: ``--face-embedding``: the L2-normalised 512-d embedding; Plus/PlusV2 also the CLIP states,
@@ -525,7 +526,7 @@ class IPAdapterFaceIDBackend(Backend):
             help="ip-adapter-faceid plus/plusv2: local CLIP ViT-H image encoder folder "
             "(default: h94/IP-Adapter models/image_encoder)",
         )
-        add_face_arguments(group)
+        add_face_arguments(group, keypoints=False)  # FaceID reads no keypoints
 
     @classmethod
     def from_cli(cls, args) -> IPAdapterFaceIDBackend:

@@ -323,6 +323,7 @@ class PhotoMakerBackend(Backend):
     """
 
     name = "photomaker"
+    families = ("sdxl",)
     license = (
         "PhotoMaker v1 weights: Apache-2.0 (TencentARC/PhotoMaker model card); the base model's "
         "licence applies too (SDXL base 1.0: CreativeML Open RAIL++-M)"

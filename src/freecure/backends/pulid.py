@@ -352,6 +352,7 @@ class PuLIDSDXLBackend(Backend):
     """
 
     name = "pulid-sdxl"
+    families = ("sdxl",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     default_guidance_scale = 7.0

@@ -194,6 +194,7 @@ class PuLIDFluxBackend(Backend):
     """
 
     name = "pulid-flux"
+    families = ("flux",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
     #: ``--face-embedding``: the IDFormer's inputs of one reference photo (refs = 1).

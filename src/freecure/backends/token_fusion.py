@@ -77,6 +77,7 @@ class TokenFusionBackend(Backend):
     """
 
     name = "token-fusion"
+    families = ("sd15", "sdxl", "flux")
     license = "no checkpoint of its own; the base model's licence applies"
     identity_schema = IDENTITY_SCHEMA
 

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .generate import add_model_arguments, build_freecure, guidance_scale
+from . import options
+from .generate import add_model_arguments, build_freecure, check_model_arguments, guidance_scale
 
 
 def register(subparsers) -> None:
@@ -40,14 +41,19 @@ def register(subparsers) -> None:
     _common(attention)
     attention.add_argument(
         "--analysis-steps",
-        type=int,
+        type=options.non_negative_int,
         nargs="+",
         default=None,
         metavar="I",
         help="step indices to average (default: all)",
     )
     attention.add_argument(
-        "--heads", type=int, nargs="+", default=None, metavar="H", help="heads to average (default: all)"
+        "--heads",
+        type=options.non_negative_int,
+        nargs="+",
+        default=None,
+        metavar="H",
+        help="heads to average (default: all)",
     )
     attention.add_argument(
         "--groups",
@@ -68,7 +74,14 @@ def register(subparsers) -> None:
         ),
     )
     _common(interpolate)
-    interpolate.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="A")
+    interpolate.add_argument(
+        "--alpha",
+        type=options.unit_interval,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        metavar="A",
+        help="the α of eq. 3, each in [0, 1] and distinct (default 0 0.25 0.5 0.75 1)",
+    )
     interpolate.add_argument(
         "--blocks",
         nargs="+",
@@ -82,16 +95,27 @@ def register(subparsers) -> None:
 def _common(parser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument(
-        "--ref", action="append", default=[], type=Path, metavar="IMAGE", help="reference photo (repeatable)"
+        "--ref",
+        action="append",
+        default=[],
+        type=options.existing_file,
+        metavar="IMAGE",
+        help="reference photo (repeatable)",
     )
     parser.add_argument("--class-word", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=options.seed, default=0, help="seed of z_T: 0 … 2^64-1 (default 0)")
     parser.add_argument(
         "--out", type=Path, default=None, metavar="DIR", help="output folder (default: outputs/analyze-…)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --out")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--cell", type=int, default=128, help="grid cell size in pixels (default 128)")
+    parser.add_argument(
+        "--cell",
+        type=options.cell_size,
+        default=128,
+        metavar="PX",
+        help=f"grid cell size in pixels, {options.MIN_CELL} … {options.MAX_CELL} (default 128)",
+    )
     add_model_arguments(parser)
 
 
@@ -100,6 +124,15 @@ def _out_dir(args) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a folder, but {out} is a file")
     return out
+
+
+def _check(args) -> list:
+    """Everything checked before any model loads: the options across each other, and the
+    reference photos (read now, as `freecure generate` does)."""
+    from ..images import load_reference
+
+    check_model_arguments(args)
+    return [load_reference(path) for path in args.ref]
 
 
 def _setup(args):
@@ -113,13 +146,13 @@ def _setup(args):
     return freecure
 
 
-def _prepare(args, freecure):
+def _prepare(args, freecure, references):
     from ..analysis import prepare
 
     return prepare(
         freecure,
         args.prompt,
-        args.ref,
+        references,
         class_word=args.class_word,
         trigger_word=args.trigger,
         negative_prompt=args.negative_prompt,
@@ -164,8 +197,9 @@ def run_attention(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     names = ["fd.png", "pd.png", "attention_grid.png", "maps.safetensors", "summary.json", "manifest.json"]
     check_writable([out / name for name in names], args.overwrite)
+    references = _check(args)
     freecure = _setup(args)
-    setup = _prepare(args, freecure)
+    setup = _prepare(args, freecure, references)
     with tqdm(total=setup.steps, desc="analyze attention: FD+PD", disable=args.no_progress) as bar:
         study = attention_study(
             freecure, setup, args.analysis_steps, args.heads, args.groups, on_step=lambda i: bar.update()
@@ -253,7 +287,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     out = _out_dir(args)
 
     def cell_name(group, alpha):
-        return f"pd_{group}_a{alpha:g}.png"
+        return f"pd_{group}_a{alpha_text(alpha)}.png"
 
     names = ["fd.png", "interpolation_grid.png", "manifest.json"]
     if args.blocks is not None:
@@ -261,8 +295,9 @@ def run_interpolate(args: argparse.Namespace) -> int:
     else:  # the groups are the model's, known once it is loaded: any earlier cell counts
         cells = sorted(out.glob("pd_*_a*.png")) if out.is_dir() else []
     check_writable([out / name for name in names] + cells, args.overwrite)
+    references = _check(args)
     freecure = _setup(args)
-    setup = _prepare(args, freecure)
+    setup = _prepare(args, freecure, references)
     blocks = args.blocks or list(cross_attention_groups(freecure.backend.denoiser))
     runs = len(blocks) * len(args.alpha) - (len(blocks) - 1) * (0.0 in args.alpha)
     with tqdm(total=runs, desc="analyze interpolate: runs", disable=args.no_progress) as bar:
@@ -275,7 +310,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
         f"prompt: {setup.parsed.foundation_prompt}",
         f"identity columns (m, n): {list(study.pairs)} · injected from step {setup.conditions.inject_step}",
     ]
-    grid = labelled_grid(cells, groups, [f"alpha = {a:g}" for a in args.alpha], title, cell=args.cell)
+    grid = labelled_grid(cells, groups, [f"alpha = {alpha_text(a)}" for a in args.alpha], title, cell=args.cell)
     out.mkdir(parents=True, exist_ok=True)
     study.fd_image.save(out / "fd.png")
     for (group, alpha), image in study.images.items():
@@ -294,3 +329,11 @@ def run_interpolate(args: argparse.Namespace) -> int:
     if args.tiny:
         print("  (weights are random: the images are noise)")
     return 0
+
+
+def alpha_text(alpha: float) -> str:
+    """α as written in file names and labels: short (``0.5``, ``1``) where that reads back as
+    the same number, else every digit Python needs (``0.1000001``), so that distinct α never
+    share a file name."""
+    short = f"{alpha:g}"
+    return short if float(short) == alpha else repr(alpha)

@@ -23,8 +23,17 @@ def register(subparsers) -> None:
         help="guidance of the expression re-denoising (default: the run's guidance scale)",
     )
     parser.add_argument("--inversion-guidance-scale", type=options.finite_float(1.0, 100.0), default=1.0)
-    parser.add_argument("--approximate-shared-uncond", action="store_true")
-    parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15")
+    parser.add_argument(
+        "--approximate-shared-uncond",
+        action="store_true",
+        help="3 rows instead of 4 after injection (not for FLUX without --true-cfg-scale > 1)",
+    )
+    parser.add_argument(
+        "--family",
+        choices=["sd15", "sdxl", "flux"],
+        default=None,
+        help="tiny model family, one --backend runs on (default: the backend's first, sd15 for token-fusion)",
+    )
     parser.add_argument(
         "--guidance-scale",
         type=options.finite_float(0.0, 100.0),
@@ -33,9 +42,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--true-cfg-scale",
-        type=options.finite_float(0.0, 100.0),
+        type=options.finite_float(1.0, 100.0),
         default=1.0,
-        help="FLUX's true CFG (two rows per lane)",
+        help="FLUX's true CFG, 1 … 100 (above 1: two rows per lane)",
     )
     parser.add_argument(
         "--method",
@@ -47,42 +56,88 @@ def register(subparsers) -> None:
         "--backend",
         choices=["token-fusion", "ip-adapter-faceid", "instantid", "pulid-sdxl", "pulid-flux"],
         default="token-fusion",
-        help="tiny backend to count (instantid and pulid-sdxl are SDXL-only, pulid-flux FLUX-only, whatever "
-        "--family says; InstantID's IdentityNet calls are counted as UNet calls)",
+        help="tiny backend to count (instantid and pulid-sdxl run on SDXL only, pulid-flux on FLUX only; "
+        "InstantID's IdentityNet calls are counted as UNet calls)",
     )
     parser.add_argument(
-        "--faceid-fd-lora", choices=["keep", "off"], default="keep",
-        help="ip-adapter-faceid: FD without the LoRA costs a separate FD call per step",
+        "--faceid-fd-lora", choices=["keep", "off"], default=None,
+        help="ip-adapter-faceid: keep (default) or off: FD without the LoRA costs a separate FD call per step",
     )
-    parser.add_argument("--instantid-fd", choices=["zero-identity", "no-identitynet"], default="zero-identity")
+    parser.add_argument(
+        "--instantid-fd",
+        choices=["zero-identity", "no-identitynet"],
+        default=None,
+        help="instantid: FD's IdentityNet input (default zero-identity)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
+
+
+#: Options of one backend: dest → (option, the backend that reads it).
+BACKEND_ONLY = {
+    "faceid_fd_lora": ("--faceid-fd-lora", "ip-adapter-faceid"),
+    "instantid_fd": ("--instantid-fd", "instantid"),
+}
+
+
+def check(args) -> None:
+    """Everything checked before a model is built; resolves ``args.family`` and ``args.steps``.
+
+    The families a backend runs on are the backend's own (``Backend.families``).
+
+    Raises:
+        InputError: a family the backend does not run on, an option another backend reads,
+            an injection step outside the schedule, or a guidance option the family ignores.
+    """
+    from ..backends import BACKENDS
+    from ..errors import InputError
+
+    families = BACKENDS[args.backend].families
+    if args.family is not None and args.family not in families:
+        raise InputError(
+            f"--family {args.family}: the {args.backend} backend runs on {', '.join(families)} only; "
+            f"pass --family {families[0]} or drop it"
+        )
+    args.family = args.family or families[0]
+    for dest, (option, backend) in BACKEND_ONLY.items():
+        if getattr(args, dest) is not None and args.backend != backend:
+            raise InputError(
+                f"{option} is an option of the {backend} backend and would be ignored with "
+                f"--backend {args.backend}; drop it or pass --backend {backend}"
+            )
+    if args.steps is None:
+        args.steps = 28 if args.family == "flux" else 50
+    if not 0 <= args.inject_step < args.steps:
+        raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
+    if args.family == "flux" and args.true_cfg_scale <= 1.0 and args.approximate_shared_uncond:
+        raise InputError(
+            "--approximate-shared-uncond would be ignored: FLUX without true classifier-free guidance has no "
+            "unconditional row to share; pass --true-cfg-scale > 1 to use it, or drop it"
+        )
+    if args.family != "flux" and args.true_cfg_scale != 1.0:
+        raise InputError(
+            f"--true-cfg-scale is FLUX's true classifier-free guidance; --family {args.family} is Stable Diffusion, "
+            "whose guidance is --guidance-scale: drop --true-cfg-scale"
+        )
 
 
 def run(args) -> int:
     from ..backends import RandomProjectionIdentityEncoder, TokenFusionBackend
     from ..backends.token_fusion import text_dim
     from ..cost import count_costs
-    from ..errors import InputError
     from ..pipeline import FreeCureConfig, FreeCurePipeline
     from ..tiny import LayoutFaceParser, tiny_pipeline
 
-    args.family = {"pulid-sdxl": "sdxl", "pulid-flux": "flux"}.get(args.backend, args.family)
-    if args.steps is None:
-        args.steps = 28 if args.family == "flux" else 50
-    if not 0 <= args.inject_step < args.steps:
-        raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
-    if args.family == "flux" and args.backend not in ("token-fusion", "pulid-flux"):
-        raise InputError(f"--backend {args.backend} has no FLUX form; use --family sd15 or sdxl")
+    check(args)
     if args.backend == "ip-adapter-faceid":
         from ..backends import IPAdapterFaceIDBackend
 
-        backend = IPAdapterFaceIDBackend.tiny(args.family, fd_lora=args.faceid_fd_lora == "keep")
+        backend = IPAdapterFaceIDBackend.tiny(args.family, fd_lora=args.faceid_fd_lora != "off")
         pipeline = backend.pipeline
     elif args.backend == "instantid":
         from ..backends import InstantIDBackend
 
-        backend = InstantIDBackend.tiny(fd_identitynet=args.instantid_fd == "zero-identity")
+        backend = InstantIDBackend.tiny(fd_identitynet=args.instantid_fd != "no-identitynet")
         pipeline = backend.pipeline
     elif args.backend == "pulid-sdxl":
         from ..backends import PuLIDSDXLBackend

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--prompts",
-        type=Path,
+        type=options.existing_file,
         default=None,
         metavar="FILE",
         help="prompt file with <S> for the subject (default: the paper's 20 prompts of Table 3)",

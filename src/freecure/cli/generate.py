@@ -87,9 +87,10 @@ def add_model_arguments(parser) -> None:
     )
     parser.add_argument(
         "--true-cfg-scale",
-        type=options.finite_float(0.0, 100.0),
+        type=options.finite_float(1.0, 100.0),
         default=1.0,
-        help="FLUX: true classifier-free guidance with --negative-prompt (1 = off, one row per lane)",
+        help="FLUX: true classifier-free guidance with --negative-prompt, 1 … 100 (1 = off, one row per lane; "
+        "FLUX reads --negative-prompt only above 1)",
     )
     parser.add_argument(
         "--gamma",
@@ -129,7 +130,8 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--approximate-shared-uncond",
         action="store_true",
-        help="3 batch rows instead of 4 after injection (FD guidance approximate)",
+        help="3 batch rows instead of 4 after injection (FD guidance approximate); not for FLUX without "
+        "--true-cfg-scale > 1, which has no unconditional row to share",
     )
     parser.add_argument(
         "--scheduler",
@@ -174,13 +176,25 @@ def add_model_arguments(parser) -> None:
         action="store_true",
         help="torch.compile the denoiser (static batch shapes: each stage compiles once)",
     )
-    memory.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (GPU)")
+    memory.add_argument(
+        "--compile-mode",
+        type=options.compile_mode,
+        default=None,
+        help="with --compile: a torch.compile mode of this torch (torch._inductor.list_mode_options(): default, "
+        "reduce-overhead (GPU), max-autotune, …)",
+    )
     parser.add_argument(
         "--tiny",
         action="store_true",
         help="tiny random-weight components, offline: shows the machinery, images are noise",
     )
-    parser.add_argument("--tiny-family", choices=["sd15", "sdxl", "flux"], default="sd15")
+    families = "; ".join(f"{name} {'/'.join(b.families)}" for name, b in sorted(BACKENDS.items()))
+    parser.add_argument(
+        "--tiny-family",
+        choices=["sd15", "sdxl", "flux"],
+        default=None,
+        help=f"with --tiny: the tiny model's family, one the backend runs on (default: its first): {families}",
+    )
     for name, backend in sorted(BACKENDS.items()):
         group = parser.add_argument_group(f"{name} backend")
         backend.add_cli_arguments(group)
@@ -203,12 +217,26 @@ MODE_IGNORED = (
     ("photomaker_weights", "--photomaker-weights", lambda a: a.tiny, "--tiny builds random PhotoMaker weights"),
     ("eva_clip_weights", "--eva-clip-weights", lambda a: a.tiny or getattr(a, "face_embedding", None) is not None,
      "EVA-CLIP only runs to compute PuLID's identity from photos, which --tiny and --face-embedding skip"),
+    ("tiny_family", "--tiny-family", lambda a: not a.tiny, "only --tiny builds tiny models (pass --tiny to use it)"),
+    ("compile_mode", "--compile-mode", lambda a: not a.compile,
+     "it says how --compile compiles (pass --compile to use it)"),
 )
+
+#: The FASA options (dest → option); None when not given (:func:`add_method_arguments`).
+FASA_OPTIONS = {
+    "fasa_layers": "--fasa-layers",
+    "fasa_mask": "--fasa-mask",
+    "fasa_mask_weight": "--fasa-mask-weight",
+    "fasa_uncond": "--fasa-uncond",
+}
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Checks across options, before anything loads: an injection step inside the schedule,
-    and no option given that this mode would silently ignore.
+    and no option given that this mode would silently ignore: another backend's options, those
+    of :data:`MODE_IGNORED`, FASA's without ``--method fasa``, a ``--tiny-family`` the backend
+    does not run on, and guidance options the model family does not read
+    (:func:`check_family_options`). Resolves ``args.tiny_family`` (:func:`resolve_tiny_family`).
 
     Raises:
         InputError: the first problem found.
@@ -231,11 +259,74 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     for dest, option, ignored, why in MODE_IGNORED:
         if getattr(args, dest, None) is not None and ignored(args):
             raise InputError(f"{option} would be ignored: {why}; drop it")
+    if getattr(args, "method", "rofa") != "fasa":
+        for dest, option in FASA_OPTIONS.items():
+            if getattr(args, dest, None) is not None:
+                raise InputError(
+                    f"{option} would be ignored with --method {args.method}: it sets FASA; "
+                    "pass --method fasa or drop it"
+                )
+    resolve_tiny_family(args)
+    check_family_options(args, run_is_flux(args))
+
+
+def resolve_tiny_family(args: argparse.Namespace) -> None:
+    """``args.tiny_family``: the one given, which must be a family the backend runs on
+    (``Backend.families``), else (with ``--tiny``) the backend's default, its first; in place.
+
+    Raises:
+        InputError: a ``--tiny-family`` the backend cannot build.
+    """
+    families = BACKENDS[args.backend].families
+    given = getattr(args, "tiny_family", None)
+    if given is not None and given not in families:
+        raise InputError(
+            f"--tiny-family {given} would be ignored: the {args.backend} backend runs on {', '.join(families)} "
+            f"only; pass --tiny-family {families[0]} or drop it"
+        )
+    if args.tiny:
+        args.tiny_family = given or families[0]
+
+
+def run_is_flux(args: argparse.Namespace) -> bool | None:
+    """Whether the run's model is FLUX, known before any model loads from the backend's
+    families and ``--tiny-family``; None when only the loaded base model can tell (a backend
+    that runs on several families, with real weights)."""
+    families = BACKENDS[args.backend].families
+    if args.tiny:
+        return (getattr(args, "tiny_family", None) or families[0]) == "flux"
+    if "flux" not in families:
+        return False
+    return True if families == ("flux",) else None
+
+
+def check_family_options(args: argparse.Namespace, flux: bool | None) -> None:
+    """Refuse the guidance options the model family would ignore or cannot use: FLUX (``flux``
+    True) reads ``--negative-prompt`` and ``--approximate-shared-uncond`` only with true CFG
+    (``--true-cfg-scale`` > 1); Stable Diffusion (False) has no ``--true-cfg-scale``. None:
+    not known yet (checked again by :func:`build_freecure` once the model is loaded)."""
+    true_cfg = getattr(args, "true_cfg_scale", 1.0) > 1.0
+    if flux and not true_cfg:
+        if args.negative_prompt is not None:
+            raise InputError(
+                "--negative-prompt would be ignored: FLUX is guidance-distilled and reads a negative prompt only "
+                "with true classifier-free guidance; pass --true-cfg-scale > 1 to use it, or drop it"
+            )
+        if args.approximate_shared_uncond:
+            raise InputError(
+                "--approximate-shared-uncond would be ignored: FLUX without true classifier-free guidance has no "
+                "unconditional row to share; pass --true-cfg-scale > 1 to use it, or drop it"
+            )
+    if flux is False and getattr(args, "true_cfg_scale", 1.0) != 1.0:
+        raise InputError(
+            f"--true-cfg-scale is FLUX's true classifier-free guidance; the {args.backend} backend runs Stable "
+            "Diffusion, whose guidance is --guidance-scale: drop --true-cfg-scale"
+        )
 
 
 def add_method_arguments(parser) -> None:
     """``--method`` and the FASA options (docs/engine.md, "FASA")."""
-    from ..fasa import LAYER_PRESETS, MASK_SOURCES
+    from ..fasa import LAYER_PRESETS, MASK_SOURCES, FasaConfig
 
     parser.add_argument(
         "--method",
@@ -244,25 +335,32 @@ def add_method_arguments(parser) -> None:
         help="correction after the SAME pass: rofa (the paper: ROFA + expression restore, default) or "
         "fasa (the authors' released code: foundation-aware self-attention)",
     )
-    group = parser.add_argument_group("FASA (--method fasa)")
+    # Defaults None: given with --method rofa, they are refused (check_model_arguments);
+    # fasa_config leaves FasaConfig's defaults for those not given.
+    group = parser.add_argument_group("FASA (--method fasa; refused with rofa)")
     group.add_argument(
         "--fasa-layers",
         nargs="+",
-        default=["up"],
+        default=None,
         metavar="NAME",
         help=f"a preset ({', '.join(LAYER_PRESETS)}; each for the model families it names) or "
         "attention-processor name patterns (fnmatch) of the layers to change: a UNet's self-attention, "
         "FLUX's joint attention (default: up = a UNet's up path, FLUX's later half of blocks)",
     )
-    group.add_argument("--fasa-mask", choices=MASK_SOURCES, default="fd-parse", help="mask on FD's keys")
+    group.add_argument(
+        "--fasa-mask", choices=MASK_SOURCES, default=None, help=f"mask on FD's keys (default {FasaConfig.mask_source})"
+    )
     group.add_argument(
         "--fasa-mask-weight",
         type=options.finite_float(0.0, 100.0),
-        default=1.5,
-        help="logit offset w inside the mask (1.5)",
+        default=None,
+        help=f"logit offset w inside the mask (default {FasaConfig.mask_weight})",
     )
     group.add_argument(
-        "--fasa-uncond", action="store_true", help="also change PD's unconditional row (the authors' code does not)"
+        "--fasa-uncond",
+        action="store_true",
+        default=None,
+        help="also change PD's unconditional row (the authors' code does not)",
     )
 
 
@@ -270,14 +368,15 @@ def fasa_config(args: argparse.Namespace):
     """The :class:`freecure.fasa.FasaConfig` of the parsed options."""
     from ..fasa import LAYER_PRESETS, FasaConfig
 
-    layers = args.fasa_layers
-    preset = len(layers) == 1 and layers[0] in LAYER_PRESETS
-    return FasaConfig(
-        layers=layers[0] if preset else tuple(layers),
-        mask_source=args.fasa_mask,
-        mask_weight=args.fasa_mask_weight,
-        uncond=args.fasa_uncond,
-    )
+    given = {}
+    layers = getattr(args, "fasa_layers", None)
+    if layers is not None:
+        preset = len(layers) == 1 and layers[0] in LAYER_PRESETS
+        given["layers"] = layers[0] if preset else tuple(layers)
+    for field, dest in (("mask_source", "fasa_mask"), ("mask_weight", "fasa_mask_weight"), ("uncond", "fasa_uncond")):
+        if getattr(args, dest, None) is not None:
+            given[field] = getattr(args, dest)
+    return FasaConfig(**given)  # its defaults for the options not given
 
 
 def build_face_parser(args):
@@ -298,6 +397,7 @@ def build_freecure(args: argparse.Namespace):
     """
     from ..pipeline import FreeCureConfig, FreeCurePipeline
 
+    resolve_tiny_family(args)  # the demo builds here without check_model_arguments
     BACKENDS[args.backend].check_identity_files(args)  # the identity files fit the backend, before any model loads
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
@@ -317,6 +417,7 @@ def build_freecure(args: argparse.Namespace):
     )
     backend = BACKENDS[args.backend].from_cli(args)
     family = backend.family
+    check_family_options(args, family.name == "flux")  # a base model of a backend with several families
     args.scheduler = args.scheduler or family.default_scheduler
     if args.scheduler not in family.schedulers:
         choices = ", ".join(family.schedulers)

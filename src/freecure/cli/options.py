@@ -158,3 +158,32 @@ def check_output_folder(out: Path, overwrite: bool = False, option: str = "--out
             raise InputError(
                 f"{option} {out} is not writable ({folder} does not allow writing); choose another {option}"
             )
+
+
+# --------------------------------------------------------------------------- added for issue 20
+# (new types only; appended so that edits above do not collide)
+
+
+def compile_mode(text: str) -> str:
+    """A ``torch.compile`` mode this torch accepts (``freecure.runtime.compile_modes``, read
+    from torch itself), checked at parse time instead of after every model loaded."""
+    from ..runtime import compile_modes
+
+    modes = compile_modes()
+    if text not in modes:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch.compile mode; choose one of {', '.join(modes)}")
+    return text
+
+
+#: ``freecure analyze --cell``: the side of one grid cell in pixels. Below 16 px a cell shows
+#: no readable map; 512 px (SD1.5's image side) already makes the grid of a 77-token prompt
+#: (a row per token, two columns per block group) ≈ 78 × 6 cells ≈ 0.37 GB of RGB, where
+#: 60000 px cells asked for 10 GB each.
+MIN_CELL, MAX_CELL = 16, 512
+cell_size = int_range(MIN_CELL, MAX_CELL, "a cell size in pixels")
+_unit = finite_float(0.0, 1.0)
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] such as eq. 3's α (``-0`` is read as 0)."""
+    return _unit(text) + 0.0

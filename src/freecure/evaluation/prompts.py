@@ -7,8 +7,9 @@ with a trigger word such as PhotoMaker's "img", "a woman img with blonde curly h
 the backend generates from). The number of attributes of a prompt — Table 2's grouping — is
 what :func:`freecure.attributes.parse_prompt` finds in it.
 
-Prompt files: a CSV with a ``prompt`` column (other columns are kept as metadata;
-``#`` lines are comments), or a text file with one template per line.
+Prompt files (UTF-8): a CSV with a ``prompt`` column (other columns are kept as metadata;
+``paper_group`` and ``n_attributes``, when filled in, are whole numbers; ``#`` lines are
+comments), or a text file with one template per line.
 """
 
 from __future__ import annotations
@@ -70,28 +71,76 @@ def _check_template(template: str, where: str) -> str:
     return template
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content (a UTF-8 byte-order mark is allowed).
+
+    Raises:
+        InputError: the file is not UTF-8 (e.g. Latin-1): names the line and the byte.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise InputError(
+            f"{what} {path} line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; save the file as "
+            "UTF-8 (it looks like Latin-1 or another legacy encoding)"
+        ) from None
+
+
+def _whole_number(row: dict, name: str, where: str, example: str) -> int | None:
+    """Column ``name`` of a CSV row as an int, None when empty."""
+    value = row.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(
+            f"{where}: {name} {value!r} is not a whole number; give one such as {example}, or leave it empty"
+        ) from None
+
+
 def read_prompts(text: str, source: str = "prompts") -> list[EvalPrompt]:
-    """Parse a prompt file's content: CSV with a ``prompt`` column, or one template per line."""
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
+    """Parse a prompt file's content: CSV with a ``prompt`` column, or one template per line.
+
+    Raises:
+        InputError: no prompt, a template without ``<S>``, a malformed CSV or a ``paper_group`` /
+            ``n_attributes`` that is not a whole number; the message names the line.
+    """
+    kept = [
+        (number, line)
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not kept:
         raise InputError(f"{source}: no prompts found")
+    numbers, lines = [number for number, _ in kept], [line for _, line in kept]
     header = next(csv.reader([lines[0]]))
     prompts: list[EvalPrompt] = []
     if "prompt" in [name.strip() for name in header]:
-        for number, row in enumerate(csv.DictReader(io.StringIO("\n".join(lines))), start=2):
-            row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
-            group = row.get("paper_group")
+        reader = csv.DictReader(io.StringIO("\n".join(lines)))
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                raise InputError(f"{source} line {numbers[min(reader.line_num, len(numbers)) - 1]}: {error}") from None
+            where = f"{source} line {numbers[reader.line_num - 1]}"
+            row = {key.strip(): (value or "").strip() for key, value in row.items() if isinstance(key, str)}
             prompts.append(
                 EvalPrompt(
                     index=len(prompts),
-                    template=_check_template(row["prompt"], f"{source} line {number}"),
-                    paper_group=int(group) if group else None,
+                    template=_check_template(row["prompt"], where),
+                    paper_group=_whole_number(row, "paper_group", where, "1 (the row group of Table 3)"),
                     note=row.get("note", ""),
                 )
             )
-            stated = row.get("n_attributes")
+            stated = _whole_number(row, "n_attributes", where, "2")
             found = prompts[-1].n_attributes()
-            if stated and int(stated) != found:
+            if stated is not None and stated != found:
                 logger.warning(
                     "%s: %r states %s attributes but the attribute parser finds %d; results are grouped by %d",
                     source,
@@ -101,7 +150,7 @@ def read_prompts(text: str, source: str = "prompts") -> list[EvalPrompt]:
                     found,
                 )
     else:
-        for number, line in enumerate(lines, start=1):
+        for number, line in kept:
             prompts.append(EvalPrompt(index=len(prompts), template=_check_template(line, f"{source} line {number}")))
     return prompts
 
@@ -114,4 +163,4 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[EvalPrompt]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompt file not found: {path}")
-    return read_prompts(path.read_text(encoding="utf-8"), str(path))
+    return read_prompts(read_text_file(path, "prompt file"), str(path))
