@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from . import options
 from .generate import add_model_arguments, build_freecure, guidance_scale
 
 
@@ -93,6 +94,7 @@ def _common(parser) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--cell", type=int, default=128, help="grid cell size in pixels (default 128)")
     add_model_arguments(parser)
+    options.record_inputs(parser)
 
 
 def _out_dir(args) -> Path:
@@ -164,6 +166,7 @@ def run_attention(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     names = ["fd.png", "pd.png", "attention_grid.png", "maps.safetensors", "summary.json", "manifest.json"]
     check_writable([out / name for name in names], args.overwrite)
+    options.check_inputs_outside(args, files=[out / name for name in names])
     freecure = _setup(args)
     setup = _prepare(args, freecure)
     with tqdm(total=setup.steps, desc="analyze attention: FD+PD", disable=args.no_progress) as bar:
@@ -258,6 +261,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     else:  # the groups are the model's, known once it is loaded: any earlier cell counts
         cells = sorted(out.glob("pd_*_a*.png")) if out.is_dir() else []
     check_writable([out / name for name in names] + cells, args.overwrite)
+    options.check_inputs_outside(args, files=[out / name for name in names] + cells)
     freecure = _setup(args)
     setup = _prepare(args, freecure)
     blocks = args.blocks or list(cross_attention_groups(freecure.backend.denoiser))
