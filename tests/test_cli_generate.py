@@ -183,7 +183,7 @@ def test_of_two_runs_into_one_out_the_second_to_finish_fails_and_the_first_stays
     captured = capsys.readouterr()
     assert f"wrote 2 runs to {out / 'seed10'}" in captured.out
     errors = [line for line in captured.err.splitlines() if line.startswith("freecure")]
-    assert len(errors) == 1 and "filled by another process while this run worked" in errors[0]
+    assert len(errors) == 1 and "was filled by another process (another run?) while this run worked" in errors[0]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "seed10", "seed11"]
     assert json.loads((out / "manifest.json").read_text())["seeds"] == [10, 11]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.png", "shared"]  # no staging folder left
