@@ -315,7 +315,11 @@ class FolderLock:
             return self
         folder = self.path.is_dir()
         if folder:
-            descriptor = os.open(self.path, os.O_RDONLY)
+            try:
+                descriptor = os.open(self.path, os.O_RDONLY)
+            except OSError as error:  # a folder one may write but not list: go on unlocked
+                logger.debug("cannot open %s to lock it (%s); going on without the lock", self.path, error)
+                return self
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
