@@ -221,19 +221,3 @@ def save_output(
         names = write_run(output, staging, extra)
     return [out_dir / name for name in names]
 
-
-def save_outputs(
-    outputs: Sequence[FreeCureOutput],
-    seeds: Sequence[int],
-    out_dir: Path,
-    overwrite: bool = False,
-    extra: dict | None = None,
-) -> list[Path]:
-    """Write a ``--num-images`` run (:func:`write_runs`) whole or not at all, under the same
-    rules as :func:`save_output`. Returns the seed folders, in the order of ``seeds``."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out must be a folder, but {out_dir} is a file")
-    with atomic_folder(out_dir, replace=overwrite, check=check_earlier_run) as staging:
-        folders = write_runs(outputs, seeds, staging, extra)
-    return [out_dir / folder for folder in folders]
