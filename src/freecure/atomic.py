@@ -339,11 +339,9 @@ class FolderLock:
                     continue
                 holder = "" if folder else os.pread(descriptor, 64, 0).decode("ascii", "replace").strip()
                 os.close(descriptor)
-                held = f" (held by process {holder})" if holder else ""
+                by = f" (held by process {holder})" if holder else ""
                 where = self.path if folder else self.path.parent
-                raise InputError(
-                    (self.message or f"{where} is in use by another freecure process") + held
-                ) from None
+                raise InputError((self.message or f"{where} is in use by another freecure process") + by) from None
         if not folder:
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
