@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -547,3 +548,109 @@ def test_compile_modes_come_from_torch():
     assert set(compile_modes()) == set(list_mode_options()) >= {"default", "reduce-overhead", "max-autotune"}
     with pytest.raises(Refused, match="bogus-mode"):
         compile_denoiser(torch.nn.Linear(1, 1), mode="bogus-mode")
+
+
+# --------------------------------------------------------------------------- nothing of the user's is lost (issue 20)
+
+
+def _fake_run(folder, files):
+    """A folder as an earlier freecure run leaves it: files listed by a manifest."""
+    import json
+
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    manifest = {"freecure_version": "0.1.0", "files": [*files, "manifest.json"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_earlier_run(tmp_path, ref, capsys, no_models):
+    """`--overwrite` into a folder of the user's used to exit 0 with the files gone."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("years of work")
+    (mine / "holiday.jpg").write_bytes(ref.read_bytes())
+    assert main(tiny_generate(ref, mine, "--overwrite")) == 2
+    error = one_line_error(capsys)
+    assert "no freecure manifest.json" in error and "replaces only an earlier freecure run" in error
+    run = _fake_run(tmp_path / "run", {"fd.png": b"png"})
+    (run / "notes.txt").write_text("mine")  # the user's file in an earlier run's folder
+    assert main(tiny_generate(ref, run, "--overwrite", "--num-images", "2")) == 2
+    assert "notes.txt is not part of the freecure run there" in one_line_error(capsys)
+    assert (mine / "thesis.docx").read_text() == "years of work" and (mine / "holiday.jpg").is_file()
+    assert (run / "notes.txt").read_text() == "mine" and (run / "fd.png").is_file()
+
+
+def test_inputs_inside_the_folder_a_run_replaces_are_refused(tmp_path, ref, capsys, no_models):
+    """`--ref DIR/me.png --out DIR --overwrite` used to delete the reference photo."""
+    run = _fake_run(tmp_path / "run", {"me.png": ref.read_bytes(), "face.safetensors": b"x"})
+    assert main(tiny_generate(run / "me.png", run, "--overwrite")) == 2
+    assert f"--ref {run / 'me.png'} lies inside {run}" in one_line_error(capsys)
+    (tmp_path / "link").symlink_to(run)  # the same photo through a link: resolved
+    assert main(tiny_generate(tmp_path / "link" / "me.png", run, "--overwrite")) == 2
+    assert "lies inside" in one_line_error(capsys)
+    embedding = ["--backend", "pulid-sdxl", "--face-embedding", str(run / "face.safetensors")]
+    assert main(tiny_generate(ref, run, "--overwrite", *embedding)) == 2
+    assert "--face-embedding" in one_line_error(capsys)
+    assert (run / "me.png").read_bytes() == ref.read_bytes() and (run / "face.safetensors").is_file()
+
+
+def test_analyze_refuses_an_input_it_would_overwrite(tmp_path, ref, capsys, no_models):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "fd.png").write_bytes(ref.read_bytes())  # the user's photo, named like an output
+    argv = ["analyze", "attention", "--tiny", "--prompt", PROMPT, "--ref", str(out / "fd.png"), "--steps", "2"]
+    assert main([*argv, "--out", str(out), "--overwrite", "--no-progress"]) == 2
+    assert "a file this run would overwrite" in one_line_error(capsys)
+    assert (out / "fd.png").read_bytes() == ref.read_bytes()
+
+
+def test_eval_refuses_identity_photos_where_it_writes(tmp_path, capsys, astronaut):
+    import json
+
+    out = tmp_path / "eval"
+    photo = out / "report" / "me.png"
+    photo.parent.mkdir(parents=True)
+    astronaut.resize((64, 64)).save(photo)
+    (tmp_path / "identities.json").write_text(
+        json.dumps({"identities": [{"id": "me", "class_word": "man", "references": [str(photo)]}]})
+    )
+    argv = ["eval", "--tiny", "--identities", str(tmp_path / "identities.json"), "--num-seeds", "1", "--dry-run"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert f"identity 'me''s photo {photo} lies inside {out / 'report'}" in one_line_error(capsys)
+    assert main([*argv, "--out", str(tmp_path / "elsewhere")]) == 0  # the same identity, another --out
+
+
+def test_out_is_never_the_current_folder(tmp_path, ref, capsys, monkeypatch, no_models):
+    """`generate --out .` ended in a traceback after the models loaded; the folders written in
+    place (eval, parse, report, analyze) may be the current folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work), "./"):
+        assert main(tiny_generate(ref, out)) == 2
+        assert "current folder" in one_line_error(capsys)
+        assert main(tiny_generate(ref, out, "--overwrite")) == 2
+        assert "current folder" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.png", "work"] and not any(work.iterdir())
+    identities = str(Path(__file__).parents[1] / "examples" / "identities")
+    assert main(["eval", "--tiny", "--identities", identities, "--num-seeds", "1", "--dry-run", "--out", "."]) == 0
+
+
+def test_num_images_is_bounded_before_anything_loads(tmp_path, ref, capsys, no_models):
+    """`--num-images 10000` ran into the out-of-memory killer (exit 137, no message)."""
+    from freecure.cli.options import MAX_NUM_IMAGES
+
+    for count in (str(MAX_NUM_IMAGES + 1), "10000"):
+        with pytest.raises(SystemExit) as refused:
+            main(tiny_generate(ref, tmp_path / "out", "--num-images", count))
+        assert refused.value.code == 2
+        assert f"at most {MAX_NUM_IMAGES}" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        main(["eval", "--identities", "x", "--out", "y", "--batch-size", "10000"])
+    assert f"at most {MAX_NUM_IMAGES}" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert f"At most {MAX_NUM_IMAGES}" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "out").exists()

@@ -159,3 +159,46 @@ def test_token_fusion_cli_options_parse_as_documented():
     TokenFusionBackend.add_cli_arguments(parser)
     assert parser.parse_args([]).inject_fraction == 0.2  # "(default 0.2)" in its help
     assert parser.parse_args(["--inject-fraction", "0.3"]).inject_fraction == 0.3
+
+
+def test_of_two_runs_into_one_out_the_second_to_finish_fails_and_the_first_stays(tmp_path, ref, capsys, monkeypatch):
+    """Two `generate --num-images 2` into one --out at once used to both exit 0, the folder
+    ending with the second's images although the first had printed where it wrote. Run B
+    starts and finishes while run A computes; A must fail at its final rename, B's stay."""
+    from freecure.pipeline import FreeCurePipeline
+
+    out = tmp_path / "shared"
+    original = FreeCurePipeline.__call__
+    other = []
+
+    def meanwhile(self, *args, **kwargs):
+        if not other:  # run A computes: run B starts and finishes meanwhile
+            other.append(None)
+            other[0] = generate(tmp_path, out, "--num-images", "2", "--seed", "10", "--steps", "2")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FreeCurePipeline, "__call__", meanwhile)
+    assert generate(tmp_path, out, "--num-images", "2", "--seed", "0", "--steps", "2") == 2
+    assert other == [0]
+    captured = capsys.readouterr()
+    assert f"wrote 2 runs to {out / 'seed10'}" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("freecure")]
+    assert len(errors) == 1 and "was filled by another process (another run?) while this run worked" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "seed10", "seed11"]
+    assert json.loads((out / "manifest.json").read_text())["seeds"] == [10, 11]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.png", "shared"]  # no staging folder left
+
+
+def test_overwrite_replaces_an_earlier_batch_run_recognised_by_its_manifest(tmp_path, ref, capsys):
+    out = tmp_path / "batch"
+    assert generate(tmp_path, out, "--num-images", "2", "--steps", "2") == 0
+    top = json.loads((out / "manifest.json").read_text())
+    assert top["runs"] == ["seed0", "seed1"] and top["seeds"] == [0, 1] and "freecure_version" in top
+    assert generate(tmp_path, out, "--steps", "2") == 2  # the same rule as one image: not without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert generate(tmp_path, out, "--steps", "2", "--overwrite") == 0  # a one-image run replaces it whole
+    assert (out / "freecure.png").is_file() and not (out / "seed0").exists()
+    (out / "notes.txt").write_text("mine")
+    assert generate(tmp_path, out, "--steps", "2", "--overwrite", "--num-images", "2") == 2
+    assert "notes.txt is not part of the freecure run there" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "freecure.png").is_file()

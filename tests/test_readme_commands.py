@@ -132,8 +132,10 @@ def test_every_readme_command_runs(tmp_path, embedding, monkeypatch, capsys):
         if args[0] == "generate":
             out = Path(args[args.index("--out") + 1])
             images = int(args[args.index("--num-images") + 1]) if "--num-images" in args else 1
-            runs = [out] if images == 1 else sorted(out.iterdir())  # one folder per seed
+            runs = [out] if images == 1 else sorted(p for p in out.iterdir() if p.is_dir())  # one folder per seed
             assert len(runs) == images
+            if images > 1:  # and a top-level manifest listing them
+                assert json.loads((out / "manifest.json").read_text())["runs"] == [p.name for p in runs]
             for run in runs:
                 manifest = json.loads((run / "manifest.json").read_text())
                 assert sorted(manifest["files"]) == sorted(p.name for p in run.iterdir())

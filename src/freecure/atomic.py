@@ -4,14 +4,15 @@ Every file and folder freecure writes goes through here:
 
 - :func:`atomic_folder`: build a folder under a temporary sibling name and rename it into
   place (``freecure generate``); replacing an earlier folder swaps it whole, so no file of
-  the old run survives next to the new ones.
+  the old run survives next to the new ones. A folder that holds files is replaced only when
+  the caller allows it, checked again at the final rename.
 - :func:`write_files`: write several files of one folder to temporary names first and
   rename them only when all are written (``freecure report``'s tables): a full disk leaves
   all old files or all new ones.
 - :func:`write_file` / :func:`write_json`: one file, the same way; JSON is written with
   ``allow_nan=False`` (a bare ``NaN`` is not JSON) and a message naming the bad field.
-- :class:`FolderLock`: an exclusive, non-blocking ``flock`` on a lock file, released when
-  the process ends however it ends.
+- :class:`FolderLock`: an exclusive ``flock`` on a lock file or a folder, released when the
+  process ends however it ends.
 
 Temporary names carry the writer's process id (``.NAME.partial-PID``); a later writer
 removes those whose process is gone (:func:`remove_stale`).
@@ -19,12 +20,14 @@ removes those whose process is gone (:func:`remove_stale`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,42 +106,103 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _holds_cwd(folder: Path) -> bool:
+    """Whether ``folder`` is the current folder or one that holds it."""
+    try:
+        here, folder = Path.cwd().resolve(), folder.resolve()
+    except OSError:  # the current folder was removed
+        return False
+    return folder == here or folder in here.parents
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
 @contextmanager
-def atomic_folder(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+def atomic_folder(
+    target: str | os.PathLike, replace: bool = False, check: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
     """Yield an empty staging folder that becomes ``target`` when the block ends without error.
 
     On an error (a full disk, an exception, Ctrl-C) the staging folder is removed and
-    ``target`` is untouched. With ``replace`` an existing ``target`` is swapped out whole:
-    none of its files remain.
+    ``target`` is untouched. A missing or empty ``target`` is always written. A ``target`` that
+    holds files is swapped out whole (none of its files remain) only with ``replace``, and only
+    if ``check`` (given the folder) does not raise: ``freecure.outputs.check_earlier_run`` lets
+    only an earlier freecure run be replaced.
+
+    Both are checked twice: before the work starts and again at the swap, under a lock on
+    ``target``'s parent folder (:class:`FolderLock`), so that of two writers of one ``target``
+    the second to finish finds the first's files: without ``replace`` it fails and they stay.
+    Without ``replace`` the final rename cannot replace a folder that holds files either
+    (``rename(2)`` refuses it), so a folder filled meanwhile by any other program is kept.
 
     Raises:
-        InputError: ``target`` exists and ``replace`` is False.
+        InputError: ``target`` is the current folder (or holds it), is not a folder, or holds
+            files and ``replace`` is False or ``check`` refuses it, at the start or at the swap.
     """
-    target = Path(target)
+    shown, target = Path(target), Path(os.path.abspath(target))  # the user's spelling, for messages
+    if _holds_cwd(target):
+        raise InputError(
+            f"{shown} is the current folder or holds it, and would be replaced whole; write to a sub-folder instead"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target.parent, target.name)
-    if target.exists() and not replace:
-        raise InputError(f"{target} already exists; choose another folder or allow replacing it (--overwrite)")
+
+    taken = f"{shown} already exists and holds files; choose another folder or pass --overwrite"
+    filled = (
+        f"{shown} was filled by another process (another run?) while this run worked, and is kept; this run's "
+        "files were not saved: run again with another --out, or with --overwrite to replace that run"
+    )
+
+    def may_write(finished: bool) -> None:
+        if not target.exists() and not target.is_symlink():
+            return
+        if target.is_symlink() or not target.is_dir():
+            raise InputError(f"{shown} is not a folder; refusing to replace it")
+        if not _entries(target):
+            return  # an empty folder: nothing to lose
+        if not replace:
+            raise InputError(filled if finished else taken)
+        if check is not None:
+            check(shown)
+
+    may_write(finished=False)
     staging = temporary_name(target, "partial")
     _remove(staging)
     staging.mkdir()
+    old = None
     try:
         yield staging
         for path in staging.iterdir():
             _fsync(path)
-        if target.exists():
-            if target.is_symlink() or not target.is_dir():
-                raise InputError(f"{target} is not a folder; refusing to replace it")
-            old = temporary_name(target, "old")
-            os.rename(target, old)
-            os.rename(staging, target)
-            _remove(old)
-        else:
-            os.rename(staging, target)
+        with FolderLock(target.parent, wait=LOCK_WAIT_SECONDS):  # writers of one parent take turns
+            may_write(finished=True)
+            if target.exists():
+                old = temporary_name(target, "old")
+                os.rename(target, old)
+                try:
+                    os.rename(staging, target)
+                except BaseException:
+                    os.rename(old, target)
+                    old = None
+                    raise
+            else:
+                try:
+                    os.rename(staging, target)  # never replaces a folder that holds files
+                except OSError as error:
+                    if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    raise InputError(filled) from None
         _fsync(target.parent)
     except BaseException:
         _remove(staging)
         raise
+    if old is not None:
+        _remove(old)
 
 
 def write_files(folder: str | os.PathLike, files: Mapping[str, Content]) -> list[Path]:
@@ -219,50 +283,75 @@ def write_json(path: str | os.PathLike, data, **kwargs) -> Path:
     return write_file(path, json_text(data, **kwargs))
 
 
-class FolderLock:
-    """An exclusive lock on ``path`` (a lock file, created), held until :meth:`release` or exit.
+#: How long a writer waits for another one's final renames in the same parent folder (they
+#: take milliseconds; only a stuck file system makes this run out).
+LOCK_WAIT_SECONDS = 60.0
 
-    ``flock`` locks belong to the open file, so they vanish when the process dies: a killed
-    run never leaves a lock behind. Where ``fcntl`` does not exist (Windows) it does nothing.
+
+class FolderLock:
+    """An exclusive lock on ``path``, held until :meth:`release` or exit.
+
+    ``path`` is a lock file (created; it holds the holder's process id) or an existing folder
+    (locked itself: nothing is written into it). ``flock`` locks belong to the open file, so
+    they vanish when the process dies: a killed run never leaves a lock behind. Where
+    ``fcntl`` does not exist (Windows), or a folder's file system cannot lock it, it does
+    nothing. ``wait``: seconds to wait for the holder to release it (0: fail at once).
 
     Raises:
         InputError: (on :meth:`acquire`) another process holds the lock; ``message`` says what
             to do.
     """
 
-    def __init__(self, path: str | os.PathLike, message: str = ""):
+    def __init__(self, path: str | os.PathLike, message: str = "", wait: float = 0.0):
         self.path = Path(path)
         self.message = message
-        self._file = None
+        self.wait = wait
+        self._descriptor = None
 
     def acquire(self) -> FolderLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip()
-            file.close()
-            held = f" (held by process {holder})" if holder else ""
-            raise InputError(
-                (self.message or f"{self.path.parent} is in use by another freecure process") + held
-            ) from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self._file = file
+        folder = self.path.is_dir()
+        if folder:
+            try:
+                descriptor = os.open(self.path, os.O_RDONLY)
+            except OSError as error:  # a folder one may write but not list: go on unlocked
+                logger.debug("cannot open %s to lock it (%s); going on without the lock", self.path, error)
+                return self
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                held = error.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+                if folder and not held:  # a file system that cannot lock folders: go on unlocked
+                    logger.debug("cannot lock %s (%s); going on without the lock", self.path, error)
+                    os.close(descriptor)
+                    return self
+                if held and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = "" if folder else os.pread(descriptor, 64, 0).decode("ascii", "replace").strip()
+                os.close(descriptor)
+                by = f" (held by process {holder})" if holder else ""
+                where = self.path if folder else self.path.parent
+                raise InputError((self.message or f"{where} is in use by another freecure process") + by) from None
+        if not folder:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._descriptor = descriptor
         return self
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing drops the flock
-            self._file = None
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing drops the flock
+            self._descriptor = None
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +18,78 @@ from .parsing import overlay_labels
 from .pipeline import FreeCureOutput
 
 STAGE_IMAGES = ("fd", "pd", "blended", "freecure")
+#: The sub-folder of one image of a ``--num-images`` run.
+SEED_FOLDER = re.compile(r"seed[0-9]+")
+#: A manifest larger than this is not one freecure wrote (they are a few kB).
+MAX_MANIFEST_BYTES = 16 * 2**20
+
+
+def read_run_manifest(folder: Path) -> dict | None:
+    """``folder/manifest.json`` if it is a freecure manifest (a JSON object with
+    ``freecure_version``), else None."""
+    path = Path(folder) / "manifest.json"
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return None
+    return data if isinstance(data, dict) and "freecure_version" in data else None
+
+
+def _names(value) -> set[str]:
+    return {name for name in value if isinstance(name, str)} if isinstance(value, list) else set()
+
+
+def not_a_run(folder: Path, nested: bool = False) -> str | None:
+    """Why ``folder`` is not an earlier freecure run (None when it is one, or is empty).
+
+    A freecure run is a folder whose ``manifest.json`` has ``freecure_version`` and lists
+    every other entry: its files (``files``, plain files) and, for a ``--num-images`` run, its
+    ``seed<S>/`` sub-folders (``runs``), each a freecure run itself. A folder written by
+    ``--num-images`` before the top-level manifest existed (only ``seed<S>/`` sub-folders, each
+    a freecure run) counts too. Any other entry — a file, a link, a hidden file — makes it
+    something else.
+    """
+    folder = Path(folder)
+    entries = sorted(folder.iterdir())
+    if not entries and not nested:
+        return None
+    record = read_run_manifest(folder)
+    if record is None:
+        older_batch = not nested and all(
+            SEED_FOLDER.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink() for entry in entries
+        )
+        if not older_batch:
+            return f"{folder} has no freecure manifest.json, so it is not a folder freecure wrote"
+        runs = {entry.name for entry in entries}
+        files: set[str] = set()
+    else:
+        files = _names(record.get("files")) | {"manifest.json"}
+        runs = set() if nested else {name for name in _names(record.get("runs")) if SEED_FOLDER.fullmatch(name)}
+    for entry in entries:
+        if entry.name in runs and entry.is_dir() and not entry.is_symlink():
+            problem = not_a_run(entry, nested=True)
+            if problem is not None:
+                return problem
+        elif not (entry.name in files and entry.is_file() and not entry.is_symlink()):
+            return f"{entry} is not part of the freecure run there (its manifest.json does not list it)"
+    return None
+
+
+def check_earlier_run(folder: Path, option: str = "--out") -> None:
+    """Refuse to replace ``folder`` unless it is empty or an earlier freecure run
+    (:func:`not_a_run`): nothing else a user keeps there is ever removed.
+
+    Raises:
+        InputError: one line naming what is not part of a run, and what to do.
+    """
+    problem = not_a_run(folder)
+    if problem is not None:
+        raise InputError(
+            f"{option} {folder}: {problem}; --overwrite replaces only an earlier freecure run: move your files "
+            f"elsewhere or choose another {option}"
+        )
 
 
 def check_writable(paths: Iterable[Path], overwrite: bool) -> None:
@@ -85,6 +158,43 @@ def manifest(output: FreeCureOutput, files: Iterable[str], extra: dict | None = 
     }
 
 
+def write_run(output: FreeCureOutput, folder: Path, extra: dict | None = None) -> list[str]:
+    """Write one run's files and ``manifest.json`` into ``folder`` (created if missing), as is:
+    no check, no atomic rename (use :func:`save_output`, or write into the staging folder of
+    :func:`freecure.atomic.atomic_folder`). Returns the file names.
+
+    Raises:
+        NonFiniteError: the manifest would hold NaN or infinity (before any file is written).
+    """
+    files = planned_files(output)
+    names = [*files, "manifest.json"]
+    with torch.no_grad():
+        record = json_text(manifest(output, names, extra))  # before any file: NaN stops here
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    for name, image in files.items():
+        image.save(folder / name)
+    (folder / "manifest.json").write_text(record, encoding="utf-8")
+    return names
+
+
+def write_runs(
+    outputs: Sequence[FreeCureOutput], seeds: Sequence[int], folder: Path, extra: dict | None = None
+) -> list[str]:
+    """Write a ``--num-images`` run into ``folder``, as is (see :func:`write_run`): one complete
+    run folder per image, ``seed<S>/`` (its manifest has ``extra`` and its seed), and a
+    top-level ``manifest.json`` that lists them (``runs``), so that the folder is recognised as
+    an earlier freecure run (:func:`not_a_run`). Returns the sub-folder names."""
+    folders = [f"seed{seed}" for seed in seeds]
+    top = {"freecure_version": __version__, "seeds": list(seeds), "runs": folders, "files": ["manifest.json"]}
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    for output, seed, name in zip(outputs, seeds, folders):
+        write_run(output, folder / name, {"seed": seed, **(extra or {})})
+    (folder / "manifest.json").write_text(json_text(top), encoding="utf-8")
+    return folders
+
+
 def save_output(
     output: FreeCureOutput, out_dir: Path, overwrite: bool = False, extra: dict | None = None
 ) -> list[Path]:
@@ -92,24 +202,22 @@ def save_output(
 
     The run lands whole or not at all: it is written into a temporary sibling folder that is
     renamed to ``out_dir`` at the end (:func:`freecure.atomic.atomic_folder`). ``overwrite``
-    replaces an earlier run entirely: no file of it remains.
+    replaces an earlier freecure run entirely (no file of it remains), and nothing else: a
+    folder holding anything its manifest does not list is refused (:func:`check_earlier_run`),
+    before writing and again at the final rename.
 
     Raises:
-        InputError: ``out_dir`` is a file, or holds files and ``overwrite`` is False.
+        InputError: ``out_dir`` is a file, holds files and ``overwrite`` is False, or holds
+            files that are not an earlier freecure run's.
         NonFiniteError: the manifest would hold NaN or infinity (nothing is written).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out must be a folder, but {out_dir} is a file")
-    files = planned_files(output)
-    names = [*files, "manifest.json"]
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        check_writable([out_dir / name for name in names], overwrite)
+        check_writable([out_dir / name for name in [*planned_files(output), "manifest.json"]], overwrite)
         raise InputError(f"{out_dir} already exists and holds files; choose another --out or pass --overwrite")
-    with torch.no_grad():
-        record = json_text(manifest(output, names, extra))  # before any file: NaN stops here
-    with atomic_folder(out_dir, replace=True) as staging:
-        for name, image in files.items():
-            image.save(staging / name)
-        (staging / "manifest.json").write_text(record, encoding="utf-8")
+    with atomic_folder(out_dir, replace=overwrite, check=check_earlier_run) as staging:
+        names = write_run(output, staging, extra)
     return [out_dir / name for name in names]
+

@@ -117,6 +117,7 @@ def _common(parser) -> None:
         help=f"grid cell size in pixels, {options.MIN_CELL} … {options.MAX_CELL} (default 128)",
     )
     add_model_arguments(parser)
+    options.record_inputs(parser)
 
 
 def _out_dir(args) -> Path:
@@ -197,6 +198,7 @@ def run_attention(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     names = ["fd.png", "pd.png", "attention_grid.png", "maps.safetensors", "summary.json", "manifest.json"]
     check_writable([out / name for name in names], args.overwrite)
+    options.check_inputs_outside(args, files=[out / name for name in names])
     references = _check(args)
     freecure = _setup(args)
     setup = _prepare(args, freecure, references)
@@ -295,6 +297,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     else:  # the groups are the model's, known once it is loaded: any earlier cell counts
         cells = sorted(out.glob("pd_*_a*.png")) if out.is_dir() else []
     check_writable([out / name for name in names] + cells, args.overwrite)
+    options.check_inputs_outside(args, files=[out / name for name in names] + cells)
     references = _check(args)
     freecure = _setup(args)
     setup = _prepare(args, freecure, references)

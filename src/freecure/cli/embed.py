@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="BiSeNet checkpoint 79999_iter.pth (default: as `freecure parse`)")
     parser.add_argument("--device", type=options.device, default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--tiny", action="store_true", help="random tiny stand-ins, offline (the numbers mean nothing)")
+    options.record_inputs(parser)
     parser.set_defaults(func=run)
 
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} is a folder; give a file name ending in .safetensors")
     if args.out.exists() and not args.overwrite:
         raise InputError(f"--out {args.out} exists; pass --overwrite to replace it")
+    options.check_inputs_outside(args, files=[args.out])
     references = [load_reference(path) for path in args.ref]
     encoder = build_encoder(args)
     face = encoder(references)

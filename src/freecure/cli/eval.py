@@ -69,11 +69,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=options.positive_int,
+        type=options.num_images,
         default=1,
         metavar="N",
-        help="seeds of one ⟨identity, prompt⟩ generated together, sharing every model call (default 1); "
-        "a batch is stored whole or re-run on resume",
+        help="seeds of one ⟨identity, prompt⟩ generated together, sharing every model call (default 1, at most "
+        f"{options.MAX_NUM_IMAGES}: one batch held in memory together); a batch is stored whole or re-run on resume",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder (created; resumed)")
     metrics = parser.add_argument_group("metrics")
@@ -112,6 +112,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the work (total, done, to do) and stop")
     parser.add_argument("--no-progress", action="store_true")
     add_model_arguments(parser)
+    options.record_inputs(parser)
     parser.set_defaults(func=run)
 
 
@@ -240,6 +241,12 @@ def run(args: argparse.Namespace) -> int:
     if args.lpips_weights is not None and args.no_report:
         raise InputError("--lpips-weights would be ignored with --no-report (face diversity is computed by the report)")
     identities = load_identities(args.identities)
+    # what eval (re)writes: images, settings and the report; an input there could be overwritten
+    options.check_inputs_outside(
+        args,
+        folders=[args.out / "images", args.out / "settings", args.out / "report"],
+        extra=[(f"identity {i.id!r}'s photo", path) for i in identities for path in i.references],
+    )
     prompts = load_prompts(args.prompts)[: args.limit_prompts]
     seeds = list(range(args.seed_offset, args.seed_offset + args.num_seeds))
     device = launcher_device(args)

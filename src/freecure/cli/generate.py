@@ -49,24 +49,30 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=options.seed, default=0, help="seed of z_T: 0 … 2^64-1 (default 0)")
     parser.add_argument(
         "--num-images",
-        type=options.positive_int,
+        type=options.num_images,
         default=1,
         metavar="N",
-        help="N images from seeds SEED … SEED+N−1, sharing every model call; each goes to "
-        "--out/seed<S>/ (default 1: the files go to --out itself)",
+        help=f"N images from seeds SEED … SEED+N−1, sharing every model call; each goes to "
+        f"--out/seed<S>/ (default 1: the files go to --out itself). At most {options.MAX_NUM_IMAGES}: "
+        "the N images are one batch (4N denoiser rows) held in memory together; for more, run again "
+        "with the next --seed",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
         metavar="DIR",
-        help="output folder (default: outputs/<backend>-<time>-seed<N>)",
+        help="output folder, new or empty, never the current folder (default: outputs/<backend>-<time>-seed<N>)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier run in --out (its files are removed)"
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier freecure run in --out (its files are removed); a folder holding anything its "
+        "manifest.json does not list is never replaced, nor one that holds an input (--ref, …)",
     )
     parser.add_argument("--no-progress", action="store_true")
     add_model_arguments(parser)
+    options.record_inputs(parser)
     parser.set_defaults(func=run)
 
 
@@ -438,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_folder
     from ..attributes import detect_class_word
     from ..images import load_reference
-    from ..outputs import save_output
+    from ..outputs import check_earlier_run, write_run, write_runs
 
     # Everything a user gave is checked before any model loads.
     if args.seed + args.num_images - 1 > options.MAX_SEED:
@@ -446,6 +452,7 @@ def run(args: argparse.Namespace) -> int:
     class_word = args.class_word or detect_class_word(args.prompt)
     out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
     options.check_output_folder(out_dir, overwrite=args.overwrite)
+    options.check_inputs_outside(args, folders=[out_dir])  # --overwrite replaces it whole
     check_model_arguments(args)
     references = [load_reference(path) for path in args.ref]
     if args.tiny:
@@ -456,42 +463,40 @@ def run(args: argparse.Namespace) -> int:
     guidance = guidance_scale(args, backend)
     seeds = [args.seed + k for k in range(args.num_images)]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    folders = [out_dir] if len(seeds) == 1 else [out_dir / f"seed{seed}" for seed in seeds]
-    outputs = freecure(
-        args.prompt,
-        reference_images=references,
-        class_word=class_word,
-        trigger_word=args.trigger,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=guidance,
-        height=args.height,
-        width=args.width,
-        generator=generators if len(seeds) > 1 else generators[0],
-        inject_step=args.inject_step,
-        true_cfg_scale=args.true_cfg_scale,
-        num_images_per_prompt=len(seeds),
-    )
-    outputs = outputs if isinstance(outputs, list) else [outputs]
-
-    def write(output, seed: int, folder: Path) -> list[Path]:
-        extra = {
-            "seed": seed,
-            "references": [str(path) for path in args.ref],
-            "weights": "random (tiny components)" if args.tiny else "pretrained",
-            "base_model": None if args.tiny else args.base_model,
-            "license": backend.license,
-        }
-        return save_output(output, folder, overwrite=args.overwrite, extra=extra)
-
+    extra = {
+        "references": [str(path) for path in args.ref],
+        "weights": "random (tiny components)" if args.tiny else "pretrained",
+        "base_model": None if args.tiny else args.base_model,
+        "license": backend.license,
+    }
+    # The run (one image, or the whole batch) is written to a staging folder renamed to --out at
+    # the end. --out is checked again there: a folder filled meanwhile (another run) is kept,
+    # and only an earlier freecure run is replaced, only with --overwrite.
+    with atomic_folder(out_dir, replace=args.overwrite, check=check_earlier_run) as staging:
+        outputs = freecure(
+            args.prompt,
+            reference_images=references,
+            class_word=class_word,
+            trigger_word=args.trigger,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=guidance,
+            height=args.height,
+            width=args.width,
+            generator=generators if len(seeds) > 1 else generators[0],
+            inject_step=args.inject_step,
+            true_cfg_scale=args.true_cfg_scale,
+            num_images_per_prompt=len(seeds),
+        )
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        if len(outputs) == 1:
+            written = write_run(outputs[0], staging, {"seed": seeds[0], **extra})
+        else:
+            written = write_runs(outputs, seeds, staging, extra)
     if len(outputs) == 1:
-        paths = write(outputs[0], seeds[0], out_dir)
-        print(f"freecure: wrote {len(paths)} files to {out_dir}")
-    else:  # the whole batch lands at once (and --overwrite replaces the earlier run whole)
-        with atomic_folder(out_dir, replace=True) as staging:
-            for output, seed, folder in zip(outputs, seeds, folders):
-                write(output, seed, staging / folder.name)
-        print(f"freecure: wrote {len(outputs)} runs to {', '.join(str(folder) for folder in folders)}")
+        print(f"freecure: wrote {len(written)} files to {out_dir}")
+    else:
+        print(f"freecure: wrote {len(outputs)} runs to {', '.join(str(out_dir / folder) for folder in written)}")
     output = outputs[0]
     if len(outputs) > 1:
         print(f"  {len(outputs)} images in one batch; the stage figures are the whole batch's")

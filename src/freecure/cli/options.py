@@ -11,7 +11,9 @@ instead; argparse turns it into one line and exit code 2. Use them as ``type=``:
     parser.add_argument("--device", type=device, default=None)
 
 :func:`check_output_folder` checks that an ``--out`` folder can be written (and is free, or
-``--overwrite`` was given) before the work starts.
+``--overwrite`` was given and it holds an earlier freecure run) before the work starts;
+:func:`check_inputs_outside` that no input file lies where the run will replace files
+(:func:`record_inputs` marks a parser's input options for it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ MAX_SEED = 2**64 - 1
 #: Image sides: at least a few latent pixels, at most what one GPU can hold (SDXL at 4096²
 #: already needs tens of GiB). The model's own multiple (64 for SD/SDXL) is checked later.
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE, IMAGE_SIDE_MULTIPLE = 16, 4096, 8
+#: ``generate --num-images``: all N images share one batch, 4N denoiser rows per call after
+#: injection (2N before, 3N-4N in a FASA pass), and every image's stages, masks and maps are
+#: held until the run is written. 64 images are 256 rows per call, about what one 80 GB GPU
+#: holds for SD1.5 at 512 px; more only fails later (10000 tiny images took 21 GB of RAM
+#: and the out-of-memory killer): make several runs with consecutive --seed values instead.
+MAX_NUM_IMAGES = 64
 
 
 def _number(text: str, kind: Callable, what: str):
@@ -81,6 +89,8 @@ non_negative_int = int_range(0)
 steps = int_range(2, MAX_STEPS, "a number of steps")
 #: A torch generator seed: 0 … 2⁶⁴−1.
 seed = int_range(0, MAX_SEED, "a seed (a whole number)")
+#: Images of one batch (``generate --num-images``, ``eval --batch-size``): 1 … MAX_NUM_IMAGES.
+num_images = int_range(1, MAX_NUM_IMAGES, "a number of images")
 
 
 def image_size(text: str) -> int:
@@ -131,21 +141,33 @@ def check_output_folder(out: Path, overwrite: bool = False, option: str = "--out
 
     Args:
         out: the folder (created later).
-        overwrite: an existing non-empty folder may be replaced.
+        overwrite: an existing folder that holds an earlier freecure run may be replaced
+            (:func:`freecure.outputs.check_earlier_run`); nothing else is ever replaced.
         option: the option's name, for the message.
-        resumable: an existing folder is resumed (``freecure eval``): no "free" check.
+        resumable: the folder is written in place, file by file (``eval``, ``parse``,
+            ``report``, ``analyze``): no "free" check, and it may be the current folder.
 
     Raises:
-        InputError: ``out`` is a file, lies under a file, is not writable, or holds files and
-            neither ``overwrite`` nor ``resumable`` is set.
+        InputError: ``out`` is a file, lies under a file, is not writable; or (unless
+            ``resumable``) is the current folder or holds it, or holds files and ``overwrite``
+            is not set or they are not an earlier freecure run's.
     """
     out = Path(out)
     if out.is_symlink() and not resumable:  # replaced whole by a rename, which would replace the link
         raise InputError(f"{option} {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} must be a folder, but {out} is a file; choose another {option}")
-    if out.is_dir() and not resumable and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{option} {out} already exists and holds files; choose another {option} or pass --overwrite")
+    if not resumable:
+        check_not_current_folder(out, option)
+        if out.is_dir() and any(out.iterdir()):
+            if not overwrite:
+                raise InputError(
+                    f"{option} {out} already exists and holds files; choose another {option}, or pass --overwrite "
+                    "to replace the earlier freecure run there"
+                )
+            from ..outputs import check_earlier_run
+
+            check_earlier_run(out, option)
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -157,6 +179,95 @@ def check_output_folder(out: Path, overwrite: bool = False, option: str = "--out
         if not os.access(folder, os.W_OK | os.X_OK):
             raise InputError(
                 f"{option} {out} is not writable ({folder} does not allow writing); choose another {option}"
+            )
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_not_current_folder(out: Path, option: str = "--out") -> None:
+    """Refuse ``out`` when it is the current folder or holds it: a run that replaces its folder
+    whole (by renaming a new one into place) cannot replace the folder it works in.
+
+    Raises:
+        InputError: one line suggesting a sub-folder.
+    """
+    here, folder = _resolved(Path.cwd()), _resolved(out)
+    if folder == here or folder in here.parents:
+        what = "the current folder" if folder == here else f"a folder that holds the current folder ({here})"
+        raise InputError(
+            f"{option} {out} is {what}; the run is written to a new folder that replaces {option} whole, so give "
+            f"a sub-folder, e.g. {option} {Path(out) / 'run1'}"
+        )
+
+
+#: Metavars of options that name an input file or folder.
+INPUT_METAVARS = frozenset({"PATH", "FILE", "DIR", "FOLDER", "IMAGE", "PHOTO"})
+#: Options whose value may be a local folder though they name none in their metavar.
+INPUT_DESTS = frozenset({"base_model"})
+
+
+def record_inputs(parser: argparse.ArgumentParser) -> None:
+    """Mark which of ``parser``'s options (so far) name input files or folders, for
+    :func:`check_inputs_outside`: those of type ``Path`` or :func:`existing_file`, those
+    whose metavar is PATH, FILE, DIR, FOLDER, IMAGE or PHOTO, and ``--base-model``; never
+    ``--out``. Call it at the end of a command's ``register``."""
+    inputs = {}
+    for action in parser._actions:
+        if action.dest in ("out", "help") or action.default == argparse.SUPPRESS:
+            continue
+        if action.type in (Path, existing_file) or action.metavar in INPUT_METAVARS or action.dest in INPUT_DESTS:
+            inputs[action.dest] = action.option_strings[0] if action.option_strings else action.metavar or action.dest
+    parser.set_defaults(input_options=inputs)
+
+
+def _paths(value) -> list[Path]:
+    if value is None or isinstance(value, bool):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in _paths(item)]
+    return [Path(value)] if isinstance(value, (str, os.PathLike)) and str(value) else []
+
+
+def check_inputs_outside(
+    args: argparse.Namespace,
+    folders=(),
+    files=(),
+    extra=(),
+    option: str = "--out",
+) -> None:
+    """Refuse an input that the run would replace or remove: one that lies inside one of
+    ``folders`` (replaced whole) or is one of ``files`` (overwritten). Inputs are the options
+    :func:`record_inputs` marked on the command's parser, plus ``extra`` ((what, path) pairs,
+    e.g. ``eval``'s identity photos). Paths are compared with symbolic links resolved; an
+    input that does not exist (a Hub id) cannot be lost and is not checked.
+
+    Raises:
+        InputError: one line naming the input and the folder, and what to do.
+    """
+    named = [
+        (name, path)
+        for dest, name in getattr(args, "input_options", {}).items()
+        for path in _paths(getattr(args, dest, None))
+    ]
+    named += [(what, Path(path)) for what, path in extra]
+    folders = [(Path(folder), _resolved(folder)) for folder in folders]
+    files = {_resolved(path): Path(path) for path in files}
+    for what, path in named:
+        if not os.path.lexists(path.expanduser()):
+            continue
+        real = _resolved(path)
+        for folder, real_folder in folders:
+            if real == real_folder or real_folder in real.parents:
+                raise InputError(
+                    f"{what} {path} lies inside {folder}, which this run would replace; copy it elsewhere or "
+                    f"choose another {option}"
+                )
+        if real in files:
+            raise InputError(
+                f"{what} {path} is {files[real]}, a file this run would overwrite; copy it elsewhere or choose "
+                f"another {option}"
             )
 
 

@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", type=options.device, default=None, help="torch device (default: cuda if available)")
+    options.record_inputs(parser)
     parser.set_defaults(func=run)
 
 
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = output_paths(args.out, args.image.stem)
     _check_outputs(outputs, args.overwrite)
     options.check_output_folder(args.out, resumable=True)  # other images' results may share the folder
+    options.check_inputs_outside(args, files=outputs.values())
     parser = BiSeNetFaceParser.from_pretrained(
         args.weights, device=None if args.device is None else torch.device(args.device), detect_faces=not args.no_detect
     )
