@@ -108,8 +108,8 @@ class LeftHairParser:
 
 def test_non_square_run_blends_exactly_where_the_mask_is(tiny_sd15, monkeypatch):
     """64 high × 96 wide; ROFA runs only the last step, so the blended latent may differ from PD's
-    (replayed in the same batch) only where the latent mask is non-zero — any transposition or mis-resize shows. ("trailing"
-    spacing makes the last step start at t = 249, where ε still moves the latent.)"""
+    (replayed in the same batch) only where the latent mask is non-zero — any transposition or
+    mis-resize shows. ("trailing" spacing makes the last step start at t = 249, where ε still moves the latent.)"""
     scheduler = DDIMScheduler.from_config(tiny_sd15.scheduler.config, timestep_spacing="trailing")
     monkeypatch.setattr(tiny_sd15, "scheduler", scheduler)
     steps, height, width = 4, 64, 96

@@ -185,7 +185,8 @@ def remove_stale_tiny_folders(root: str | os.PathLike | None = None) -> list[Pat
             info = path.lstat()
         except OSError:
             continue
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != getattr(os, "getuid", lambda: info.st_uid)():
+        own_uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != own_uid:
             continue  # no links, no files, no other user's folders
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
