@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# One intra-op thread per process: tiny models are dominated by per-call overhead, and on a
+# loaded 2-core machine they run 5-10x slower with two threads than with one. pytest-xdist
+# (`-n auto` in pyproject.toml) runs one worker process per core instead. Subprocesses that
+# tests start (the demo server, SIGTERM checks) inherit the setting through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -115,29 +115,58 @@ def embedding(tmp_path) -> Path:
     return path
 
 
-def test_every_readme_command_runs(tmp_path, embedding, monkeypatch, capsys):
+#: The README's commands that finish (servers are tested elsewhere), in README order.
+COMMANDS_RUN = [c for c in readme_commands(README.read_text(encoding="utf-8")) if c.split()[1] not in SERVERS]
+
+
+def prerequisites(command: str) -> list[str]:
+    """The earlier README commands whose output ``command`` reads: ``report DIR`` reads the
+    ``eval --out DIR`` (and ``generate --out``) runs the README lists before it."""
+    words = shlex.split(with_optional_parts(command))
+    if words[1] != "report":
+        return []
+    index = COMMANDS_RUN.index(command)
+    earlier = [shlex.split(with_optional_parts(c)) for c in COMMANDS_RUN[:index]]
+    return [shlex.join(w) for w in earlier if "--out" in w and w[w.index("--out") + 1] == words[2]]
+
+
+def test_the_readme_runs_every_command_and_backend():
+    backend = re.compile(r"--backend (\S+)")
+    ran = {c.split()[1] + (f" {backend.search(c).group(1)}" if "--backend" in c else "") for c in COMMANDS_RUN}
+    assert "generate token-fusion" in ran and "report" in ran
+    assert all(prerequisites(c) for c in COMMANDS_RUN if c.split()[1] == "report")
+
+
+@pytest.mark.slow
+def command_id(command: str) -> str:
+    """``03-generate-infiniteyou``: the README position, the sub-command and the backend."""
+    words = command.split()
+    backend = words[words.index("--backend") + 1] if "--backend" in words else ""
+    study = words[2] if words[1] == "analyze" else ""
+    return "-".join(filter(None, (f"{COMMANDS_RUN.index(command):02d}", words[1], study, backend)))
+
+
+@pytest.mark.parametrize("command", COMMANDS_RUN, ids=command_id)
+def test_readme_command_runs(command, tmp_path, embedding, monkeypatch, capsys):
     pytest.importorskip("dlib")  # `freecure eval` scores identity offline with dlib under --tiny
     pytest.importorskip("facenet_pytorch")
     monkeypatch.chdir(ROOT)  # README paths (examples/…) are relative to the repository
-    ran = []
-    for command in readme_commands(README.read_text(encoding="utf-8")):
-        if command.split()[1] in SERVERS:
-            continue
-        args = runnable(command, tmp_path, embedding)
-        code = main(args)
-        captured = capsys.readouterr()
-        assert code == 0, f"README command failed: {command}\n{captured.err[-2000:]}"
-        if "--json" in args:
-            json.loads(captured.out)  # strict JSON (no NaN)
-        if args[0] == "generate":
-            out = Path(args[args.index("--out") + 1])
-            images = int(args[args.index("--num-images") + 1]) if "--num-images" in args else 1
-            runs = [out] if images == 1 else sorted(p for p in out.iterdir() if p.is_dir())  # one folder per seed
-            assert len(runs) == images
-            if images > 1:  # and a top-level manifest listing them
-                assert json.loads((out / "manifest.json").read_text())["runs"] == [p.name for p in runs]
-            for run in runs:
-                manifest = json.loads((run / "manifest.json").read_text())
-                assert sorted(manifest["files"]) == sorted(p.name for p in run.iterdir())
-        ran.append(args[0] + (f" {args[args.index('--backend') + 1]}" if "--backend" in args else ""))
-    assert "generate token-fusion" in ran and "report" in ran
+    for earlier in prerequisites(command):
+        assert main(runnable(earlier, tmp_path, embedding)) == 0, f"README command failed: {earlier}"
+        capsys.readouterr()
+    args = runnable(command, tmp_path, embedding)
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, f"README command failed: {command}\n{captured.err[-2000:]}"
+    if "--json" in args:
+        json.loads(captured.out)  # strict JSON (no NaN)
+    if args[0] == "generate":
+        out = Path(args[args.index("--out") + 1])
+        images = int(args[args.index("--num-images") + 1]) if "--num-images" in args else 1
+        runs = [out] if images == 1 else sorted(p for p in out.iterdir() if p.is_dir())  # one folder per seed
+        assert len(runs) == images
+        if images > 1:  # and a top-level manifest listing them
+            assert json.loads((out / "manifest.json").read_text())["runs"] == [p.name for p in runs]
+        for run in runs:
+            manifest = json.loads((run / "manifest.json").read_text())
+            assert sorted(manifest["files"]) == sorted(p.name for p in run.iterdir())
