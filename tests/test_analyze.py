@@ -203,6 +203,7 @@ def _analyze(tmp_path, study, out, *extra):
     )
 
 
+@pytest.mark.slow
 def test_cli_attention_and_interpolate_tiny(tmp_path, astronaut, capsys):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "attention"
@@ -242,6 +243,7 @@ def test_cli_interpolate_refuses_backends_without_an_identity_token(tmp_path, mo
     assert "not a prompt token" in err and "analyze attention" in err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_cli_unet_adapter_compares_text_maps_and_split_rows_are_refused(tmp_path, astronaut, capsys):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "faceid"
@@ -255,6 +257,7 @@ def test_cli_unet_adapter_compares_text_maps_and_split_rows_are_refused(tmp_path
     assert "separate calls" in capsys.readouterr().err and not off.exists()
 
 
+@pytest.mark.slow
 def test_cli_interpolate_gives_distinct_alphas_distinct_files(tmp_path, astronaut):
     """`--alpha 0.1000001 0.1000002` wrote both cells to pd_up_a0.1.png (issue 20); ordinary α keep
     their short names (pd_up_a0.5.png, pd_up_a1.png)."""

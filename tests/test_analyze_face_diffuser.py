@@ -164,6 +164,7 @@ def test_alpha0_reproduces_face_diffusers_pd_exactly_and_alpha1_changes_pd_only(
         assert all(not isinstance(p, IdentityInterpolation) for p in unet.attn_processors.values())
 
 
+@pytest.mark.slow
 def test_cli_attention_and_interpolate_tiny_face_diffuser(tmp_path, astronaut):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     common = ["--tiny", "--backend", "face-diffuser", "--prompt", PROMPT, "--ref", str(tmp_path / "ref.png")]

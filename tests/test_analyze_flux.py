@@ -194,6 +194,7 @@ def _analyze(tmp_path, study, out, *extra):
     return main(args)
 
 
+@pytest.mark.slow
 def test_cli_flux_attention_and_interpolate_tiny(tmp_path, astronaut, capsys):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "attention"

@@ -77,6 +77,7 @@ def test_folder_lock_is_exclusive_and_released(tmp_path):
 # --------------------------------------------------------------------------- generate
 
 
+@pytest.mark.slow
 def test_generate_overwrite_replaces_the_run_instead_of_merging(tmp_path, astronaut, capsys):
     ref = tmp_path / "ref.png"
     astronaut.resize((64, 64)).save(ref)
@@ -98,6 +99,7 @@ def test_generate_overwrite_replaces_the_run_instead_of_merging(tmp_path, astron
 # --------------------------------------------------------------------------- eval
 
 
+@pytest.mark.slow
 def test_eval_lock_and_stale_temporaries(tmp_path, capsys):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")

@@ -66,6 +66,7 @@ def test_unknown_aggregation_is_refused():
         store.aggregate()
 
 
+@pytest.mark.slow
 def test_capture_under_torch_compile_does_not_recompile_per_step():
     """The per-layer step count lives in a tensor: a compiled layer with the capture processor
     traces a bounded number of graphs (first call, then every later one), not one per step, and

@@ -80,6 +80,7 @@ def _assert_same_image(batched, alone):
     assert [s.ran for s in batched.stages] == [s.ran for s in alone.stages]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_batched_seeds_equal_their_single_seed_runs(family, tiny_sd15, tiny_sdxl):
     pipe, dim = (tiny_sd15, 32) if family == "sd15" else (tiny_sdxl, 64)
@@ -125,6 +126,7 @@ def test_an_image_without_a_mask_keeps_its_pd_and_the_others_blend(tiny_sd15):
     assert found.mask is not None and not torch.equal(found.latents["freecure"], found.latents["pd"])
 
 
+@pytest.mark.slow
 def test_expression_restore_of_a_maskless_image_starts_from_its_pd(tiny_sd15):
     batch = _run(_freecure(tiny_sd15, 32, BlindParser({0})), SEEDS[:2])
     alone = _run(_freecure(tiny_sd15, 32, BlindParser({0})), SEEDS[:1])  # no mask: PD → expression
@@ -134,6 +136,7 @@ def test_expression_restore_of_a_maskless_image_starts_from_its_pd(tiny_sd15):
     assert batch[1].stage("rofa").ran
 
 
+@pytest.mark.slow
 def test_method_fasa_batched_seeds_equal_their_single_seed_runs(tiny_sd15):
     fasa = FreeCureConfig(method="fasa")
     prompt = "a man with black curly hair"
@@ -150,6 +153,7 @@ def test_method_fasa_batched_seeds_equal_their_single_seed_runs(tiny_sd15):
     assert not torch.equal(batch[0].latents["freecure"], batch[1].latents["freecure"])
 
 
+@pytest.mark.slow
 def test_method_fasa_an_image_with_an_empty_mask_keeps_its_pd(tiny_sd15):
     fasa = FreeCureConfig(method="fasa")
     prompt = "a man with black curly hair"
@@ -182,6 +186,7 @@ def test_flux_batched_seeds_equal_their_single_seed_runs(tiny_flux):
         _assert_same_image(batched, _run(fc, (seed,), guidance_scale=3.5))
 
 
+@pytest.mark.slow
 def test_generate_num_images_writes_one_folder_per_seed(tmp_path, astronaut):
     from freecure.cli import main
 
@@ -203,6 +208,7 @@ def test_generate_num_images_writes_one_folder_per_seed(tmp_path, astronaut):
     assert refused.value.code == 2
 
 
+@pytest.mark.slow
 def test_eval_tiny_batch_size_runs_seeds_together(tmp_path, capsys):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")

@@ -17,6 +17,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_bench_times_plain_pd_and_each_method_side_by_side(bench, monkeypatch):
     from diffusers.image_processor import VaeImageProcessor
 

@@ -94,6 +94,7 @@ def test_analyze_refuses_a_summary_with_nan(tmp_path, astronaut, capsys, monkeyp
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_tiny_runs_of_every_family_pass_the_check(tmp_path, capsys):
     """Random tiny models make noise, never a constant image: the check leaves them alone."""
     Image.new("RGB", (64, 64), (120, 90, 60)).save(tmp_path / "ref.png")

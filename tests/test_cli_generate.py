@@ -38,6 +38,7 @@ def ref(tmp_path, astronaut):
     return tmp_path / "ref.png"
 
 
+@pytest.mark.slow
 def test_generate_tiny_writes_every_stage_and_a_manifest(tmp_path, ref, capsys):
     out = tmp_path / "run"
     assert generate(tmp_path, out) == 0
@@ -68,6 +69,7 @@ def test_generate_tiny_writes_every_stage_and_a_manifest(tmp_path, ref, capsys):
     assert strip.width > 3 * 64
 
 
+@pytest.mark.slow
 def test_tiny_models_leave_no_files_in_the_temp_directory(tmp_path, ref, monkeypatch):
     """--tiny saves and reloads its random models through diffusers' files; they go once loaded
     (every run used to leave ≈ 30 MB in /tmp), and the models still run without them."""
@@ -89,6 +91,7 @@ def test_tiny_models_leave_no_files_in_the_temp_directory(tmp_path, ref, monkeyp
     assert flux.transformer.dtype == torch.float32 and scorer.name == TINY_CLIP
 
 
+@pytest.mark.slow
 def test_generate_never_overwrites_without_asking(tmp_path, ref, capsys):
     out = tmp_path / "run"
     assert generate(tmp_path, out) == 0
@@ -100,6 +103,7 @@ def test_generate_never_overwrites_without_asking(tmp_path, ref, capsys):
     assert (out / "freecure.png").read_bytes() != before
 
 
+@pytest.mark.slow
 def test_generate_same_seed_same_files(tmp_path, ref):
     generate(tmp_path, tmp_path / "a")
     generate(tmp_path, tmp_path / "b")
@@ -134,6 +138,7 @@ def test_generate_bad_reference_and_missing_class_word(tmp_path, capsys):
     assert code == 2 and "--class-word" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cost_counts_by_running(capsys):
     assert main(["cost", "--steps", "6", "--inject-step", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -161,6 +166,7 @@ def test_token_fusion_cli_options_parse_as_documented():
     assert parser.parse_args(["--inject-fraction", "0.3"]).inject_fraction == 0.3
 
 
+@pytest.mark.slow
 def test_of_two_runs_into_one_out_the_second_to_finish_fails_and_the_first_stays(tmp_path, ref, capsys, monkeypatch):
     """Two `generate --num-images 2` into one --out at once used to both exit 0, the folder
     ending with the second's images although the first had printed where it wrote. Run B
@@ -189,6 +195,7 @@ def test_of_two_runs_into_one_out_the_second_to_finish_fails_and_the_first_stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.png", "shared"]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_earlier_batch_run_recognised_by_its_manifest(tmp_path, ref, capsys):
     out = tmp_path / "batch"
     assert generate(tmp_path, out, "--num-images", "2", "--steps", "2") == 0

@@ -475,6 +475,7 @@ def run_folder(page) -> Path:
     return zip_path.parent.with_name(zip_path.parent.name.removesuffix(".zip"))
 
 
+@pytest.mark.slow
 def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
     open_page(page, demo_server.url)
     page.set_input_files("#references input[type=file]", str(EXAMPLE))
@@ -514,6 +515,7 @@ def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
         page.screenshot(path=os.environ["FREECURE_DEMO_SCREENSHOT"], full_page=True)
 
 
+@pytest.mark.slow
 def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path):
     open_page(page, demo_server.url)
     text = tmp_path / "notes.txt"
@@ -569,6 +571,7 @@ def test_page_says_what_is_wrong_with_a_text_upload(page, demo_server, tmp_path)
     assert page.locator("#attributes .fc-unknown").count() == 0
 
 
+@pytest.mark.slow
 def test_page_and_server_bound_what_a_user_sends(page, demo_server):
     """The prompt box takes at most MAX_PAGE_PROMPT_CHARS characters (the API refuses more, see
     above); the server refuses an upload over MAX_UPLOAD_BYTES before storing it."""
@@ -583,6 +586,7 @@ def test_page_and_server_bound_what_a_user_sends(page, demo_server):
     assert page.request.post(f"{demo_server.url}/gradio_api/upload", multipart={"files": small}).ok
 
 
+@pytest.mark.slow
 def test_page_warns_when_an_attribute_is_in_neither_image(page, demo_server):
     # the tiny runs' layout parser labels hair, face, ears… but never eyeglasses
     open_page(page, demo_server.url)
@@ -629,6 +633,7 @@ def test_demo_command_refuses_a_busy_port(capsys, tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_page_shows_stage_progress_and_a_second_user_their_place_in_the_queue(page, demo_server):
     """Gradio's queue runs one generation at a time (concurrency 1): while the first tab's run
     reports its stage steps, the second tab's run waits and Gradio shows its place."""
@@ -657,6 +662,7 @@ def test_server_prints_its_url_and_never_reaches_the_network(page, demo_server):
     assert "gradio.live" not in log and "share=True" not in log
 
 
+@pytest.mark.slow
 def test_server_exit_removes_what_the_demo_made_and_nothing_else(page, demo_server):
     """Runs after every page case: stopped with SIGTERM (as `kill` or a service manager does),
     the demo removes its run folders and its uploads folder; the user's files in --workdir stay."""

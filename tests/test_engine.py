@@ -247,6 +247,7 @@ def test_end_to_end_runs_every_stage(family, tiny_sd15, tiny_sdxl):
     assert out.stage("expression").unet_calls == 2 * n
 
 
+@pytest.mark.slow
 def test_same_seed_same_images_other_seed_other_images(tiny_sd15):
     fc = freecure(tiny_sd15, 32)
     a, b, c = run(fc, seed=3), run(fc, seed=3), run(fc, seed=4)
@@ -255,6 +256,7 @@ def test_same_seed_same_images_other_seed_other_images(tiny_sd15):
     assert not np.array_equal(np.asarray(a.images["freecure"]), np.asarray(c.images["freecure"]))
 
 
+@pytest.mark.slow
 def test_stages_skip_when_nothing_to_do(tiny_sd15):
     fc = freecure(tiny_sd15, 32)
     localized_only = run(fc, prompt="a man with black curly hair")
@@ -336,6 +338,7 @@ def test_the_configured_aggregation_reaches_the_store(tiny_sd15, monkeypatch, ag
         FreeCureConfig(attention_aggregation="median")
 
 
+@pytest.mark.slow
 def test_approximate_shared_uncond_uses_three_rows_and_keeps_pd_exact(tiny_sd15):
     exact = run(freecure(tiny_sd15, 32), prompt="a man with black curly hair")
     approx = run(freecure(tiny_sd15, 32, approximate_shared_uncond=True), prompt="a man with black curly hair")

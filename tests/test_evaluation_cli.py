@@ -47,6 +47,7 @@ def rows_of(out) -> list[dict]:
     return [row for path in shard_paths(out) for row in read_jsonl(path)]
 
 
+@pytest.mark.slow
 def test_eval_tiny_end_to_end_and_rerun(tmp_path, prompts, capsys):
     out = tmp_path / "eval"
     assert main(eval_args(out, prompts)) == 0
@@ -90,6 +91,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_eval_interrupted_part_way_resumes_with_no_duplicate_and_no_gap(tmp_path, prompts, capsys, monkeypatch):
     from freecure.evaluation.runner import Evaluator
 
@@ -115,6 +117,7 @@ def test_eval_interrupted_part_way_resumes_with_no_duplicate_and_no_gap(tmp_path
     assert {(row["prompt_index"], row["seed"]) for row in rows_of(out)} == {(p, s) for p in (0, 1) for s in range(2)}
 
 
+@pytest.mark.slow
 def test_eval_dry_run_and_two_simulated_ranks_merged_by_report(tmp_path, prompts, capsys, monkeypatch):
     out = tmp_path / "eval"
     assert main(eval_args(out, prompts, 1, "--dry-run")) == 0

@@ -326,6 +326,7 @@ run_shard(Evaluator(Slow(), StubPC(), StubIF(), sys.argv[1], call_kwargs={}), _i
 """
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_with_no_duplicate_and_no_gap(tmp_path):
     import os
     import signal

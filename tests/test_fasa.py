@@ -272,6 +272,7 @@ def test_pipeline_method_fasa_stages_and_work(tiny_sd15, mask_source):
         assert set(out.fasa_mask.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_generate_tiny_method_fasa(tmp_path, astronaut, family):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
@@ -312,6 +313,7 @@ def test_generate_rejects_bad_fasa_options(tmp_path, capsys, grey_image):
     assert code == 2 and "no self-attention layer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cost_counts_the_authors_schedule_and_the_engines_reuse(tiny_sd15):
     from freecure.cost import count_fasa_costs
 
@@ -344,6 +346,7 @@ def test_tables_label_runs_by_correction_method():
     assert [e["label"] for e in alone][-1] == "token-fusion + FreeCure (FASA)"
 
 
+@pytest.mark.slow
 def test_eval_both_methods_in_one_report(tmp_path):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")
@@ -421,6 +424,7 @@ def test_a_layer_call_with_another_batch_than_declared_is_refused():
         FoundationAwareSelfAttention(state, "test")(attn, hidden)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["instantid", "ip-adapter-faceid"])
 def test_unet_backends_that_override_predict_noise_but_keep_one_call_run_fasa(tmp_path, astronaut, backend):
     """Before rows_in_one_call, any predict_noise override was refused; these keep one UNet call
@@ -490,6 +494,7 @@ def face_diffuser_run(tiny_sd15, astronaut):
     return same, run
 
 
+@pytest.mark.slow
 def test_face_diffuser_all_zero_mask_reproduces_its_pd_and_a_mask_changes_it(face_diffuser_run):
     same, run = face_diffuser_run
     pd = same.z0[PD_LANE : PD_LANE + 1]
@@ -503,6 +508,7 @@ def test_face_diffuser_all_zero_mask_reproduces_its_pd_and_a_mask_changes_it(fac
     assert full > 20 * max(float(zero), 1e-6)
 
 
+@pytest.mark.slow
 def test_generate_tiny_face_diffuser_method_fasa(tmp_path, astronaut):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     out = tmp_path / "run"

@@ -320,6 +320,7 @@ def test_cost_command_flux_fasa(capsys):
     assert result["literal_fasa"]["batch_items"] == 4 * 3 and result["engine_fasa"]["stages"]["fasa"]["ran"]
 
 
+@pytest.mark.slow
 def test_eval_tiny_method_fasa_on_a_flux_backend(tmp_path):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")

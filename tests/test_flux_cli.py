@@ -41,6 +41,7 @@ def test_cost_flux_counts_one_row_per_lane(capsys):
     assert result["engine"]["batch_items"] == 2 * 1 + 4 * 2 + 4 + 6
 
 
+@pytest.mark.slow
 def test_eval_tiny_runs_on_flux(tmp_path, capsys):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")

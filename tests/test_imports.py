@@ -42,6 +42,7 @@ def imports(path: Path) -> list[tuple[str, str | None, int]]:
 FILES = sorted(SRC.rglob("*.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
 def test_every_imported_name_exists(path):
     missing = []

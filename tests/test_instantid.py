@@ -165,6 +165,7 @@ def test_registered_with_its_licence():
     assert "NON-COMMERCIAL" in InstantIDBackend.license and "Apache-2.0" in InstantIDBackend.license
 
 
+@pytest.mark.slow
 def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys):
     """With a precomputed embedding and keypoints, as a run without insightface would."""
     from freecure.backends.face_embedding import FaceEmbedding, save_face_embedding
@@ -183,6 +184,7 @@ def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys):
     assert stages["same_pass"]["unet_calls"] == 2 * 3  # IdentityNet and UNet per step
 
 
+@pytest.mark.slow
 def test_cost_with_and_without_identitynet_for_fd(capsys):
     results = []
     for option in ("zero-identity", "no-identitynet"):
@@ -199,6 +201,7 @@ def test_cost_with_and_without_identitynet_for_fd(capsys):
     assert (same_off["unet_calls"], same_off["batch_items"]) == (3, 10)
 
 
+@pytest.mark.slow
 def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
     pytest.importorskip("dlib")
     prompts = tmp_path / "prompts.csv"

@@ -278,6 +278,7 @@ def test_rofa_masks_zero_and_one_give_pd_and_fd(sd15_backend, astronaut):
     assert torch.equal(fd, same.z0[FD_LANE : FD_LANE + 1])
 
 
+@pytest.mark.slow
 def test_from_pretrained_reads_local_base_model_file_and_embedding(tmp_path, faceid_file, astronaut):
     from freecure.tiny import tiny_sd15_pipeline
 
@@ -364,6 +365,7 @@ def test_registered_with_its_licence():
     assert "NON-COMMERCIAL" in IPAdapterFaceIDBackend.license
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family, extra", [("sd15", []), ("sdxl", ["--faceid-variant", "plusv2", "--faceid-fd-lora", "off"])]
 )
@@ -382,6 +384,7 @@ def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys, family, ext
     assert stages["same_pass"]["unet_calls"] == 3 * calls_per_step
 
 
+@pytest.mark.slow
 def test_cost_counts_the_separate_fd_call(capsys):
     results = []
     for option in ("keep", "off"):
@@ -394,6 +397,7 @@ def test_cost_counts_the_separate_fd_call(capsys):
     assert keep["settings"]["backend"] == "ip-adapter-faceid"
 
 
+@pytest.mark.slow
 def test_eval_tiny_scores_fd_pd_and_freecure(tmp_path, capsys):
     pytest.importorskip("dlib")
     prompts = tmp_path / "prompts.csv"

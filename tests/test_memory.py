@@ -31,6 +31,7 @@ def _assert_same_run(a, b):
         torch.testing.assert_close(b.latents[name], latent)
 
 
+@pytest.mark.slow
 def test_capture_and_stages_survive_cpu_offload_hooks(tmp_path):
     """diffusers' model offload accepts a CPU execution device: the whole run under its hooks
     equals the run without. Sequential offload streams weights through accelerate's per-layer
@@ -70,6 +71,7 @@ def test_cli_memory_options_fail_cleanly(tmp_path, capsys):
     assert "do not combine" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_capture_compiles_without_graph_breaks_and_compiled_run_matches(tmp_path):
     """``fullgraph=True`` fails on any graph break: the UNet with the capture processor on its
     recorded layers traces as one graph. Then a whole FreeCure run through the compiled
@@ -104,6 +106,7 @@ def test_capture_compiles_without_graph_breaks_and_compiled_run_matches(tmp_path
     assert graphs  # the stages ran through compiled graphs
 
 
+@pytest.mark.slow
 def test_compiled_stages_do_not_recompile_as_steps_grow(tmp_path, astronaut):
     """Each stage compiles once per batch layout: runs with twice the steps, with either method,
     trace no new graph (with the capture's step count a Python int, every captured step was a

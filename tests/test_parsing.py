@@ -414,6 +414,7 @@ def test_image_modes_parse(parser, astronaut, astronaut_result, tmp_path, mode):
     assert agreement > 0.97
 
 
+@pytest.mark.slow
 def test_parse_batch_equals_one_by_one_on_real_weights(parser, astronaut, landscape):
     grey = np.full((100, 150, 3), 90, dtype=np.uint8)
     images = [astronaut, grey, landscape]

@@ -154,6 +154,7 @@ def test_checkpoint_file_round_trip(tmp_path, suffix):
     assert resolve_checkpoint(tmp_path / f"photomaker{suffix}") == path
 
 
+@pytest.mark.slow
 def test_from_pretrained_loads_a_local_base_model_and_checkpoint(tmp_path, monkeypatch, refs):
     """The whole loading path (checkpoint file, strict encoder load, base model, LoRA) with a
     tiny-config encoder standing in for ViT-L/14 and a tiny SDXL folder for the base model."""
@@ -411,6 +412,7 @@ def test_v2_two_class_copies_per_reference(backend_v2, refs):
 
 
 # --- LoRA ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_released_format_lora_fuses_into_the_unet():
     pipe = tiny_sdxl_pipeline()
     lora = photomaker_lora_state_dict(pipe.unet)
@@ -423,6 +425,7 @@ def test_released_format_lora_fuses_into_the_unet():
     torch.testing.assert_close(layer.base_layer.weight.detach() - before, delta)
 
 
+@pytest.mark.slow
 def test_lora_kept_as_a_switchable_adapter_and_a_wrong_lora_refused():
     pipe = tiny_sdxl_pipeline()
     load_lora(pipe, photomaker_lora_state_dict(pipe.unet), fuse=False)
@@ -447,6 +450,7 @@ def test_fd_and_pd_lanes_identical_until_the_injection_step(backend, refs):
     assert not torch.allclose(same.z0[FD_LANE], same.z0[PD_LANE])
 
 
+@pytest.mark.slow
 def test_cli_tiny_runs_photomaker_end_to_end(tmp_path, astronaut):
     astronaut.resize((64, 64)).save(tmp_path / "a.png")
     astronaut.rotate(20).resize((64, 64)).save(tmp_path / "b.png")

@@ -384,6 +384,7 @@ def test_registered_with_the_non_commercial_licence():
     assert "non-commercial" in PuLIDSDXLBackend.license
 
 
+@pytest.mark.slow
 def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys):
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     face = random_face_embedding(24, 16, refs=1, seed=5)
@@ -406,6 +407,7 @@ def test_generate_without_tiny_needs_a_face_embedding(tmp_path, capsys):
     assert "--face-embedding" in err and "non-commercial" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cost_counts_pulid(capsys):
     assert main(["cost", "--backend", "pulid-sdxl", "--steps", "4", "--inject-step", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -416,6 +418,7 @@ def test_cost_counts_pulid(capsys):
     assert result["plain_pd"] == {"unet_calls": 4, "batch_items": 8}
 
 
+@pytest.mark.slow
 def test_eval_tiny_runs_pulid_sdxl(tmp_path, capsys):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")

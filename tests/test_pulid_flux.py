@@ -262,6 +262,7 @@ def test_flux_rofa_endpoints_and_start_step(flux_backend, flux_conditions):
     assert not torch.allclose(same.z0[FD_LANE], same.z0[PD_LANE])
 
 
+@pytest.mark.slow
 def test_generate_tiny_pulid_flux_runs_every_stage(tmp_path):
     import json
 
@@ -323,6 +324,7 @@ def test_pulid_flux_without_tiny_needs_a_face_embedding_and_weights(tmp_path, ca
     assert "PuLID weights not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_tiny_runs_pulid_flux(tmp_path, capsys):
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")

@@ -94,6 +94,7 @@ def runnable(command: str, tmp_path: Path, embedding: Path) -> list[str]:
         args.append(word)
     if name in ("generate", "eval"):
         args += [] if "--tiny" in args else ["--tiny"]
+    if name in ("generate", "eval", "analyze"):
         for option in ("--steps",) + (("--num-seeds", "--limit-prompts") if name == "eval" else ()):
             args += [] if option in args else [option, SMALL[option]]
     if name in ("generate", "eval", "report"):
@@ -137,7 +138,6 @@ def test_the_readme_runs_every_command_and_backend():
     assert all(prerequisites(c) for c in COMMANDS_RUN if c.split()[1] == "report")
 
 
-@pytest.mark.slow
 def command_id(command: str) -> str:
     """``03-generate-infiniteyou``: the README position, the sub-command and the backend."""
     words = command.split()
@@ -146,6 +146,7 @@ def command_id(command: str) -> str:
     return "-".join(filter(None, (f"{COMMANDS_RUN.index(command):02d}", words[1], study, backend)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS_RUN, ids=command_id)
 def test_readme_command_runs(command, tmp_path, embedding, monkeypatch, capsys):
     pytest.importorskip("dlib")  # `freecure eval` scores identity offline with dlib under --tiny

@@ -136,6 +136,7 @@ def test_non_square_run_blends_exactly_where_the_mask_is(tiny_sd15, monkeypatch)
     torch.testing.assert_close(pd_replayed, out.latents["pd"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_fd_equals_diffusers_own_pipeline_non_square_with_guidance_rescale(family, tiny_sd15, tiny_sdxl):
     """FD is the base model without identity: the same latents as diffusers' pipeline on the
@@ -313,6 +314,7 @@ def test_tiny_start_up_removes_only_stale_tiny_folders(tmp_path, monkeypatch):
     assert pipe.unet is not None
 
 
+@pytest.mark.slow
 def test_sigterm_during_tiny_start_up_removes_its_folder(tmp_path):
     """A SIGTERM (kill, timeout) while the tiny models are saved: the folder goes, and the process
     still ends by that signal."""
