@@ -339,6 +339,8 @@ IGNORED_OPTIONS = [
     (["--backend", "ip-adapter-faceid", "--face-keypoints", "kps.json"], "belongs to the instantid backend"),
     (["--true-cfg-scale", "2"], "--guidance-scale"),  # Stable Diffusion: was refused after loading
     (["--true-cfg-scale", "0.5", "--tiny-family", "flux"], "--true-cfg-scale"),
+    # --faceid-family won silently over a different --tiny-family
+    (["--backend", "ip-adapter-faceid", "--tiny-family", "sd15", "--faceid-family", "sdxl"], "disagree"),
 ]
 
 
@@ -653,4 +655,21 @@ def test_num_images_is_bounded_before_anything_loads(tmp_path, ref, capsys, no_m
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert f"At most {MAX_NUM_IMAGES}" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_overlong_prompt_is_refused_before_any_model_loads_also_with_a_class_word(
+    tmp_path, ref, capsys, no_models_at_all
+):
+    """With --class-word the prompt was first measured by the pipeline, after the models loaded."""
+    from freecure.attributes import MAX_PROMPT_CHARS
+
+    prompt = "a man with red hair " * (MAX_PROMPT_CHARS // 20 + 1)
+    generate = ["generate", "--tiny", "--prompt", prompt, "--class-word", "man", "--ref", str(ref),
+                "--out", str(tmp_path / "out")]
+    analyze = ["analyze", "attention", "--tiny", "--prompt", prompt, "--class-word", "man", "--ref", str(ref),
+               "--out", str(tmp_path / "out")]
+    for argv in (generate, analyze):
+        assert exit_code(argv) == 2
+        assert f"at most {MAX_PROMPT_CHARS:,} are accepted" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()

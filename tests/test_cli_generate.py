@@ -209,3 +209,36 @@ def test_overwrite_replaces_an_earlier_batch_run_recognised_by_its_manifest(tmp_
     assert generate(tmp_path, out, "--steps", "2", "--overwrite", "--num-images", "2") == 2
     assert "notes.txt is not part of the freecure run there" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and (out / "freecure.png").is_file()
+
+
+def test_eval_tiny_clip_uses_the_tiny_scratch_folder_that_start_up_cleans(tmp_path, monkeypatch):
+    """eval's tiny CLIP was saved under freecure-tiny-clip-XXXX, a name the stale-folder cleanup
+    cannot attribute to a process: a killed eval leaked it. It now uses freecure-tiny-PID-*."""
+    import argparse
+    import os
+    import re
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    import freecure.evaluation.metrics as metrics
+    from freecure.cli.eval import TINY_CLIP, _prompt_consistency
+    from freecure.tiny import remove_stale_tiny_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+    build = metrics.build_tiny_clip
+
+    def spy(directory):
+        seen.append(Path(directory))
+        return build(directory)
+
+    monkeypatch.setattr(metrics, "build_tiny_clip", spy)
+    _prompt_consistency(argparse.Namespace(clip_model=TINY_CLIP), torch.device("cpu"))
+    (folder,) = seen
+    assert folder.parent == tmp_path and re.fullmatch(rf"freecure-tiny-{os.getpid()}-[a-z0-9_]{{8}}", folder.name)
+    assert not folder.exists()  # removed once loaded
+    dead = folder.with_name(folder.name.replace(f"-{os.getpid()}-", "-999999999-"))
+    dead.mkdir()
+    assert remove_stale_tiny_folders(tmp_path) == [dead]  # one a killed eval left is removed

@@ -22,6 +22,7 @@ import signal
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -223,11 +224,20 @@ def _save_and_reload(pipeline, pipeline_cls, directory: str | os.PathLike | None
     if directory is not None:
         pipeline.save_pretrained(directory)
         return pipeline_cls.from_pretrained(directory)
+    with tiny_scratch() as scratch:
+        return _save_and_reload(pipeline, pipeline_cls, scratch)
+
+
+@contextmanager
+def tiny_scratch() -> Iterator[str]:
+    """A temporary folder ``freecure-tiny-PID-XXXXXXXX`` for tiny random models saved to be
+    reloaded (the pipelines here, ``eval``'s tiny CLIP): removed when the block ends or a
+    SIGTERM ends the process meanwhile; the folders of killed processes are removed first."""
     for path in remove_stale_tiny_folders():
         logger.info("removed %s, left by a tiny start-up that was killed", path)
     with tempfile.TemporaryDirectory(prefix=f"{TINY_SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         with _removed_on_sigterm(scratch):
-            return _save_and_reload(pipeline, pipeline_cls, scratch)
+            yield scratch
 
 
 def tiny_sd15_pipeline(directory: str | os.PathLike | None = None, seed: int = 0) -> StableDiffusionPipeline:

@@ -101,6 +101,9 @@ class Backend:
     #: ``"flux"`` (``freecure.tiny.tiny_pipeline``'s names). ``--tiny --tiny-family`` must name
     #: one of them, and the CLI knows from them, before any model loads, whether a run is FLUX.
     families: tuple[str, ...] = ("sd15", "sdxl", "flux")
+    #: The backend's own option that picks its model family (its ``args`` attribute, e.g.
+    #: ``"faceid_family"``), or None; ``--tiny-family`` must agree with it when both are given.
+    family_option: str | None = None
     #: Licence of the backend's own checkpoints, shown to users.
     license: str = "n/a"
     #: Guidance scale w of the FD/PD passes, set by ``FreeCurePipeline`` before sampling. Only

@@ -401,6 +401,7 @@ class IPAdapterFaceIDBackend(Backend):
 
     name = "ip-adapter-faceid"
     families = ("sd15", "sdxl")
+    family_option = "faceid_family"
     license = LICENSE
     default_guidance_scale = 7.5
     #: ``--face-embedding``: the L2-normalised 512-d embedding; Plus/PlusV2 also the CLIP states,

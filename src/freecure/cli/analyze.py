@@ -130,8 +130,10 @@ def _out_dir(args) -> Path:
 def _check(args) -> list:
     """Everything checked before any model loads: the options across each other, and the
     reference photos (read now, as `freecure generate` does)."""
+    from ..attributes import check_prompt_length
     from ..images import load_reference
 
+    check_prompt_length(args.prompt)
     check_model_arguments(args)
     return [load_reference(path) for path in args.ref]
 

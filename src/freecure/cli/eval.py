@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from ..atomic import FolderLock, write_json
@@ -172,7 +171,9 @@ def _prompt_consistency(args, device):
     from ..evaluation.metrics import PromptConsistency, build_tiny_clip
 
     if args.clip_model == TINY_CLIP:
-        with tempfile.TemporaryDirectory(prefix="freecure-tiny-clip-") as scratch:
+        from ..tiny import tiny_scratch
+
+        with tiny_scratch() as scratch:  # removed even when the process is killed meanwhile
             directory = build_tiny_clip(Path(scratch))
             scorer = PromptConsistency.from_pretrained(str(directory), device=device)
         scorer.name = TINY_CLIP

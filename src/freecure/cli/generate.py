@@ -20,6 +20,7 @@ from ..runtime import (
     resolve_dtype,
     set_scheduler,
 )
+from ..terminal import printable
 from . import options
 
 
@@ -283,8 +284,16 @@ def resolve_tiny_family(args: argparse.Namespace) -> None:
     Raises:
         InputError: a ``--tiny-family`` the backend cannot build.
     """
-    families = BACKENDS[args.backend].families
+    backend = BACKENDS[args.backend]
+    families = backend.families
     given = getattr(args, "tiny_family", None)
+    own = getattr(args, backend.family_option, None) if backend.family_option else None
+    if given is not None and own is not None and given != own:
+        option = "--" + backend.family_option.replace("_", "-")
+        raise InputError(
+            f"--tiny-family {given} and {option} {own} disagree ({option} would win); give one of them"
+        )
+    given = given or own
     if given is not None and given not in families:
         raise InputError(
             f"--tiny-family {given} would be ignored: the {args.backend} backend runs on {', '.join(families)} "
@@ -442,13 +451,14 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_folder
-    from ..attributes import detect_class_word
+    from ..attributes import check_prompt_length, detect_class_word
     from ..images import load_reference
     from ..outputs import check_earlier_run, write_run, write_runs
 
     # Everything a user gave is checked before any model loads.
     if args.seed + args.num_images - 1 > options.MAX_SEED:
         raise InputError(f"--seed + --num-images - 1 must be at most {options.MAX_SEED}")
+    check_prompt_length(args.prompt)  # also with --class-word, which skips detect_class_word
     class_word = args.class_word or detect_class_word(args.prompt)
     out_dir = args.out or Path("outputs") / f"{args.backend}-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}"
     options.check_output_folder(out_dir, overwrite=args.overwrite)
@@ -509,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {stage.name:<11} {state}")
     print(f"  total       {output.unet_calls} UNet calls, {output.batch_items} batch items")
     for note in output.notes:
-        print(f"  note: {note}")
+        print(f"  note: {printable(note)}")  # notes quote the prompt's words
     if args.tiny:
         print("  (weights are random: the images are noise)")
     return 0
