@@ -237,6 +237,23 @@ def folder_layout(folder: str | os.PathLike, what: str, hint: str = "") -> tuple
     return layout, safetensors
 
 
+def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, hint: str) -> Path:
+    """``huggingface_hub.snapshot_download`` of the files of ``repo_id`` matching
+    ``allow_patterns``: the local folder, or one :class:`WeightsNotFoundError` that says why
+    (offline and not cached, network, authentication) and what to pass instead (``hint``)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except Exception as error:  # noqa: BLE001 - offline, network, authentication: one message
+        reason = (
+            "HF_HUB_OFFLINE is set and the files are not in the local cache"
+            if constants.HF_HUB_OFFLINE
+            else (str(error).strip().splitlines() or [type(error).__name__])[0]
+        )
+        raise WeightsNotFoundError(f"could not get {what}: {reason}. {hint}") from None
+
+
 def meta_model(model_cls, config: Mapping):
     """``model_cls.from_config(config)`` with its parameters and buffers on the meta device (no
     memory, no initialisation; what accelerate's ``init_empty_weights`` does, without needing

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from ..attributes import ParsedPrompt
-from ..checkpoints import check_state_dict, read_tensors
+from ..checkpoints import check_state_dict, hub_snapshot, read_tensors
 from ..errors import InputError, WeightsNotFoundError
 from ..families import pack_latents
 from .base import PD, Backend, TextConditioning
@@ -298,21 +298,11 @@ class InfiniteYouBackend(Backend):
         logger.warning("InfiniteYou's weights are licensed CC BY-NC 4.0: non-commercial use only")
         folder = Path(weights) if weights else None
         if folder is None:
-            from huggingface_hub import constants, snapshot_download
-
-            try:
-                root = snapshot_download(REPO_ID, allow_patterns=[f"{VERSION}/{variant}/*"])
-            except Exception as error:  # noqa: BLE001 - offline, network, authentication: one message
-                reason = (
-                    "HF_HUB_OFFLINE is set and the files are not in the local cache"
-                    if constants.HF_HUB_OFFLINE
-                    else (str(error).strip().splitlines() or [type(error).__name__])[0]
-                )
-                raise WeightsNotFoundError(
-                    f"could not get {REPO_ID}/{VERSION}/{variant}: {reason}. Pass --infiniteyou-weights DIR "
-                    f"(the folder {VERSION}/{variant}), or run with --tiny."
-                ) from None
-            folder = Path(root) / VERSION / variant
+            root = hub_snapshot(
+                REPO_ID, [f"{VERSION}/{variant}/*"], f"{REPO_ID}/{VERSION}/{variant}",
+                f"Pass --infiniteyou-weights DIR (the folder {VERSION}/{variant}), or run with --tiny.",
+            )
+            folder = root / VERSION / variant
         infusenet = load_infusenet(folder / INFUSENET_FOLDER, dtype)  # strict: a bad key is named before any load
         resampler = load_resampler(folder / "image_proj_model.bin").to(device, dtype)
         pipeline = load_base_pipeline(base_model, device, dtype)

@@ -156,23 +156,11 @@ def load_identitynet(source: str | os.PathLike | None = None, dtype=None):
         if not folder.is_dir():
             raise WeightsNotFoundError(f"IdentityNet folder not found: {folder} is not a folder. {IDENTITYNET_HINT}")
     else:
-        from huggingface_hub import constants, snapshot_download
-
-        try:
-            root = snapshot_download(
-                REPO_ID, allow_patterns=[f"{CONTROLNET_FOLDER}/*.json", f"{CONTROLNET_FOLDER}/*.safetensors"]
-            )
-        except Exception as error:  # noqa: BLE001 - offline, network, authentication: one message
-            reason = (
-                "HF_HUB_OFFLINE is set and the files are not in the local cache"
-                if constants.HF_HUB_OFFLINE
-                else (str(error).strip().splitlines() or [type(error).__name__])[0]
-            )
-            raise WeightsNotFoundError(
-                f"could not load IdentityNet ({REPO_ID}/{CONTROLNET_FOLDER}, {CONTROLNET_SIZE}): {reason}. "
-                f"{IDENTITYNET_HINT}"
-            ) from None
-        folder = Path(root) / CONTROLNET_FOLDER
+        root = checkpoints.hub_snapshot(
+            REPO_ID, [f"{CONTROLNET_FOLDER}/*.json", f"{CONTROLNET_FOLDER}/*.safetensors"],
+            f"IdentityNet ({REPO_ID}/{CONTROLNET_FOLDER}, {CONTROLNET_SIZE})", IDENTITYNET_HINT,
+        )
+        folder = root / CONTROLNET_FOLDER
     return checkpoints.load_diffusers_model(ControlNetModel, folder, "IdentityNet", IDENTITYNET_HINT, dtype)
 
 
