@@ -302,7 +302,6 @@ class InstantIDBackend(Backend):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
-        cls.check_identity_files(args)  # bad files fail before any model loads
         kwargs = dict(
             controlnet_scale=args.instantid_controlnet_scale,
             fd_identitynet=args.instantid_fd == "zero-identity",

@@ -535,7 +535,6 @@ class IPAdapterFaceIDBackend(Backend):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
-        cls.check_identity_files(args)  # a bad file fails before any model loads
         inject = args.inject_step if args.inject_step is not None else 0
         kwargs = dict(fd_lora=args.faceid_fd_lora == "keep", inject_step=inject, face_embedding=args.face_embedding)
         if args.tiny:
