@@ -49,9 +49,10 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from freecure.attributes import parse_prompt
-from freecure.backends.base import Backend, Conditions, TextConditioning
-from freecure.configs import (
+from freecure.core.attributes import parse_prompt
+from freecure.backends.base import Backend
+from freecure.core.conditioning import Conditions, TextConditioning
+from freecure.core.configs import (
     FLUX_DEV_TRANSFORMER,
     FLUX_SCHEDULER,
     FLUX_VAE_SCALING_FACTOR,
@@ -61,13 +62,14 @@ from freecure.configs import (
     SDXL_UNET,
     SDXL_VAE,
 )
-from freecure.configs import SD_SCHEDULER as SCHEDULER
-from freecure.errors import InputError
-from freecure.fasa import FasaConfig
-from freecure.pipeline import FreeCureConfig, FreeCurePipeline, decode_latents
-from freecure.sampling import plain_pass
-from freecure.tiny import LayoutFaceParser
-from freecure.tokenization import load_clip_tokenizer
+from freecure.core.configs import SD_SCHEDULER as SCHEDULER
+from freecure.core.errors import InputError
+from freecure.stages.fasa import FasaConfig
+from freecure.pipeline import FreeCureConfig, FreeCurePipeline
+from freecure.stages.decode import decode_latents
+from freecure.stages.sampling import plain_pass
+from freecure.families.tiny import LayoutFaceParser
+from freecure.core.tokenization import load_clip_tokenizer
 
 
 class BenchPipeline:
@@ -147,7 +149,7 @@ def build(family: str, size: int | None, device, dtype, reduced: bool = False):
     if family == "flux":
         from diffusers import FluxTransformer2DModel
 
-        from freecure.tiny import tiny_t5_tokenizer
+        from freecure.families.tiny import tiny_t5_tokenizer
 
         config = FLUX_REDUCED if reduced else FLUX_DEV_TRANSFORMER
         with torch.device(device):
@@ -538,7 +540,7 @@ def _graphs_compiled() -> int:
 def compiled(denoiser, mode: str):
     """The denoiser's forward under ``torch.compile`` (:func:`freecure.runtime.compile_denoiser`);
     yields the eager forward."""
-    from freecure.runtime import compile_denoiser
+    from freecure.core.runtime import compile_denoiser
 
     forward = denoiser.forward
     compile_denoiser(denoiser, mode=None if mode == "default" else mode)

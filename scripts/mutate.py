@@ -347,7 +347,7 @@ def live_function(module, qualname):
 def cache_tiny_pipelines() -> None:
     """Build the tiny test pipelines once per process instead of once per pytest run; each
     reuse gets back its original attention processors and a fresh scheduler."""
-    import freecure.tiny as tiny
+    import freecure.families.tiny as tiny
 
     for name in ("tiny_sd15_pipeline", "tiny_sdxl_pipeline"):
         build = getattr(tiny, name)

@@ -27,7 +27,7 @@ def astronaut() -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
-    from freecure.tiny import tiny_sd15_pipeline
+    from freecure.families.tiny import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(tmp_path_factory.mktemp("tiny-sd15"))
     pipe.set_progress_bar_config(disable=True)
@@ -36,7 +36,7 @@ def tiny_sd15(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    from freecure.tiny import tiny_sdxl_pipeline
+    from freecure.families.tiny import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
     pipe.set_progress_bar_config(disable=True)
@@ -50,7 +50,7 @@ def grey_image() -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
-    from freecure.tiny import tiny_flux_pipeline
+    from freecure.families.tiny import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
     pipe.set_progress_bar_config(disable=True)

@@ -25,12 +25,12 @@ from freecure.analysis import (
     prepare,
 )
 from freecure.analysis.studies import _joint_run
-from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS, RandomProjectionIdentityEncoder, TokenFusionBackend
 from freecure.cli import main
+from freecure.core.attributes import parse_prompt
+from freecure.core.guidance import FD_LANE, PD_LANE
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE
-from freecure.tiny import LayoutFaceParser
 
 PROMPT = "a man with black curly hair, laughing happily"
 

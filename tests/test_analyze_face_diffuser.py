@@ -21,14 +21,15 @@ from freecure.analysis import (
 from freecure.analysis.interpolate import HandedIdentityInterpolation, interpolate_across_calls
 from freecure.analysis.maps import TokenMapStore, record_token_maps
 from freecure.analysis.studies import _joint_run, check_rows_in_one_call
-from freecure.backends.base import FD, PD
-from freecure.backends.face_diffuser import FaceDiffuserBackend
-from freecure.backends.fastcomposer import TINY_VISION_CONFIG, PostfuseModule, clip_vision_model
+from freecure.backends.face_diffuser.backend import FaceDiffuserBackend
+from freecure.backends.fastcomposer.backend import TINY_VISION_CONFIG, PostfuseModule, clip_vision_model
 from freecure.cli import main
-from freecure.errors import InputError
+from freecure.core.conditioning import FD, PD
+from freecure.core.errors import InputError
+from freecure.core.guidance import FD_LANE, PD_LANE
+from freecure.families.tiny import LayoutFaceParser, build_tiny_sd15_components
 from freecure.pipeline import FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE, same_layout
-from freecure.tiny import LayoutFaceParser, build_tiny_sd15_components
+from freecure.stages.sampling import same_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
 

@@ -25,15 +25,15 @@ from freecure.analysis import (
     prepare,
 )
 from freecure.analysis.studies import _joint_run
-from freecure.attention import JointContext
-from freecure.attributes import parse_prompt
+from freecure.attention.capture import JointContext
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
 from freecure.cli import main
-from freecure.errors import InputError
-from freecure.families import image_ids
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError
+from freecure.core.guidance import FD_LANE, PD_LANE
+from freecure.families.flux import image_ids
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE
-from freecure.tiny import LayoutFaceParser
 
 PROMPT = "a man with black curly hair, laughing happily"
 LATENT = (32, 32)  # 64 px → 16×16 = 256 image tokens, maps on the 32×32 latent grid

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from freecure.atomic import FolderLock, atomic_folder, remove_stale, write_files
 from freecure.cli import main
-from freecure.errors import InputError
+from freecure.core.atomic import FolderLock, atomic_folder, remove_stale, write_files
+from freecure.core.errors import InputError
 
 
 def dead_pid() -> int:

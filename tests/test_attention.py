@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freecure.attention import AttentionStore
+from freecure.attention.capture import AttentionStore
 
 
 def constant_layer(tokens: int, value: float, columns: int = 2) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_capture_under_torch_compile_does_not_recompile_per_step():
     records the same mean as eager."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from freecure.attention import CrossAttentionCapture
+    from freecure.attention.capture import CrossAttentionCapture
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()

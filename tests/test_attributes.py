@@ -8,16 +8,16 @@ from importlib import resources
 
 import pytest
 
-from freecure.attributes import (
+from freecure.cli import main
+from freecure.core.attributes import (
     Vocabulary,
     VocabularyEntry,
     default_vocabulary,
     parse_prompt,
     token_indices_for_spans,
 )
-from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.parsing.labels import class_ids
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.labels import class_ids
 
 CLASS_WORDS = ("man", "woman", "boy", "girl", "person")
 L, A = "localized", "abstract"
@@ -101,7 +101,7 @@ def _table3_rows() -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def clip_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    from freecure.tokenization import load_clip_tokenizer, write_clip_tokenizer_files
+    from freecure.core.tokenization import load_clip_tokenizer, write_clip_tokenizer_files
 
     try:
         directory = write_clip_tokenizer_files(tmp_path_factory.mktemp("clip"))
@@ -402,7 +402,7 @@ def _parser_lines(prompt: str, **kwargs) -> int:
     once per pass): a measure of the parser's work that does not depend on the machine's speed."""
     import sys
 
-    import freecure.attributes as module
+    import freecure.core.attributes as module
 
     source = module.__file__
     default_vocabulary()  # read once (cached), not counted
@@ -458,7 +458,7 @@ def test_long_prompts_parse_as_before() -> None:
 
 
 def test_overlong_prompts_are_refused_before_parsing() -> None:
-    from freecure.attributes import MAX_PROMPT_CHARS, check_prompt_length, detect_class_word
+    from freecure.core.attributes import MAX_PROMPT_CHARS, check_prompt_length, detect_class_word
 
     prompt = "a woman with red hair " * (MAX_PROMPT_CHARS // 22 + 1)
     for call in (lambda: parse_prompt(prompt, "woman"), lambda: detect_class_word(prompt)):
@@ -525,7 +525,7 @@ def _raw_controls(text: str) -> list[str]:
 
 
 def test_printable_escapes_control_characters_and_keeps_text() -> None:
-    from freecure.terminal import printable
+    from freecure.core.terminal import printable
 
     assert printable("a \x1b[31mred\x1b[0m hair\x07") == "a \\x1b[31mred\\x1b[0m hair\\x07"
     assert printable("tab\there\nnew\rline\x7f\x9b") == "tab\\there\\nnew\\rline\\x7f\\x9b"

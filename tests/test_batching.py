@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.backends.base import FD, PD, PD_UNCOND, UNCOND
-from freecure.errors import InputError
+from freecure.core.conditioning import FD, PD, PD_UNCOND, UNCOND
+from freecure.core.errors import InputError
+from freecure.families.tiny import LayoutFaceParser
 from freecure.parsing import ParseResult
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.sampling import ROFA_LAYOUT, same_layout
-from freecure.tiny import LayoutFaceParser
+from freecure.stages.sampling import ROFA_LAYOUT, same_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
 SEEDS = (3, 7, 11)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from freecure.tiny import build_tiny_sd15_components
+from freecure.families.tiny import build_tiny_sd15_components
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from PIL import Image
 
 from freecure.backends import BACKENDS, TokenFusionBackend
 from freecure.cli import main
-from freecure.errors import FreeCureError
-from freecure.pipeline import BlankImageError, FreeCurePipeline, decode_latents
+from freecure.core.errors import BlankImageError, FreeCureError
+from freecure.pipeline import FreeCurePipeline
+from freecure.stages.decode import decode_latents
 
 PROMPT = "a man with black curly hair, laughing happily"
 
@@ -62,7 +63,7 @@ def test_an_image_of_one_colour_is_a_failed_run(tiny_sd15, monkeypatch):
 def test_an_overflowing_identity_fails_the_run_instead_of_a_black_image(tiny_sd15, astronaut):
     """Through the library (the CLI refuses such a file before loading): an identity of 3e38
     overflows PD's attention to NaN; the run raises instead of returning a black PD image."""
-    from freecure.tiny import LayoutFaceParser
+    from freecure.families.tiny import LayoutFaceParser
 
     backend = TokenFusionBackend(tiny_sd15, torch.full((32,), 3e38))
     freecure = FreeCurePipeline(backend, LayoutFaceParser())

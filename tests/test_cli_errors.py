@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from freecure import checkpoints
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
+from freecure.core import checkpoints
+from freecure.core.errors import InputError, WeightsNotFoundError
 
 PROMPT = "a man with black curly hair, laughing happily"
 
@@ -34,11 +34,11 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the input was checked")
 
-    import freecure.tiny
+    import freecure.families.tiny
     from freecure.backends import BACKENDS
 
     for name in ("tiny_sd15_pipeline", "tiny_sdxl_pipeline"):
-        monkeypatch.setattr(freecure.tiny, name, refuse)
+        monkeypatch.setattr(freecure.families.tiny, name, refuse)
     for backend in BACKENDS.values():
         monkeypatch.setattr(backend, "from_cli", classmethod(refuse))
 
@@ -166,13 +166,13 @@ def test_long_prompts_are_shortened_in_messages(capsys):
 
 
 def test_words_past_the_token_limit_are_named(caplog):
-    from freecure.attributes import parse_prompt
-    from freecure.tokenization import load_clip_tokenizer
+    from freecure.core.attributes import parse_prompt
+    from freecure.core.tokenization import load_clip_tokenizer
 
     prompt = "a man with black hair, " + "standing still, " * 40 + "holding a zebra"
-    with caplog.at_level("WARNING", logger="freecure.attributes"):
+    with caplog.at_level("WARNING", logger="freecure.core.attributes"):
         parse_prompt(prompt, "man", tokenizer=load_clip_tokenizer())
-    warning = " ".join(r.getMessage() for r in caplog.records if r.name == "freecure.attributes")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.name == "freecure.core.attributes")
     assert "cut" in warning and "zebra" in warning and "77" in warning
 
 
@@ -228,7 +228,7 @@ def test_token_fusion_reads_a_saved_identity_embedding(tmp_path, ref):
     """The README's token-fusion path: the embedding file is read, and it changes PD."""
     from safetensors.torch import save_file
 
-    from freecure.backends.token_fusion import load_identity_embedding
+    from freecure.backends.token_fusion.backend import load_identity_embedding
 
     path = tmp_path / "emb.safetensors"
     save_file({"identity": torch.full((32,), 0.5)}, str(path))
@@ -261,8 +261,8 @@ def test_full_disk_is_one_line_and_leaves_no_half_run(tmp_path, ref, capsys, mon
 
 def test_python_api_rejects_non_finite_numbers(tiny_sd15):
     from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.families.tiny import LayoutFaceParser
     from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-    from freecure.tiny import LayoutFaceParser
 
     for bad in (dict(gamma=math.nan), dict(expression_guidance_scale=math.nan), dict(expression_guidance_scale=1e400)):
         with pytest.raises(InputError):
@@ -283,7 +283,7 @@ def test_python_api_rejects_non_finite_numbers(tiny_sd15):
 
 
 def test_json_is_written_strictly(tmp_path):
-    from freecure.atomic import NonFiniteError, json_text, write_json
+    from freecure.core.atomic import NonFiniteError, json_text, write_json
 
     with pytest.raises(NonFiniteError, match=r"settings\.guidance_scale"):
         write_json(tmp_path / "m.json", {"settings": {"guidance_scale": math.nan}, "ok": 1.0})
@@ -313,10 +313,10 @@ def no_models_at_all(no_models, monkeypatch):
     import freecure.cli.analyze
     import freecure.cli.eval
     import freecure.cli.generate
-    import freecure.tiny
+    import freecure.families.tiny
 
-    monkeypatch.setattr(freecure.tiny, "tiny_flux_pipeline", refuse)
-    monkeypatch.setattr(freecure.tiny, "tiny_pipeline", refuse)
+    monkeypatch.setattr(freecure.families.tiny, "tiny_flux_pipeline", refuse)
+    monkeypatch.setattr(freecure.families.tiny, "tiny_pipeline", refuse)
     for module in (freecure.cli.generate, freecure.cli.analyze, freecure.cli.eval):
         monkeypatch.setattr(module, "build_freecure", refuse)
 
@@ -525,7 +525,7 @@ def test_options_a_run_reads_are_accepted(extra, tiny_family):
 
 def test_fasa_options_not_given_are_fasa_configs_defaults():
     from freecure.cli.generate import fasa_config
-    from freecure.fasa import FasaConfig
+    from freecure.stages.fasa import FasaConfig
 
     assert fasa_config(_parsed(["generate", "--tiny", "--prompt", PROMPT, "--method", "fasa"])) == FasaConfig()
     given = _parsed(["generate", "--tiny", "--prompt", PROMPT, "--method", "fasa", "--fasa-layers", "a*", "b*",
@@ -544,8 +544,8 @@ def test_every_backend_declares_its_families():
 def test_compile_modes_come_from_torch():
     from torch._inductor import list_mode_options
 
-    from freecure.errors import InputError as Refused
-    from freecure.runtime import compile_denoiser, compile_modes
+    from freecure.core.errors import InputError as Refused
+    from freecure.core.runtime import compile_denoiser, compile_modes
 
     assert set(compile_modes()) == set(list_mode_options()) >= {"default", "reduce-overhead", "max-autotune"}
     with pytest.raises(Refused, match="bogus-mode"):
@@ -662,7 +662,7 @@ def test_an_overlong_prompt_is_refused_before_any_model_loads_also_with_a_class_
     tmp_path, ref, capsys, no_models_at_all
 ):
     """With --class-word the prompt was first measured by the pipeline, after the models loaded."""
-    from freecure.attributes import MAX_PROMPT_CHARS
+    from freecure.core.attributes import MAX_PROMPT_CHARS
 
     prompt = "a man with red hair " * (MAX_PROMPT_CHARS // 20 + 1)
     generate = ["generate", "--tiny", "--prompt", prompt, "--class-word", "man", "--ref", str(ref),

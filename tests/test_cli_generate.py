@@ -79,7 +79,7 @@ def test_tiny_models_leave_no_files_in_the_temp_directory(tmp_path, ref, monkeyp
     import torch
 
     from freecure.cli.eval import TINY_CLIP, _prompt_consistency
-    from freecure.tiny import tiny_flux_pipeline
+    from freecure.families.tiny import tiny_flux_pipeline
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -224,7 +224,7 @@ def test_eval_tiny_clip_uses_the_tiny_scratch_folder_that_start_up_cleans(tmp_pa
 
     import freecure.evaluation.metrics as metrics
     from freecure.cli.eval import TINY_CLIP, _prompt_consistency
-    from freecure.tiny import remove_stale_tiny_folders
+    from freecure.families.tiny import remove_stale_tiny_folders
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen = []

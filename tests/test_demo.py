@@ -28,6 +28,7 @@ from PIL import Image
 if importlib.util.find_spec("gradio") is None:  # not imported here: the server subprocess imports it
     pytest.skip("the demo needs the `demo` extra: pip install 'freecure[demo]' (Gradio)", allow_module_level=True)
 
+from freecure.core.errors import InputError
 from freecure.demo import METHODS  # noqa: E402
 from freecure.demo.service import (  # noqa: E402
     MAX_PAGE_PROMPT_CHARS,
@@ -41,7 +42,6 @@ from freecure.demo.service import (  # noqa: E402
     read_upload,
     zip_folder,
 )
-from freecure.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "astronaut.png"
@@ -162,8 +162,8 @@ def test_models_load_once_per_backend(monkeypatch):
 
 def test_runner_writes_the_generate_folder_reports_progress_and_zips_it(monkeypatch, tmp_path, tiny_sd15):
     from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.families.tiny import LayoutFaceParser
     from freecure.pipeline import FreeCurePipeline
-    from freecure.tiny import LayoutFaceParser
 
     loaded = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
     monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
@@ -190,8 +190,8 @@ def test_progress_callback_reports_every_step_of_every_stage(tiny_sd15, astronau
     import torch
 
     from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.families.tiny import LayoutFaceParser
     from freecure.pipeline import FreeCurePipeline
-    from freecure.tiny import LayoutFaceParser
 
     freecure = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
     seen = []
@@ -316,8 +316,8 @@ def test_demo_files_never_delete_what_the_demo_did_not_make(tmp_path, monkeypatc
 
 def test_runner_leaves_no_folder_of_a_failed_run_and_removes_its_runs_at_close(monkeypatch, tmp_path, tiny_sd15):
     from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.families.tiny import LayoutFaceParser
     from freecure.pipeline import FreeCurePipeline
-    from freecure.tiny import LayoutFaceParser
 
     loaded = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
     monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
@@ -679,8 +679,8 @@ def test_fasa_method_runs_the_authors_correction_with_the_pages_progress(tiny_sd
     import torch
 
     from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+    from freecure.families.tiny import LayoutFaceParser
     from freecure.pipeline import FreeCurePipeline
-    from freecure.tiny import LayoutFaceParser
 
     freecure = FreeCurePipeline(TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32)), LayoutFaceParser())
     seen = []

@@ -10,30 +10,16 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from freecure.attention import (
-    AttentionStore,
-    capture_cross_attention,
-    up_block_cross_attention_layers,
-)
-from freecure.attributes import parse_prompt
+from freecure.attention.capture import AttentionStore, capture_cross_attention, up_block_cross_attention_layers
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.backends.base import FD, PD
-from freecure.errors import InputError
+from freecure.core.attributes import parse_prompt
+from freecure.core.conditioning import FD, PD
+from freecure.core.errors import InputError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance, single_lane_layout
+from freecure.families.tiny import LayoutFaceParser
 from freecure.parsing import ParseResult
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.sampling import (
-    FD_LANE,
-    PD_LANE,
-    Guidance,
-    plain_pass,
-    predict_guided,
-    rofa_blend,
-    rofa_pass,
-    same_layout,
-    same_pass,
-    single_lane_layout,
-)
-from freecure.tiny import LayoutFaceParser
+from freecure.stages.sampling import plain_pass, predict_guided, rofa_blend, rofa_pass, same_layout, same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 SIZE = (64, 64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from freecure.errors import InputError, WeightsNotFoundError
+from freecure.core.errors import InputError, WeightsNotFoundError
 from freecure.evaluation.metrics import (
     LPIPS,
     DlibEmbedder,

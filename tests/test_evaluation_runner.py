@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from freecure.attributes import parse_prompt
-from freecure.errors import InputError
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError
 from freecure.evaluation.identities import Identity, load_identities
 from freecure.evaluation.metrics.diversity import diversity_groups
 from freecure.evaluation.metrics.identity import Face

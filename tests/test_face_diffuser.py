@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS, FaceDiffuserBackend
-from freecure.backends.face_diffuser import (
+from freecure.backends.face_diffuser.backend import (
     SNF,
     SUBJECT,
     TEXT,
@@ -26,7 +25,7 @@ from freecure.backends.face_diffuser import (
     snf_rows,
     snf_stage,
 )
-from freecure.backends.fastcomposer import (
+from freecure.backends.fastcomposer.backend import (
     LEGACY_BUFFERS,
     TINY_VISION_CONFIG,
     FastComposerModel,
@@ -35,9 +34,11 @@ from freecure.backends.fastcomposer import (
     read_checkpoint,
 )
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_layout, same_pass
-from freecure.tiny import build_tiny_sd15_components
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.families.tiny import build_tiny_sd15_components
+from freecure.stages.sampling import same_layout, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -329,7 +330,7 @@ def test_fd_and_pd_agree_before_injection_and_pd_is_the_original_loop(backend, s
 def test_same_captures_fds_attention_through_the_hook(backend, conditions):
     """The TDM call that carries PD's rows keeps FD's conditional row at the capture row: the
     maps SAME records equal those of a backend whose PD never touches the FD UNet's batch."""
-    from freecure.attention import AttentionStore, capture_cross_attention
+    from freecure.attention.capture import AttentionStore, capture_cross_attention
     from freecure.backends import TokenFusionBackend
 
     plain = TokenFusionBackend(backend.pipeline, torch.zeros(32))

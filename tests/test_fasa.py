@@ -10,25 +10,22 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from freecure.attributes import parse_prompt
-from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.cli import main
-from freecure.errors import InputError
-from freecure.fasa import (
-    FasaConfig,
+from freecure.attention.fasa import (
     FasaState,
     FoundationAwareSelfAttention,
     fasa_layers,
-    fasa_layout,
-    fasa_mask,
-    fasa_pass,
     foundation_aware_self_attention,
-    fresh_scheduler,
     key_bias,
 )
+from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+from freecure.cli import main
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
-from freecure.tiny import LayoutFaceParser
+from freecure.stages.fasa import FasaConfig, fasa_layout, fasa_mask, fasa_pass, fresh_scheduler
+from freecure.stages.sampling import same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 FASA = FreeCureConfig(method="fasa")
@@ -405,8 +402,8 @@ def test_backends_that_run_pd_in_separate_calls_are_refused(tiny_sd15):
 
 
 def test_face_diffuser_and_faceid_without_fd_lora_declare_separate_calls():
-    from freecure.backends.face_diffuser import FaceDiffuserBackend
-    from freecure.backends.ip_adapter_faceid import IPAdapterFaceIDBackend
+    from freecure.backends.face_diffuser.backend import FaceDiffuserBackend
+    from freecure.backends.ip_adapter.faceid import IPAdapterFaceIDBackend
 
     assert FaceDiffuserBackend.rows_in_one_call is False and FaceDiffuserBackend.fasa_across_calls is True
     faceid = IPAdapterFaceIDBackend.__new__(IPAdapterFaceIDBackend)
@@ -460,10 +457,10 @@ def test_keys_handed_across_calls_equal_the_explicit_joint_softmax_with_another_
 
 @pytest.fixture(scope="module")
 def face_diffuser_run(tiny_sd15, astronaut):
-    from freecure.backends.face_diffuser import FaceDiffuserBackend
-    from freecure.backends.fastcomposer import TINY_VISION_CONFIG, PostfuseModule, clip_vision_model
-    from freecure.fasa import _handed_to
-    from freecure.tiny import build_tiny_sd15_components
+    from freecure.backends.face_diffuser.backend import FaceDiffuserBackend
+    from freecure.backends.fastcomposer.backend import TINY_VISION_CONFIG, PostfuseModule, clip_vision_model
+    from freecure.families.tiny import build_tiny_sd15_components
+    from freecure.stages.fasa import _handed_to
 
     torch.manual_seed(0)
     sdm = build_tiny_sd15_components(seed=1)["unet"].eval()

@@ -12,23 +12,23 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from PIL import Image
 
-from freecure.attention import JointContext
-from freecure.attributes import parse_prompt
-from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.cli import main
-from freecure.errors import InputError
-from freecure.families import FLUX, image_ids
-from freecure.fasa import (
+from freecure.attention.capture import JointContext
+from freecure.attention.fasa import (
     FasaState,
     FoundationAwareJointAttention,
-    fasa_pass,
     foundation_aware_joint_attention,
-    fresh_scheduler,
     joint_fasa_layers,
 )
+from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+from freecure.cli import main
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError
+from freecure.core.guidance import PD_LANE, Guidance
+from freecure.families.flux import FLUX, image_ids
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.sampling import PD_LANE, Guidance, same_pass
-from freecure.tiny import LayoutFaceParser
+from freecure.stages.fasa import fasa_pass, fresh_scheduler
+from freecure.stages.sampling import same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 TEXT, GRID = 5, (4, 4)  # 5 text tokens, a 4×4 grid of image tokens (an 8×8 latent)
@@ -236,7 +236,7 @@ def test_all_zero_mask_reproduces_flux_pd_and_a_mask_changes_it(flux_run):
 
 
 def flux_freecure(tiny_flux, **fasa):
-    from freecure.fasa import FasaConfig
+    from freecure.stages.fasa import FasaConfig
 
     backend = TokenFusionBackend(tiny_flux, RandomProjectionIdentityEncoder(32))
     fc = FreeCurePipeline(backend, LayoutFaceParser(), FreeCureConfig(method="fasa", fasa=FasaConfig(**fasa)))

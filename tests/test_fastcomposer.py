@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS, FastComposerBackend
-from freecure.backends.fastcomposer import (
+from freecure.backends.fastcomposer.backend import (
     IMAGE_TOKEN,
     LEGACY_BUFFERS,
     TINY_VISION_CONFIG,
@@ -28,8 +27,10 @@ from freecure.backends.fastcomposer import (
     tokenize_with_image_tokens,
 )
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.stages.sampling import same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"

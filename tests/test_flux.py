@@ -10,22 +10,23 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from freecure.attention import (
+from freecure.attention.capture import (
     AttentionStore,
     JointAttentionCapture,
     capture_joint_attention,
     double_stream_attention_layers,
 )
-from freecure.attributes import parse_prompt
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.backends.base import FD, PD, TextConditioning
-from freecure.configs import FLUX_SCHEDULER
-from freecure.errors import InputError
-from freecure.families import FLUX, FlowEulerInverseScheduler, pack_latents, unpack_latents
-from freecure.inversion import ddim_denoise_from, ddim_invert, expression_restore, reconstruction_error
+from freecure.core.attributes import parse_prompt
+from freecure.core.conditioning import FD, PD, TextConditioning
+from freecure.core.configs import FLUX_SCHEDULER
+from freecure.core.errors import InputError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.families.flux import FLUX, FlowEulerInverseScheduler, pack_latents, unpack_latents
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, plain_pass, rofa_pass, same_layout, same_pass
-from freecure.tiny import LayoutFaceParser
+from freecure.stages.expression import ddim_denoise_from, ddim_invert, expression_restore, reconstruction_error
+from freecure.stages.sampling import plain_pass, rofa_pass, same_layout, same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 SIZE = (64, 64)  # pixels → a 32×32 latent → 16×16 = 256 image tokens
@@ -421,12 +422,12 @@ def test_freecure_runs_unchanged_under_offload_hooks(tiny_flux):
 def test_identity_embedding_file_for_token_fusion(tmp_path):
     from safetensors.torch import save_file
 
-    from freecure.backends.token_fusion import load_identity_embedding
+    from freecure.backends.token_fusion.backend import load_identity_embedding
 
     save_file({"identity": torch.ones(2, 32)}, str(tmp_path / "id.safetensors"))
     assert load_identity_embedding(tmp_path / "id.safetensors").shape == (2, 32)
     (tmp_path / "bad.safetensors").write_text("not safetensors")
-    from freecure.errors import FreeCureError
+    from freecure.core.errors import FreeCureError
 
     with pytest.raises(FreeCureError, match="cannot read"):
         load_identity_embedding(tmp_path / "bad.safetensors")

@@ -18,11 +18,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from freecure.backends import BACKENDS
-from freecure.backends.face_embedding import FaceEmbedding, load_face_embedding, save_face_embedding
-from freecure.backends.identity_files import MAX_ABS, IdentitySchema, TensorField, read_identity_file
-from freecure.backends.pulid_embedding import RELEASED_DIMS, PuLIDFaceEmbedding
+from freecure.backends.common.face_embedding import FaceEmbedding, load_face_embedding, save_face_embedding
+from freecure.backends.common.identity_files import MAX_ABS, IdentitySchema, TensorField, read_identity_file
+from freecure.backends.pulid.embedding import RELEASED_DIMS, PuLIDFaceEmbedding
 from freecure.cli import main
-from freecure.errors import InputError
+from freecure.core.errors import InputError
 
 PROMPT = "a man with black curly hair, laughing happily"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "backends"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freecure.errors import InputError
-from freecure.images import load_image, to_rgb
+from freecure.core.errors import InputError
+from freecure.core.images import load_image, to_rgb
 
 
 def test_rgba_is_composited_over_white():
@@ -75,7 +75,7 @@ def test_exif_orientation_is_applied_to_files_and_pil_images(tmp_path):
 def test_every_reader_of_user_photos_applies_the_orientation(tmp_path):
     """References of `generate`/the pipeline and of the evaluation identities go through
     freecure.images.load_reference, which applies EXIF orientation too."""
-    from freecure.images import load_reference
+    from freecure.core.images import load_reference
 
     path = rotated_phone_photo(tmp_path / "phone.jpg")
     assert load_reference(path, min_side=16).size == (20, 40)

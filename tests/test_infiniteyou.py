@@ -11,9 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from freecure.attributes import parse_prompt
-from freecure.backends.base import FD, PD
-from freecure.backends.infiniteyou import (
+from freecure.backends.infiniteyou.backend import (
     RESAMPLER,
     TINY_RESAMPLER,
     IdentityResampler,
@@ -22,11 +20,14 @@ from freecure.backends.infiniteyou import (
     load_face_embedding,
     load_resampler,
 )
-from freecure.checkpoints import check_state_dict
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.families import FLUX
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, plain_pass, rofa_pass, same_pass
+from freecure.core.attributes import parse_prompt
+from freecure.core.checkpoints import check_state_dict
+from freecure.core.conditioning import FD, PD
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.families.flux import FLUX
+from freecure.stages.sampling import plain_pass, rofa_pass, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -91,7 +92,7 @@ def test_infusenet_layout_is_the_released_one():
     records the hash of infu_flux_v1.0/aes_stage2/InfuseNetModel's keys and shapes."""
     from diffusers import FluxControlNetModel
 
-    from freecure.checkpoints import check_layout, meta_model
+    from freecure.core.checkpoints import check_layout, meta_model
     from keylists import key_hash, read_config
 
     config = read_config("infiniteyou_infusenet_config.json")
@@ -159,7 +160,7 @@ def test_infusenet_with_a_wrong_key_is_refused_naming_it(backend, tmp_path, case
 
 
 def test_infusenet_loads_strictly_from_one_file_or_shards(backend, tmp_path):
-    from freecure.backends.infiniteyou import load_infusenet
+    from freecure.backends.infiniteyou.backend import load_infusenet
     from keylists import save_edited
 
     expected = backend.infusenet.state_dict()

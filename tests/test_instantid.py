@@ -10,15 +10,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS, InstantIDBackend
-from freecure.backends.face_embedding import draw_keypoints
-from freecure.backends.instantid import ReleasedInstantIDLayout, check_instantid_state_dict, keypoint_tensor
-from freecure.backends.ip_adapter_faceid import split_adapter_state
+from freecure.backends.common.face_embedding import draw_keypoints
+from freecure.backends.ip_adapter.faceid import split_adapter_state
+from freecure.backends.ip_adapter.instantid import (
+    ReleasedInstantIDLayout,
+    check_instantid_state_dict,
+    keypoint_tensor,
+)
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.pipeline import UNetCounter
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, rofa_pass, same_pass
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.stages.records import UNetCounter
+from freecure.stages.sampling import rofa_pass, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -76,7 +81,7 @@ def instantid_loop(backend, conditions, z_T, positive_face, identitynet=True):
 def test_released_layout_is_checked_strictly():
     from diffusers import UNet2DConditionModel
 
-    from freecure.configs import SDXL_UNET
+    from freecure.core.configs import SDXL_UNET
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
@@ -142,7 +147,7 @@ def test_keypoint_image_colours_and_scaling():
 
 
 def test_keypoints_are_required(backend, tmp_path, astronaut):
-    from freecure.backends.face_embedding import FaceEmbedding, save_face_embedding
+    from freecure.backends.common.face_embedding import FaceEmbedding, save_face_embedding
 
     save_face_embedding(tmp_path / "face.safetensors", FaceEmbedding(torch.ones(512)))
     no_kps = InstantIDBackend(backend.pipeline, backend.controlnet, face_embedding=tmp_path / "face.safetensors")
@@ -168,7 +173,7 @@ def test_registered_with_its_licence():
 @pytest.mark.slow
 def test_generate_tiny_runs_every_stage(tmp_path, astronaut, capsys):
     """With a precomputed embedding and keypoints, as a run without insightface would."""
-    from freecure.backends.face_embedding import FaceEmbedding, save_face_embedding
+    from freecure.backends.common.face_embedding import FaceEmbedding, save_face_embedding
 
     astronaut.resize((64, 64)).save(tmp_path / "ref.png")
     save_face_embedding(tmp_path / "face.safetensors", FaceEmbedding(torch.linspace(-1, 1, 512)))
@@ -227,7 +232,7 @@ def test_without_insightface_the_cli_says_what_to_install_or_pass(monkeypatch, t
 
 
 def test_captured_attention_is_text_only_with_identity_tokens_active(backend, astronaut):
-    from freecure.attention import AttentionStore, capture_cross_attention
+    from freecure.attention.capture import AttentionStore, capture_cross_attention
 
     store = AttentionStore(tuple(range(77)), (32, 32))
     conditions = conditions_for(backend, astronaut, steps=2)
@@ -257,7 +262,7 @@ def test_bad_face_files_fail_before_any_model_loads(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main([*base, "--face-embedding", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    from freecure.backends.face_embedding import FaceEmbedding, save_face_embedding
+    from freecure.backends.common.face_embedding import FaceEmbedding, save_face_embedding
 
     save_face_embedding(tmp_path / "ok.safetensors", FaceEmbedding(torch.ones(512)))
     args = [*base, "--face-embedding", str(tmp_path / "ok.safetensors"), "--face-keypoints", str(tmp_path / "kps.json")]
@@ -293,8 +298,8 @@ def test_identitynet_layout_of_the_released_config():
     (the model its config.json makes, on the meta device) expects, and the check names a key."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from freecure.checkpoints import check_layout, meta_model
-    from freecure.configs import SDXL_UNET
+    from freecure.core.checkpoints import check_layout, meta_model
+    from freecure.core.configs import SDXL_UNET
     from keylists import read_config
 
     config = read_config("instantid_identitynet_config.json")
@@ -331,7 +336,7 @@ def test_identitynet_with_a_wrong_key_is_refused_naming_it(backend, tmp_path, ca
 
 
 def test_identitynet_loads_strictly_from_one_file_or_shards(backend, tmp_path):
-    from freecure.backends.instantid import load_identitynet
+    from freecure.backends.ip_adapter.instantid import load_identitynet
     from keylists import save_edited
 
     expected = backend.controlnet.state_dict()

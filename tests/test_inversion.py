@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from freecure.backends.base import TextConditioning
-from freecure.configs import SD_SCHEDULER
-from freecure.inversion import (
+from freecure.core.conditioning import TextConditioning
+from freecure.core.configs import SD_SCHEDULER
+from freecure.stages.expression import (
     ddim_denoise_from,
     ddim_invert,
     expression_restore,

@@ -12,21 +12,23 @@ from dataclasses import replace
 import pytest
 import torch
 
-from freecure.attention import AttentionStore, capture_cross_attention
-from freecure.attributes import parse_prompt
+from freecure.attention.capture import AttentionStore, capture_cross_attention
 from freecure.backends import BACKENDS, IPAdapterFaceIDBackend
-from freecure.backends.face_embedding import FaceEmbedding, RandomFaceAnalyzer, save_face_embedding
-from freecure.backends.ip_adapter_faceid import (
+from freecure.backends.common.face_embedding import FaceEmbedding, RandomFaceAnalyzer, save_face_embedding
+from freecure.backends.ip_adapter.faceid import (
+    TINY_CLIP_DIM,
     ReleasedFaceIDLayout,
     check_faceid_state_dict,
+    faceid_state_dict,
     identity_rows,
     split_adapter_state,
 )
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.pipeline import UNetCounter
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, rofa_pass, same_layout, same_pass
-from freecure.tiny_adapters import TINY_CLIP_DIM, faceid_state_dict
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.stages.records import UNetCounter
+from freecure.stages.sampling import rofa_pass, same_layout, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
@@ -54,7 +56,7 @@ def faceid_file(tmp_path_factory, sd15_backend):
 def reference_sd15(faceid_file):
     """The original method through diffusers alone: the tiny base pipeline and diffusers'
     ``load_ip_adapter`` reading the locally saved file."""
-    from freecure.tiny import tiny_sd15_pipeline
+    from freecure.families.tiny import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -79,7 +81,7 @@ def scheduler_for(pipe, steps=STEPS):
 def full_unet(family):
     from diffusers import UNet2DConditionModel
 
-    from freecure.configs import SD15_UNET, SDXL_UNET
+    from freecure.core.configs import SD15_UNET, SDXL_UNET
 
     with torch.device("meta"):
         return UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
@@ -225,8 +227,8 @@ def test_sdxl_plusv2_pd_is_diffusers_pipeline(plusv2_backend, astronaut):
 def test_plus_clip_states_are_the_encoders_penultimate_layer_of_face_and_zero_image(plusv2_backend, astronaut):
     from transformers import CLIPVisionModelWithProjection
 
-    from freecure.backends.face_embedding import ClipFaceEncoder
-    from freecure.backends.photomaker import tiny_vision_config
+    from freecure.backends.common.face_embedding import ClipFaceEncoder
+    from freecure.backends.photomaker.id_encoder import tiny_vision_config
 
     torch.manual_seed(0)
     encoder = CLIPVisionModelWithProjection(tiny_vision_config(TINY_CLIP_DIM)).eval()
@@ -280,7 +282,7 @@ def test_rofa_masks_zero_and_one_give_pd_and_fd(sd15_backend, astronaut):
 
 @pytest.mark.slow
 def test_from_pretrained_reads_local_base_model_file_and_embedding(tmp_path, faceid_file, astronaut):
-    from freecure.tiny import tiny_sd15_pipeline
+    from freecure.families.tiny import tiny_sd15_pipeline
 
     tiny_sd15_pipeline(tmp_path / "base", seed=0)
     save_face_embedding(tmp_path / "face.safetensors", FaceEmbedding(torch.ones(512)))

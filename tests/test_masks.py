@@ -7,10 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from freecure.masks import (
+from freecure.core.labels import CLASS_TO_ID
+from freecure.families.tiny import LayoutFaceParser
+from freecure.stages.masks import (
+    PLACEMENTS,
+    above_mask,
     attribute_mask,
+    dilate_mask,
     merge_masks,
     normalize_map,
+    placement_region,
     render_mask,
     render_mask_overlay,
     resize_map,
@@ -129,9 +135,6 @@ def test_overlay_tints_only_inside_mask():
 
 
 # --- PD-side placement regions (PD's factor of eq. 4) ------------------------------------
-from freecure.masks import PLACEMENTS, above_mask, dilate_mask, placement_region  # noqa: E402
-from freecure.parsing.labels import CLASS_TO_ID  # noqa: E402
-from freecure.tiny import LayoutFaceParser  # noqa: E402
 
 
 def layout_parse(size=(96, 128), extra=None):

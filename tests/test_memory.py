@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.errors import InputError
+from freecure.core.errors import InputError
+from freecure.core.runtime import apply_memory_options
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCurePipeline
-from freecure.runtime import apply_memory_options
-from freecure.tiny import LayoutFaceParser
 
 PROMPT = "a man with black curly hair, laughing"
 
@@ -40,7 +40,7 @@ def test_capture_and_stages_survive_cpu_offload_hooks(tmp_path):
     device, and the capture processor's own projections only work through the hooks."""
     from accelerate import cpu_offload
 
-    from freecure.tiny import tiny_sd15_pipeline
+    from freecure.families.tiny import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)
@@ -76,9 +76,9 @@ def test_capture_compiles_without_graph_breaks_and_compiled_run_matches(tmp_path
     """``fullgraph=True`` fails on any graph break: the UNet with the capture processor on its
     recorded layers traces as one graph. Then a whole FreeCure run through the compiled
     denoiser (a counting backend that runs the traced graphs) equals the eager run."""
-    from freecure.attention import AttentionStore, capture_cross_attention
-    from freecure.runtime import compile_denoiser
-    from freecure.tiny import tiny_sd15_pipeline
+    from freecure.attention.capture import AttentionStore, capture_cross_attention
+    from freecure.core.runtime import compile_denoiser
+    from freecure.families.tiny import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)
@@ -111,9 +111,9 @@ def test_compiled_stages_do_not_recompile_as_steps_grow(tmp_path, astronaut):
     """Each stage compiles once per batch layout: runs with twice the steps, with either method,
     trace no new graph (with the capture's step count a Python int, every captured step was a
     new graph)."""
+    from freecure.core.runtime import compile_denoiser
+    from freecure.families.tiny import tiny_sd15_pipeline
     from freecure.pipeline import FreeCureConfig
-    from freecure.runtime import compile_denoiser
-    from freecure.tiny import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from freecure.errors import InputError, WeightsNotFoundError
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.labels import CLASS_TO_ID
 from freecure.parsing import (
     CLASSES,
     PALETTE,
@@ -27,7 +28,6 @@ from freecure.parsing import (
     render_label_map,
 )
 from freecure.parsing import weights as weights_module
-from freecure.parsing.labels import CLASS_TO_ID
 from freecure.parsing.parser import IMAGENET_MEAN, IMAGENET_STD, extend_hair, labels_in_image, preprocess
 from freecure.parsing.weights import (
     ENV_VAR,

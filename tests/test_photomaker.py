@@ -14,32 +14,34 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS
-from freecure.backends.photomaker import (
-    CLIP_MEAN,
-    CLIP_STD,
-    FuseModule,
+from freecure.backends.common.layers import FuseModule, PerceiverAttention
+from freecure.backends.photomaker.backend import (
     PhotoMakerBackend,
     build_id_encoder,
     check_state_dict,
-    clip_image_processor,
     expand_class_token,
-    fuse_class_tokens,
     load_checkpoint,
     load_id_encoder_weights,
     load_lora,
     photomaker_lora_state_dict,
     resolve_checkpoint,
     start_merge_step,
+)
+from freecure.backends.photomaker.id_encoder import (
+    CLIP_MEAN,
+    CLIP_STD,
+    clip_image_processor,
+    fuse_class_tokens,
     tiny_vision_config,
 )
-from freecure.backends.photomaker_v2 import PerceiverAttention
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
+from freecure.core.attributes import parse_prompt
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.families.tiny import LayoutFaceParser, tiny_sdxl_pipeline
 from freecure.pipeline import FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, same_pass
-from freecure.tiny import LayoutFaceParser, tiny_sdxl_pipeline
+from freecure.stages.sampling import same_pass
 from keylists import meta_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -158,7 +160,7 @@ def test_checkpoint_file_round_trip(tmp_path, suffix):
 def test_from_pretrained_loads_a_local_base_model_and_checkpoint(tmp_path, monkeypatch, refs):
     """The whole loading path (checkpoint file, strict encoder load, base model, LoRA) with a
     tiny-config encoder standing in for ViT-L/14 and a tiny SDXL folder for the base model."""
-    import freecure.backends.photomaker as pm
+    import freecure.backends.photomaker.backend as pm
 
     base = tiny_sdxl_pipeline(tmp_path / "base")
     torch.manual_seed(1)
@@ -501,7 +503,7 @@ def test_backend_is_registered_with_prefixed_options():
 def test_v2_without_insightface_says_how_to_install(monkeypatch):
     import sys
 
-    from freecure.backends.photomaker_v2 import ArcFaceEmbedder
+    from freecure.backends.photomaker.v2 import ArcFaceEmbedder
 
     monkeypatch.setitem(sys.modules, "insightface", None)
     monkeypatch.setitem(sys.modules, "insightface.app", None)
@@ -510,7 +512,7 @@ def test_v2_without_insightface_says_how_to_install(monkeypatch):
 
 
 def test_arcface_embedder_keeps_photos_with_a_face_and_retries_smaller_sizes():
-    from freecure.backends.photomaker_v2 import ArcFaceEmbedder
+    from freecure.backends.photomaker.v2 import ArcFaceEmbedder
 
     class FakeAnalysis:  # insightface's FaceAnalysis: finds a face in red images at size ≤ 512 only
         def __init__(self):

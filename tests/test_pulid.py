@@ -16,10 +16,16 @@ import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from freecure.attributes import parse_prompt
 from freecure.backends import BACKENDS
-from freecure.backends.base import FD, PD, PD_UNCOND, UNCOND
-from freecure.backends.pulid import (
+from freecure.backends.pulid.embedding import (
+    BACKGROUND_LABELS,
+    face_features_image,
+    load_face_embedding,
+    random_face_embedding,
+    save_face_embedding,
+)
+from freecure.backends.pulid.idformer import IDFormer, IDFormerConfig, tiny_idformer_config
+from freecure.backends.pulid.sdxl import (
     IdentitySettings,
     PuLIDAttnProcessor,
     PuLIDSDXLBackend,
@@ -27,18 +33,13 @@ from freecure.backends.pulid import (
     load_pulid_sdxl_weights,
     read_safetensors,
 )
-from freecure.backends.pulid_embedding import (
-    BACKGROUND_LABELS,
-    face_features_image,
-    load_face_embedding,
-    random_face_embedding,
-    save_face_embedding,
-)
-from freecure.backends.pulid_idformer import IDFormer, IDFormerConfig, tiny_idformer_config
 from freecure.cli import main
-from freecure.configs import SDXL_UNET
-from freecure.errors import InputError, WeightsNotFoundError
-from freecure.sampling import FD_LANE, PD_LANE, Guidance, check_scheduler, plain_pass, rofa_pass, same_pass
+from freecure.core.attributes import parse_prompt
+from freecure.core.conditioning import FD, PD, PD_UNCOND, UNCOND
+from freecure.core.configs import SDXL_UNET
+from freecure.core.errors import InputError, WeightsNotFoundError
+from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+from freecure.stages.sampling import check_scheduler, plain_pass, rofa_pass, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"

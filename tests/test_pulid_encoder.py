@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from freecure.backends.face_embedding import FaceEmbedding
-from freecure.backends.pulid_embedding import FaceSource, PuLIDFaceEmbedding, load_face_embedding
-from freecure.backends.pulid_encoder import (
+from freecure.backends.common.face_embedding import FaceEmbedding
+from freecure.backends.pulid.embedding import FaceSource, PuLIDFaceEmbedding, load_face_embedding
+from freecure.backends.pulid.encoder import (
     FACE_TEMPLATE_512,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -42,7 +42,7 @@ from freecure.backends.pulid_encoder import (
     warp_face,
 )
 from freecure.cli import main
-from freecure.errors import InputError, WeightsNotFoundError
+from freecure.core.errors import InputError, WeightsNotFoundError
 from freecure.parsing import ParseResult
 from keylists import meta_state_dict, read_layout
 
@@ -110,7 +110,7 @@ def test_original_names_round_trip_and_load_strictly(tower, tmp_path):
     assert all(timm_key(original_key(k)[len("visual."):]) == k for k in tower.trunk.state_dict())
     path = tmp_path / "eva.pt"
     torch.save({"module": state}, path)  # read with weights_only=True, wrapper removed
-    from freecure.checkpoints import read_tensors
+    from freecure.core.checkpoints import read_tensors
 
     loaded = load_eva_clip_vision(EvaCLIPVision(TINY_EVA), read_tensors(path, nested=True), "eva.pt").eval()
     x = torch.randn(1, 3, 28, 28)
@@ -158,7 +158,7 @@ def test_wrong_checkpoints_are_refused_naming_the_original_key(tower, change, me
 
 
 def test_eva_clip_weights_missing_file_or_offline_hub_say_what_to_pass(tmp_path, monkeypatch):
-    from freecure.backends.pulid_encoder import eva_clip_weights
+    from freecure.backends.pulid.encoder import eva_clip_weights
 
     with pytest.raises(WeightsNotFoundError, match="is not a file.*--eva-clip-weights"):
         eva_clip_weights(tmp_path / "none.pt")
@@ -288,7 +288,7 @@ def test_encoder_stacks_one_row_per_photo_and_flux_reads_the_first(tower, astron
 
 def test_tiny_backends_compute_the_identity_from_the_reference(tiny_flux, astronaut):
     from freecure.backends import PuLIDFluxBackend
-    from freecure.backends.base import TextConditioning
+    from freecure.core.conditioning import TextConditioning
 
     encoder = PuLIDFaceEncoder.tiny()
     backend = PuLIDFluxBackend.tiny(pipeline=tiny_flux, encoder=encoder)
@@ -302,7 +302,7 @@ def test_tiny_backends_compute_the_identity_from_the_reference(tiny_flux, astron
 
 def test_sdxl_backend_reads_every_reference_one_row_each(tiny_sdxl, astronaut):
     from freecure.backends import PuLIDSDXLBackend
-    from freecure.backends.base import TextConditioning
+    from freecure.core.conditioning import TextConditioning
 
     encoder = PuLIDFaceEncoder.tiny()
     backend = PuLIDSDXLBackend.tiny(pipeline=tiny_sdxl, encoder=encoder)
@@ -322,7 +322,8 @@ def test_sdxl_backend_reads_every_reference_one_row_each(tiny_sdxl, astronaut):
 def test_from_pretrained_uses_antelopev2_raw_embeddings_and_parses_the_whole_aligned_face(monkeypatch):
     import importlib.util
 
-    from freecure.backends import face_embedding, pulid_encoder
+    from freecure.backends.common import face_embedding
+    from freecure.backends.pulid import encoder as pulid_encoder
 
     made = {}
 
@@ -348,7 +349,7 @@ def test_from_pretrained_uses_antelopev2_raw_embeddings_and_parses_the_whole_ali
 
 
 def test_embed_tiny_writes_a_file_the_tiny_backends_read(tmp_path, capsys):
-    from freecure.backends.pulid_idformer import tiny_idformer_config
+    from freecure.backends.pulid.idformer import tiny_idformer_config
 
     out = tmp_path / "face.safetensors"
     args = ["embed", "--tiny", "--backend", "pulid-sdxl", "--ref", "examples/astronaut.png", "--out", str(out)]
@@ -398,7 +399,7 @@ def test_without_insightface_one_line_says_what_to_install(args, tmp_path, capsy
 
 
 def test_without_ref_or_embedding_the_backend_says_what_to_pass():
-    from freecure.backends.pulid import face_from_cli
+    from freecure.backends.pulid.sdxl import face_from_cli
 
     with pytest.raises(InputError, match="needs --ref PHOTO .* or --face-embedding"):
         face_from_cli(argparse.Namespace(face_embedding=None, ref=[], device="cpu"), "pulid-flux")

@@ -10,8 +10,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from freecure.backends.pulid import IdentityRows
-from freecure.backends.pulid_flux import (
+from freecure.backends.pulid.flux import (
     DOUBLE,
     SINGLE,
     PuLIDFluxModules,
@@ -19,8 +18,9 @@ from freecure.backends.pulid_flux import (
     install_flux_identity,
     load_pulid_flux_weights,
 )
-from freecure.backends.pulid_idformer import tiny_idformer_config
-from freecure.errors import WeightsNotFoundError
+from freecure.backends.pulid.idformer import tiny_idformer_config
+from freecure.backends.pulid.sdxl import IdentityRows
+from freecure.core.errors import WeightsNotFoundError
 from keylists import meta_state_dict, read_layout
 
 ID_WEIGHT = 0.7
@@ -188,7 +188,7 @@ FLUX_SIZE, FLUX_LATENT, FLUX_STEPS = (64, 64), (32, 32), 4
 
 @pytest.fixture(scope="module")
 def flux_backend(tiny_flux):
-    from freecure.backends.pulid_flux import PuLIDFluxBackend
+    from freecure.backends.pulid.flux import PuLIDFluxBackend
 
     backend = PuLIDFluxBackend.tiny(id_weight=ID_WEIGHT, pipeline=tiny_flux, seed=4, start_step=1)
     backend.guidance_scale = 3.5
@@ -197,7 +197,7 @@ def flux_backend(tiny_flux):
 
 @pytest.fixture(scope="module")
 def flux_conditions(flux_backend):
-    from freecure.attributes import parse_prompt
+    from freecure.core.attributes import parse_prompt
 
     parsed = parse_prompt("a man with black curly hair, laughing happily", "man", tokenizer=flux_backend.tokenizer)
     return flux_backend.conditions(parsed, [], FLUX_STEPS)
@@ -206,7 +206,7 @@ def flux_conditions(flux_backend):
 def flux_scheduler(pipe):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from freecure.families import FLUX
+    from freecure.families.flux import FLUX
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     FLUX.set_timesteps(scheduler, FLUX_STEPS, "cpu", FLUX_LATENT)
@@ -214,13 +214,13 @@ def flux_scheduler(pipe):
 
 
 def flux_noise(pipe, seed=0):
-    from freecure.families import FLUX
+    from freecure.families.flux import FLUX
 
     return FLUX.initial_latents(pipe, None, FLUX_LATENT, torch.Generator().manual_seed(seed), "cpu", torch.float32)
 
 
 def test_backend_pd_row_is_the_original_forward_and_fd_row_plain_flux(flux_backend, flux_conditions):
-    from freecure.backends.base import FD, PD
+    from freecure.core.conditioning import FD, PD
 
     backend, c = flux_backend, flux_conditions
     assert c.inject_step == 1 and c.pd.id_tokens.shape == (4, 24)
@@ -242,9 +242,10 @@ def test_backend_pd_row_is_the_original_forward_and_fd_row_plain_flux(flux_backe
 
 
 def test_flux_rofa_endpoints_and_start_step(flux_backend, flux_conditions):
-    from freecure.backends.base import PD
-    from freecure.families import FLUX
-    from freecure.sampling import FD_LANE, PD_LANE, Guidance, plain_pass, rofa_pass, same_pass
+    from freecure.core.conditioning import PD
+    from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
+    from freecure.families.flux import FLUX
+    from freecure.stages.sampling import plain_pass, rofa_pass, same_pass
 
     backend, c = flux_backend, flux_conditions
     guidance = Guidance(scale=1.0)
@@ -284,7 +285,7 @@ def test_tiny_from_cli_uses_a_given_face_embedding(tmp_path):
     import argparse
 
     from freecure.backends import PuLIDFluxBackend
-    from freecure.backends.pulid_embedding import random_face_embedding, save_face_embedding
+    from freecure.backends.pulid.embedding import random_face_embedding, save_face_embedding
 
     config = tiny_idformer_config(24)
     face = random_face_embedding(config.id_dim, config.vit_dim, seed=5)
@@ -310,7 +311,7 @@ def test_cost_counts_pulid_flux(capsys):
 
 
 def test_pulid_flux_without_tiny_needs_a_face_embedding_and_weights(tmp_path, capsys):
-    from freecure.backends.pulid_embedding import random_face_embedding, save_face_embedding
+    from freecure.backends.pulid.embedding import random_face_embedding, save_face_embedding
     from freecure.cli import main
 
     base = ["generate", "--backend", "pulid-flux", "--prompt", "a man", "--out", str(tmp_path / "x"), "--device", "cpu"]

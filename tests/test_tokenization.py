@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from freecure.errors import WeightsNotFoundError
-from freecure.tokenization import (
+from freecure.core.errors import WeightsNotFoundError
+from freecure.core.tokenization import (
     EOS_TOKEN,
     VOCAB_SIZE,
     bytes_to_unicode,

@@ -11,13 +11,14 @@ from diffusers import DDIMScheduler
 
 import freecure.pipeline as pipeline_module
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-from freecure.backends.base import FD, PD
-from freecure.masks import to_latent_resolution
+from freecure.core.conditioning import FD, PD
+from freecure.core.guidance import FD_LANE, PD_LANE
+from freecure.core.labels import CLASS_TO_ID
+from freecure.families.tiny import LayoutFaceParser
 from freecure.parsing import ParseResult
-from freecure.parsing.labels import CLASS_TO_ID
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.sampling import FD_LANE, PD_LANE, same_layout
-from freecure.tiny import LayoutFaceParser
+from freecure.stages.masks import to_latent_resolution
+from freecure.stages.sampling import same_layout
 
 HAIR_AND_LAUGH = "a man with black curly hair, laughing happily"
 
@@ -189,7 +190,7 @@ def test_capture_row_is_fds_conditional_row_at_every_step(tiny_sd15, approximate
 def test_expression_halves_get_their_own_guidance(tiny_sd15, monkeypatch, config, inversion, denoising):
     """Inversion: template prompt at the inversion scale (default 1); re-denoising: expression
     prompt at the expression scale (default the run's); {expression 1.0} is the former behaviour."""
-    import freecure.inversion as inversion_module
+    import freecure.stages.expression as inversion_module
 
     restore = Recorder(monkeypatch, "expression_restore")
     original, seen = inversion_module._run_steps, []
@@ -250,7 +251,8 @@ class KeySpyBackend:
 def test_plain_pass_guides_each_lane_with_its_own_negative_branch(tiny_sd15, grey_image):
     from dataclasses import replace
 
-    from freecure.sampling import Guidance, plain_pass
+    from freecure.core.guidance import Guidance
+    from freecure.stages.sampling import plain_pass
 
     backend = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32))
     parsed = pipeline_module.parse_prompt("a man with black curly hair", "man", tokenizer=backend.tokenizer)
@@ -283,7 +285,7 @@ def test_tiny_start_up_removes_only_stale_tiny_folders(tmp_path, monkeypatch):
     import os
     import tempfile
 
-    from freecure.tiny import tiny_sd15_pipeline
+    from freecure.families.tiny import tiny_sd15_pipeline
 
     scratch, outside = tmp_path / "tmp", tmp_path / "elsewhere"
     (outside / "keep").mkdir(parents=True)
@@ -327,7 +329,7 @@ def test_sigterm_during_tiny_start_up_removes_its_folder(tmp_path):
 import os, signal, sys, tempfile
 tempfile.tempdir = sys.argv[1]
 from diffusers import StableDiffusionPipeline
-from freecure.tiny import tiny_sd15_pipeline
+from freecure.families.tiny import tiny_sd15_pipeline
 save = StableDiffusionPipeline.save_pretrained
 def save_then_terminate(self, directory, *args, **kwargs):
     save(self, directory, *args, **kwargs)

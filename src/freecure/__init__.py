@@ -10,6 +10,9 @@ Consistency" (Cai et al.). The package is organised by the paper's parts:
 
 __version__ = "0.1.0.dev0"
 
-from .errors import FreeCureError, InputError, WeightsNotFoundError
+from .core import deprecation as _deprecation
+from .core.errors import FreeCureError, InputError, WeightsNotFoundError
+
+_deprecation.install()  # old import paths (freecure.fasa, freecure.sampling, …) for one release
 
 __all__ = ["FreeCureError", "InputError", "WeightsNotFoundError", "__version__"]

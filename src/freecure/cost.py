@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .backends.base import FD, PD, PD_UNCOND, UNCOND, Backend, Conditions
-from .inversion import ddim_denoise_from, ddim_invert
-from .pipeline import UNetCounter
-from .sampling import FD_LANE, PD_LANE, Guidance, plain_pass, predict_guided, rofa_blend, single_lane_layout
+from .backends.base import Backend
+from .core.conditioning import FD, PD, PD_UNCOND, UNCOND, Conditions
+from .core.guidance import FD_LANE, PD_LANE, Guidance, single_lane_layout
+from .stages.expression import ddim_denoise_from, ddim_invert
+from .stages.records import UNetCounter
+from .stages.sampling import plain_pass, predict_guided, rofa_blend
 
 
 @dataclass
@@ -80,7 +82,7 @@ class _Setup:
 
 def _setup(freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale,
            true_cfg_scale) -> _Setup:
-    from .attributes import parse_prompt
+    from .core.attributes import parse_prompt
     from .pipeline import _to
 
     backend = freecure_pipeline.backend
@@ -230,8 +232,8 @@ def literal_fasa(
     4-row batch [uncond@PD, uncond@FD, PD, FD]; unguided (guidance-distilled FLUX, which
     their code does not cover) the 2-row [PD, FD]. ``mask`` lies on the family's attention
     grid. Returns PD's z_0 of the second generation."""
-    from .fasa import FasaState
-    from .sampling import BatchLayout
+    from .attention.fasa import FasaState
+    from .core.guidance import BatchLayout
 
     def layout(i):
         key = PD if i >= conditions.inject_step else FD

@@ -11,11 +11,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import __version__
-from .atomic import atomic_folder, json_text
-from .errors import InputError
-from .masks import normalize_map, render_mask, render_mask_overlay
+from .core.atomic import atomic_folder, json_text
+from .core.errors import InputError
 from .parsing import overlay_labels
 from .pipeline import FreeCureOutput
+from .stages.masks import normalize_map, render_mask, render_mask_overlay
 
 STAGE_IMAGES = ("fd", "pd", "blended", "freecure")
 #: The sub-folder of one image of a ``--num-images`` run.

@@ -16,26 +16,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import AGGREGATIONS, AttentionStore
-from .attributes import ParsedPrompt, detect_class_word, parse_prompt
-from .backends.base import Backend, Conditions, TextConditioning
-from .errors import FreeCureError, InputError, check_number
-from .families import family_of
-from .fasa import FasaConfig, check_one_batch, fasa_stage
-from .images import ImageInput, load_image
-from .inversion import expression_restore, inversion_steps
-from .masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
+from .attention.capture import AGGREGATIONS, AttentionStore
+from .backends.base import Backend, check_one_batch
+from .core.attributes import ParsedPrompt, detect_class_word, parse_prompt
+from .core.conditioning import Conditions, TextConditioning
+from .core.deprecation import moved_names
+from .core.errors import InputError, check_number
+from .core.guidance import FD_LANE, PD_LANE
+from .core.images import ImageInput, load_image
 from .parsing import FaceParser, ParseResult
-from .sampling import FD_LANE, PD_LANE, check_scheduler, rofa_pass, same_pass
+from .stages.decode import decode_latents
+from .stages.expression import expression_restore, inversion_steps
+from .stages.fasa import FasaConfig, fasa_stage
+from .stages.masks import PD_REGION_MODES, attribute_mask, merge_masks, placement_region, to_latent_resolution
+from .stages.records import StageRecord, UNetCounter, _ReportingBar, _Stages
+from .stages.sampling import check_scheduler, rofa_pass, same_pass
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +105,6 @@ class FreeCureConfig:
 
 
 @dataclass
-class StageRecord:
-    """One stage of a run: whether it ran, why not, its wall time and its UNet work.
-
-    ``freecure_bytes`` is FreeCure's own memory beyond the model's that the stage holds,
-    computed from tensor sizes: the SAME pass's ε_f cache, injection snapshot and attention
-    sums; the masks; ROFA's mask; the expression stage's latents."""
-
-    name: str
-    ran: bool
-    reason: str = ""
-    seconds: float = 0.0
-    unet_calls: int = 0
-    batch_items: int = 0
-    freecure_bytes: int = 0
-
-
-@dataclass
 class FreeCureOutput:
     """Everything a FreeCure run produced.
 
@@ -162,129 +147,6 @@ class FreeCureOutput:
 
     def stage(self, name: str) -> StageRecord:
         return next(stage for stage in self.stages if stage.name == name)
-
-
-class UNetCounter:
-    """Counts the denoiser forward calls and batch items actually run (a forward pre-hook)."""
-
-    def __init__(self):
-        self.calls = 0
-        self.items = 0
-
-    def __call__(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        self.calls += 1
-        self.items += int(sample.shape[0])
-
-    @contextlib.contextmanager
-    def attached(self, unets: Sequence[torch.nn.Module]) -> Iterator[UNetCounter]:
-        handles = [unet.register_forward_pre_hook(self, with_kwargs=True) for unet in unets]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class _Stages:
-    """Times each stage and attributes UNet work to it."""
-
-    def __init__(self, counter: UNetCounter):
-        self.counter = counter
-        self.records: list[StageRecord] = []
-
-    @contextlib.contextmanager
-    def run(self, name: str) -> Iterator[StageRecord]:
-        record = StageRecord(name, ran=True)
-        calls, items, start = self.counter.calls, self.counter.items, time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        try:
-            yield record
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            record.seconds = time.perf_counter() - start
-            record.unet_calls = self.counter.calls - calls
-            record.batch_items = self.counter.items - items
-            self.records.append(record)
-
-    def skip(self, name: str, reason: str) -> None:
-        self.records.append(StageRecord(name, ran=False, reason=reason))
-
-
-class _ReportingBar:
-    """A tqdm bar that also reports ``(stage, done, total)`` to a callback after each step."""
-
-    def __init__(self, bar, stage: str, total: int, callback: Callable[[str, int, int], None]):
-        self.bar, self.stage, self.total, self.callback, self.done = bar, stage, total, callback, 0
-
-    def __enter__(self):
-        self.bar.__enter__()
-        self.callback(self.stage, 0, self.total)
-        return self
-
-    def __exit__(self, *exc_info):
-        return self.bar.__exit__(*exc_info)
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)
-        self.done += n
-        self.callback(self.stage, self.done, self.total)
-
-
-class BlankImageError(FreeCureError):
-    """A run produced an image that is none: NaN or infinite numbers, or one colour everywhere."""
-
-
-BLANK_IMAGE_ADVICE = (
-    "the model overflowed or was fed values out of range: check the guidance scale, the identity embedding "
-    "(--face-embedding, --identity-embedding) and the other numeric settings, or try --dtype float32"
-)
-
-
-def decode_latents(pipeline, latents: torch.Tensor, image_size: tuple[int, int] | None = None) -> list[Image.Image]:
-    """VAE-decode latents to PIL images the way the pipeline's family does (SD: unscale;
-    FLUX: unpack, unscale and unshift), upcasting the VAE where its config asks for it.
-    ``image_size`` (pixels) is needed to unpack FLUX latents.
-
-    A run never succeeds with an image that is none: NaN or infinity in the latents or in the
-    VAE's output (which would become black pixels), or an image of one colour everywhere.
-
-    Raises:
-        BlankImageError: one of those, with what to check.
-    """
-    count = len(latents)
-    finite = torch.isfinite(latents.reshape(count, -1)).all(dim=1)
-    if not bool(finite.all()):
-        bad = count - int(finite.sum())
-        raise BlankImageError(
-            f"the run produced a non-finite image: {bad} of {count} latents hold NaN or infinity after "
-            f"denoising; {BLANK_IMAGE_ADVICE}"
-        )
-
-    def check_decoded(module, args, output):  # NaN pixels would be cast to black silently
-        if isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
-            raise BlankImageError(
-                f"the run produced a non-finite image: the VAE's output holds NaN or infinity; {BLANK_IMAGE_ADVICE}"
-            )
-
-    decoder = getattr(getattr(pipeline, "vae", None), "decoder", None)
-    hook = decoder.register_forward_hook(check_decoded) if isinstance(decoder, torch.nn.Module) else None
-    try:
-        images = family_of(pipeline).decode(pipeline, latents, image_size)
-    finally:
-        if hook is not None:
-            hook.remove()
-    for index, image in enumerate(images):
-        pixels = np.asarray(image)
-        if pixels.size and bool((pixels == pixels[0, 0]).all()):
-            colour = tuple(int(v) for v in np.atleast_1d(pixels[0, 0]))
-            raise BlankImageError(
-                f"the run produced a blank image: image {index + 1} of {len(images)} is one colour {colour} "
-                f"everywhere; {BLANK_IMAGE_ADVICE}"
-            )
-    return images
 
 
 class FreeCurePipeline:
@@ -664,3 +526,7 @@ def _parse_images(parser: FaceParser, images: Sequence[Image.Image]) -> list[Par
     """Ψ of several images, batched when the parser can."""
     batch = getattr(parser, "parse_batch", None)
     return list(batch(images)) if batch is not None else [parser(image) for image in images]
+
+
+#: names of this module before the stages moved out (one release)
+__getattr__ = moved_names(__name__, ["freecure.stages.records", "freecure.stages.decode", "freecure.core.errors"])

@@ -1,7 +1,13 @@
 """The paper's motivation studies (§3): per-token cross-attention maps of FD and PD
 (Figure 3) and the identity-column interpolation of eq. 3 (Figures 4 and 10)."""
 
-from ..projections import JointProjection, cross_attention_logits, cross_query_key, cross_value, joint_projection
+from ..attention.projections import (
+    JointProjection,
+    cross_attention_logits,
+    cross_query_key,
+    cross_value,
+    joint_projection,
+)
 from .grids import GridLayout, labelled_grid
 from .interpolate import (
     HandedIdentityInterpolation,

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import installed_joint_processors, installed_processors
-from ..projections import cross_attention_logits, cross_value, joint_projection
-from ..sampling import same_layout
+from ..attention.capture import installed_joint_processors, installed_processors
+from ..attention.projections import cross_attention_logits, cross_value, joint_projection
+from ..stages.sampling import same_layout
 from .maps import is_joint, pd_row, single_row
 
 

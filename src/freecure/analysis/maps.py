@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..attention import JointContext, _grid_for, installed_joint_processors, installed_processors
-from ..backends.base import FD, PD
-from ..projections import cross_attention_logits, joint_projection
-from ..sampling import PD_LANE, same_layout
+from ..attention.capture import JointContext, _grid_for, installed_joint_processors, installed_processors
+from ..attention.projections import cross_attention_logits, joint_projection
+from ..core.conditioning import FD, PD
+from ..core.guidance import PD_LANE
+from ..stages.sampling import same_layout
 
 LANES = ("fd", "pd")
 #: Block groups in the order the model runs them (UNet, then FLUX).

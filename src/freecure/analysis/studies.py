@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from ..attributes import ParsedPrompt, detect_class_word, parse_prompt
-from ..backends.base import Conditions
-from ..errors import InputError
-from ..images import load_image
-from ..sampling import Guidance, check_scheduler, same_layout, same_pass
+from ..core.attributes import ParsedPrompt, detect_class_word, parse_prompt
+from ..core.conditioning import Conditions
+from ..core.errors import InputError
+from ..core.guidance import Guidance
+from ..core.images import load_image
+from ..stages.sampling import check_scheduler, same_layout, same_pass
 from .interpolate import InterpolationState, interpolate_across_calls, interpolate_identity
 from .maps import LANES, TokenMapStore, cross_attention_groups, is_joint, record_token_maps
 from .tokens import TokenAlignment, align_tokens
@@ -142,7 +143,7 @@ def check_rows_in_one_call(backend) -> None:
     """Refuse backends whose PD rows are not rows of the engine's one denoiser call
     (:func:`freecure.fasa.rows_in_one_call`) unless they map the rows onto their own calls
     (:func:`across_calls`: Face-diffuser); :class:`RowGuard` checks it again at run time."""
-    from ..fasa import rows_in_one_call
+    from ..backends.base import rows_in_one_call
 
     if not rows_in_one_call(backend) and not across_calls(backend):
         raise InputError(
@@ -261,7 +262,7 @@ def attention_study(
     on_step: Callable[[int], None] | None = None,
 ) -> AttentionStudy:
     """Record FD's and PD's cross-attention over every token (Figure 3)."""
-    from ..pipeline import decode_latents
+    from ..stages.decode import decode_latents
 
     if steps is not None and any(not 0 <= s < setup.steps for s in steps):
         raise InputError(f"analysed steps must lie in 0..{setup.steps - 1}, got {list(steps)}")
@@ -381,7 +382,7 @@ def interpolation_study(
     α = 0 changes nothing, so it is run once and shared by every group. ``groups`` None: every
     block group of the model family (UNet: down, mid, up; FLUX: double, single).
     """
-    from ..pipeline import decode_latents
+    from ..stages.decode import decode_latents
 
     if not setup.alignment.identity_in_prompt:
         raise InputError(

@@ -1,15 +1,17 @@
 """Personalization backends: the protocol and the built-in implementations."""
 
-from .base import Backend, Conditions, TextConditioning
-from .face_diffuser import FaceDiffuserBackend
-from .fastcomposer import FastComposerBackend
-from .infiniteyou import InfiniteYouBackend
-from .instantid import InstantIDBackend
-from .ip_adapter_faceid import IPAdapterFaceIDBackend
-from .photomaker import PhotoMakerBackend
-from .pulid import PuLIDSDXLBackend
-from .pulid_flux import PuLIDFluxBackend
-from .token_fusion import RandomProjectionIdentityEncoder, TokenFusionBackend
+from ..core.conditioning import Conditions, TextConditioning
+from .base import Backend
+from .common.random_identity import RandomProjectionIdentityEncoder
+from .face_diffuser.backend import FaceDiffuserBackend
+from .fastcomposer.backend import FastComposerBackend
+from .infiniteyou.backend import InfiniteYouBackend
+from .ip_adapter.faceid import IPAdapterFaceIDBackend
+from .ip_adapter.instantid import InstantIDBackend
+from .photomaker.backend import PhotoMakerBackend
+from .pulid.flux import PuLIDFluxBackend
+from .pulid.sdxl import PuLIDSDXLBackend
+from .token_fusion.backend import TokenFusionBackend
 
 #: Backends by the name the CLI takes.
 BACKENDS: dict[str, type[Backend]] = {

@@ -19,73 +19,16 @@ decoding) is not here but in the backend's :attr:`Backend.family`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
-from ..attributes import ParsedPrompt
-from ..families import ModelFamily, family_of
-
-# Conditioning keys used by batch layouts.
-UNCOND, FD, PD, PD_UNCOND = "uncond", "fd", "pd", "pd_uncond"
-
-
-@dataclass(frozen=True)
-class TextConditioning:
-    """What one guidance branch feeds the denoiser.
-
-    Attributes:
-        prompt_embeds: text-encoder hidden states, shape (1, sequence, dim) (FLUX: T5's).
-        pooled_prompt_embeds: the pooled text embedding, shape (1, dim): SDXL's second CLIP,
-            FLUX's CLIP; None for SD1.5.
-    """
-
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor | None = None
-
-    def to(self, device=None, dtype=None) -> TextConditioning:
-        pooled = self.pooled_prompt_embeds
-        return replace(
-            self,
-            prompt_embeds=self.prompt_embeds.to(device=device, dtype=dtype),
-            pooled_prompt_embeds=None if pooled is None else pooled.to(device=device, dtype=dtype),
-        )
-
-
-@dataclass(frozen=True)
-class Conditions:
-    """All conditionings of one FreeCure run.
-
-    Attributes:
-        uncond: the negative branch of FD (and of PD when ``pd_uncond`` is None).
-        fd: FD's positive branch, τ(c) in eq. (2).
-        pd: PD's positive branch from ``inject_step`` on, τ(c̃) in eq. (1).
-        inject_step: index of the first denoising step at which PD uses ``pd``.
-        pd_uncond: PD's own negative branch, if it differs from FD's.
-        template: the template prompt's conditioning ("a man") for the expression inversion.
-        expression: the expression prompt's conditioning ("a man laughing") for re-denoising.
-    """
-
-    uncond: TextConditioning
-    fd: TextConditioning
-    pd: TextConditioning
-    inject_step: int
-    pd_uncond: TextConditioning | None = None
-    template: TextConditioning | None = None
-    expression: TextConditioning | None = None
-
-    @property
-    def shares_uncond(self) -> bool:
-        return self.pd_uncond is None
-
-    def get(self, key: str) -> TextConditioning:
-        if key == PD_UNCOND:
-            return self.uncond if self.pd_uncond is None else self.pd_uncond
-        value = getattr(self, key)
-        if value is None:
-            raise KeyError(f"conditioning {key!r} was not prepared")
-        return value
+from ..core.attributes import ParsedPrompt
+from ..core.conditioning import Conditions, TextConditioning
+from ..core.deprecation import moved_names
+from ..core.errors import InputError
+from ..families import family_of
+from ..families.base import ModelFamily
 
 
 class Backend:
@@ -278,3 +221,34 @@ class Backend:
             image_size: (height, width) in pixels, for SDXL's time ids and FLUX's position ids.
         """
         return self.family.predict(self, latents, timestep, rows, image_size)
+
+
+def rows_in_one_call(backend) -> bool:
+    """Whether every row of the backend's ``predict_noise`` calls goes through one denoiser
+    call: what the backend says with ``rows_in_one_call`` (an attribute or property: True for
+    the adapters that only add their inputs to that call, False for Face-diffuser's TDM/SDM and
+    for IP-Adapter-FaceID with FD's LoRA off); left unsaid, true only for the default
+    ``predict_noise``."""
+    declared = getattr(backend, "rows_in_one_call", None)
+    if declared is not None:
+        return bool(declared)
+    return type(backend).predict_noise is Backend.predict_noise
+
+
+def check_one_batch(backend, what: str = "FASA") -> None:
+    """Refuse backends whose PD rows are not rows of the engine's one denoiser call.
+
+    FASA addresses FD's and PD's rows by their index in the batch the engine builds; a
+    backend that evaluates PD with its own models in separate calls breaks that mapping
+    (:func:`rows_in_one_call`). (FASA also accepts a backend that maps the pairs onto its own
+    calls, :attr:`Backend.fasa_across_calls`: Face-diffuser.)
+    """
+    if not rows_in_one_call(backend):
+        raise InputError(
+            f"{what} needs FD's and PD's rows in one denoiser call, but the {backend.name} backend splits them "
+            "over separate calls of its own models; use --method rofa / another backend"
+        )
+
+
+#: names of this module before the vocabulary moved to freecure.core.conditioning (one release)
+__getattr__ = moved_names(__name__, ["freecure.core.conditioning"])

@@ -11,8 +11,8 @@ import os
 import sys
 import traceback
 
-from ..errors import FreeCureError
-from ..terminal import printable
+from ..core.errors import FreeCureError
+from ..core.terminal import printable
 
 # Sub-command modules, in the order `freecure --help` lists them.
 COMMANDS = ("generate", "embed", "attributes", "parse", "cost", "eval", "report", "analyze", "demo")

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from . import options
 from .generate import add_model_arguments, build_freecure, check_model_arguments, guidance_scale
 
@@ -130,8 +130,8 @@ def _out_dir(args) -> Path:
 def _check(args) -> list:
     """Everything checked before any model loads: the options across each other, and the
     reference photos (read now, as `freecure generate` does)."""
-    from ..attributes import check_prompt_length
-    from ..images import load_reference
+    from ..core.attributes import check_prompt_length
+    from ..core.images import load_reference
 
     check_prompt_length(args.prompt)
     check_model_arguments(args)
@@ -188,8 +188,8 @@ def run_attention(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..analysis import attention_study, labelled_grid
-    from ..masks import normalize_map, render_mask_overlay
     from ..outputs import check_writable
+    from ..stages.masks import normalize_map, render_mask_overlay
 
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2, got {args.steps}")
@@ -229,7 +229,7 @@ def run_attention(args: argparse.Namespace) -> int:
         f"steps averaged: {args.analysis_steps or 'all'} · heads: {args.heads or 'all'} · each map min-max normalised",
     ]
     grid = labelled_grid(cells, ["image", *labels], col_labels, title, cell=args.cell)
-    from ..atomic import json_text
+    from ..core.atomic import json_text
 
     summary_text = json_text(study.summary)  # NaN or infinity: one line, and nothing written
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..atomic import json_text
-from ..attributes import ParsedPrompt, parse_prompt
-from ..terminal import printable
+from ..core.atomic import json_text
+from ..core.attributes import ParsedPrompt, parse_prompt
+from ..core.terminal import printable
 
 _COLUMNS = ("attribute", "kind", "category", "parse classes", "tokens")
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     """Parse the prompt and print the result."""
     tokenizer = None
     if not args.no_tokens:
-        from ..tokenization import load_clip_tokenizer
+        from ..core.tokenization import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer(args.tokenizer)
     parsed = parse_prompt(args.prompt, args.class_word, trigger=args.trigger, tokenizer=tokenizer)

@@ -3,7 +3,7 @@ counted by running each schedule on the tiny pipeline."""
 
 from __future__ import annotations
 
-from ..atomic import json_text
+from ..core.atomic import json_text
 from . import options
 
 
@@ -90,7 +90,7 @@ def check(args) -> None:
             an injection step outside the schedule, or a guidance option the family ignores.
     """
     from ..backends import BACKENDS
-    from ..errors import InputError
+    from ..core.errors import InputError
 
     families = BACKENDS[args.backend].families
     if args.family is not None and args.family not in families:
@@ -123,10 +123,10 @@ def check(args) -> None:
 
 def run(args) -> int:
     from ..backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-    from ..backends.token_fusion import text_dim
+    from ..backends.common.random_identity import text_dim
     from ..cost import count_costs
+    from ..families.tiny import LayoutFaceParser, tiny_pipeline
     from ..pipeline import FreeCureConfig, FreeCurePipeline
-    from ..tiny import LayoutFaceParser, tiny_pipeline
 
     check(args)
     if args.backend == "ip-adapter-faceid":

@@ -11,8 +11,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from ..core.errors import InputError
 from ..demo.service import MAX_GUIDANCE, MAX_STEPS
-from ..errors import InputError
 from .generate import add_model_arguments
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from . import options
 
 #: Backends whose face embedding this command computes → how many photos they read.
@@ -48,9 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import write_file
-    from ..backends.pulid_embedding import INSIGHTFACE_LICENSE, save_face_embedding
-    from ..images import load_reference
+    from ..backends.pulid.embedding import INSIGHTFACE_LICENSE, save_face_embedding
+    from ..core.atomic import write_file
+    from ..core.images import load_reference
 
     limit = EMBEDDERS[args.backend]
     if limit is not None and len(args.ref) > limit:
@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_encoder(args: argparse.Namespace):
-    from ..backends.pulid_encoder import PuLIDFaceEncoder
-    from ..runtime import resolve_device
+    from ..backends.pulid.encoder import PuLIDFaceEncoder
+    from ..core.runtime import resolve_device
 
     if args.tiny:
         if args.eva_clip_weights or args.parser_weights:

@@ -16,8 +16,8 @@ import logging
 import os
 from pathlib import Path
 
-from ..atomic import FolderLock, write_json
-from ..errors import InputError
+from ..core.atomic import FolderLock, write_json
+from ..core.errors import InputError
 from . import options
 from .generate import add_model_arguments, build_freecure, check_model_arguments, guidance_scale
 
@@ -171,7 +171,7 @@ def _prompt_consistency(args, device):
     from ..evaluation.metrics import PromptConsistency, build_tiny_clip
 
     if args.clip_model == TINY_CLIP:
-        from ..tiny import tiny_scratch
+        from ..families.tiny import tiny_scratch
 
         with tiny_scratch() as scratch:  # removed even when the process is killed meanwhile
             directory = build_tiny_clip(Path(scratch))
@@ -225,11 +225,11 @@ def build_evaluator(args: argparse.Namespace, device):
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    from ..core.runtime import resolve_dtype
     from ..evaluation.identities import load_identities
     from ..evaluation.metrics import DEFAULT_CLIP_MODEL
     from ..evaluation.prompts import load_prompts
     from ..evaluation.runner import done_keys, plan_items, run_shard, settings_hash, shard
-    from ..runtime import resolve_dtype
 
     if args.seed_offset + args.num_seeds - 1 > options.MAX_SEED:
         raise InputError(f"--seed-offset + --num-seeds - 1 must be at most {options.MAX_SEED}")

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..backends import BACKENDS
-from ..errors import InputError
-from ..runtime import (
+from ..core.errors import InputError
+from ..core.runtime import (
     DTYPES,
     OFFLOAD_MODES,
     SCHEDULERS,
@@ -20,7 +20,7 @@ from ..runtime import (
     resolve_dtype,
     set_scheduler,
 )
-from ..terminal import printable
+from ..core.terminal import printable
 from . import options
 
 
@@ -341,7 +341,8 @@ def check_family_options(args: argparse.Namespace, flux: bool | None) -> None:
 
 def add_method_arguments(parser) -> None:
     """``--method`` and the FASA options (docs/engine.md, "FASA")."""
-    from ..fasa import LAYER_PRESETS, MASK_SOURCES, FasaConfig
+    from ..attention.fasa import LAYER_PRESETS
+    from ..stages.fasa import MASK_SOURCES, FasaConfig
 
     parser.add_argument(
         "--method",
@@ -381,7 +382,8 @@ def add_method_arguments(parser) -> None:
 
 def fasa_config(args: argparse.Namespace):
     """The :class:`freecure.fasa.FasaConfig` of the parsed options."""
-    from ..fasa import LAYER_PRESETS, FasaConfig
+    from ..attention.fasa import LAYER_PRESETS
+    from ..stages.fasa import FasaConfig
 
     given = {}
     layers = getattr(args, "fasa_layers", None)
@@ -395,7 +397,7 @@ def fasa_config(args: argparse.Namespace):
 
 
 def build_face_parser(args):
-    from ..tiny import LayoutFaceParser
+    from ..families.tiny import LayoutFaceParser
 
     choice = args.parser or ("layout" if args.tiny else "bisenet")
     if choice == "layout":
@@ -450,9 +452,9 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_folder
-    from ..attributes import check_prompt_length, detect_class_word
-    from ..images import load_reference
+    from ..core.atomic import atomic_folder
+    from ..core.attributes import check_prompt_length, detect_class_word
+    from ..core.images import load_reference
     from ..outputs import check_earlier_run, write_run, write_runs
 
     # Everything a user gave is checked before any model loads.

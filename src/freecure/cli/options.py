@@ -19,12 +19,11 @@ instead; argparse turns it into one line and exit code 2. Use them as ``type=``:
 from __future__ import annotations
 
 import argparse
-import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
+from ..core.options import _number, finite_float, int_range, non_negative_int, positive_int  # noqa: F401 (cli option types)
 
 #: Training steps of every supported scheduler (``configs.SD_SCHEDULER``): more inference
 #: steps than this cannot be scheduled.
@@ -42,49 +41,6 @@ MIN_IMAGE_SIDE, MAX_IMAGE_SIDE, IMAGE_SIDE_MULTIPLE = 16, 4096, 8
 MAX_NUM_IMAGES = 64
 
 
-def _number(text: str, kind: Callable, what: str):
-    try:
-        return kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-
-
-def finite_float(minimum: float | None = None, maximum: float | None = None, open_minimum: bool = False):
-    """A float type that rejects NaN, ±inf and values outside [minimum, maximum]
-    ((minimum, maximum] when ``open_minimum``)."""
-
-    def parse(text: str) -> float:
-        value = _number(text, float, "a number")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a plain number such as 7.5")
-        low_bad = minimum is not None and (value <= minimum if open_minimum else value < minimum)
-        if low_bad or (maximum is not None and value > maximum):
-            low = "(" if open_minimum else "["
-            high = "∞" if maximum is None else f"{maximum:g}"
-            bounds = f"{low}{'-∞' if minimum is None else f'{minimum:g}'}, {high}]"
-            raise argparse.ArgumentTypeError(f"{value:g} is outside {bounds}")
-        return value
-
-    parse.__name__ = "number"  # argparse names the type in its messages
-    return parse
-
-
-def int_range(minimum: int | None = None, maximum: int | None = None, what: str = "a whole number"):
-    """An int type that rejects values outside [minimum, maximum]."""
-
-    def parse(text: str) -> int:
-        value = _number(text.strip().replace("_", ""), int, what)
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            high = "" if maximum is None else f" and at most {maximum}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be at least {minimum}{high}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-positive_int = int_range(1)
-non_negative_int = int_range(0)
 #: T: at least 2 (inversion needs a step to invert), at most the scheduler's training steps.
 steps = int_range(2, MAX_STEPS, "a number of steps")
 #: A torch generator seed: 0 … 2⁶⁴−1.
@@ -278,7 +234,7 @@ def check_inputs_outside(
 def compile_mode(text: str) -> str:
     """A ``torch.compile`` mode this torch accepts (``freecure.runtime.compile_modes``, read
     from torch itself), checked at parse time instead of after every model loaded."""
-    from ..runtime import compile_modes
+    from ..core.runtime import compile_modes
 
     modes = compile_modes()
     if text not in modes:

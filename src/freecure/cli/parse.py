@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..atomic import json_text, write_files
-from ..errors import InputError
-from ..images import load_image
+from ..core.atomic import json_text, write_files
+from ..core.errors import InputError
+from ..core.images import load_image
 from ..parsing import BiSeNetFaceParser, ParseResult, overlay_labels
 from ..parsing.weights import ENV_VAR
 from . import options

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from . import options
 
 
@@ -48,10 +48,10 @@ def register(subparsers) -> None:
 
 def make_report(result_dirs, out_dir, lpips_weights=None, device=None, diversity=True, grid_rows=4, progress=True):
     """Write the report and print where it is and Table 1 and 2 (shared with `freecure eval`)."""
+    from ..core.runtime import resolve_device
     from ..evaluation.metrics import LPIPS
     from ..evaluation.report import write_report
     from ..evaluation.tables import table1_markdown, table2_markdown
-    from ..runtime import resolve_device
 
     lpips = LPIPS.from_pretrained(lpips_weights, device=resolve_device(device)) if diversity else None
     report = write_report(result_dirs, out_dir, lpips=lpips, grid_rows=grid_rows, progress=progress)

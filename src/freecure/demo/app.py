@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 
 from ..backends import BACKENDS  # noqa: E402
-from ..errors import FreeCureError, InputError  # noqa: E402
+from ..core.errors import FreeCureError, InputError
 from .methods import METHODS  # noqa: E402
 from .service import (  # noqa: E402
     MAX_PAGE_PROMPT_CHARS,

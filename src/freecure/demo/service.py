@@ -21,10 +21,16 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..attributes import COMMON_CLASS_WORDS, ParsedPrompt, check_prompt_length, detect_class_word, parse_prompt
 from ..backends import BACKENDS
-from ..errors import InputError
-from ..images import load_image, to_rgb
+from ..core.attributes import (
+    COMMON_CLASS_WORDS,
+    ParsedPrompt,
+    check_prompt_length,
+    detect_class_word,
+    parse_prompt,
+)
+from ..core.errors import InputError
+from ..core.images import load_image, to_rgb
 from .methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -46,7 +52,7 @@ def backend_trigger(args: argparse.Namespace, backend: str) -> str | None:
     if args.trigger is not None:
         return args.trigger
     if backend == "photomaker":
-        from ..backends.photomaker import TRIGGER_WORD
+        from ..backends.photomaker.backend import TRIGGER_WORD
 
         return TRIGGER_WORD
     return None

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .prompts import read_text_file
 
 MANIFEST_NAMES = ("identities.json", "identities.csv")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..attributes import ParsedPrompt, parse_prompt
-from ..errors import InputError
+from ..core.attributes import ParsedPrompt, parse_prompt
+from ..core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .. import __version__
-from ..atomic import json_text, write_files
-from ..errors import InputError
+from ..core.atomic import json_text, write_files
+from ..core.errors import InputError
 from .metrics.diversity import compute_diversity, diversity_groups
 from .runner import METHOD_LABELS, METHODS
 from .store import ReadReport, ResultStore, merge_rows, read_jsonl, read_results, well_formed

@@ -36,10 +36,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..atomic import remove_stale, write_file
-from ..errors import InputError
-from ..images import load_reference
-from ..masks import render_mask_overlay
+from ..core.atomic import remove_stale, write_file
+from ..core.errors import InputError
+from ..core.images import load_reference
+from ..stages.masks import render_mask_overlay
 from .identities import Identity
 from .prompts import EvalPrompt
 from .store import ResultStore, merge_rows, read_results, shard_path

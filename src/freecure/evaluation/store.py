@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import shorten
+from ..core.errors import shorten
 
 logger = logging.getLogger(__name__)
 

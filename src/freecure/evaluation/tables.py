@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from statistics import fmean
 
-from ..atomic import json_text
+from ..core.atomic import json_text
 from .runner import METHOD_LABELS, METHODS
 
 TABLE1_METRICS = ("pc", "if", "face_div", "pc_x_if")

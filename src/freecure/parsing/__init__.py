@@ -11,9 +11,9 @@ Typical use::
 The engine depends only on the :class:`FaceParser` protocol and :class:`ParseResult`.
 """
 
+from ..core.labels import CLASSES, GROUPS, PALETTE, class_ids
 from .bisenet import BiSeNet
 from .face_crop import FaceDetector, MTCNNFaceDetector, face_crop_box
-from .labels import CLASSES, GROUPS, PALETTE, class_ids
 from .parser import (
     BiSeNetFaceParser,
     FaceParser,

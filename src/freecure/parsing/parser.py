@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import InputError
-from ..images import ImageInput, load_image
+from ..core.errors import InputError
+from ..core.images import ImageInput, load_image
+from ..core.labels import CLASSES, PALETTE, class_ids
 from .bisenet import BiSeNet
 from .face_crop import (
     INSTALL_HINT,
@@ -44,7 +45,6 @@ from .face_crop import (
     clamp_box,
     face_crop_box,
 )
-from .labels import CLASSES, PALETTE, class_ids
 from .weights import WeightsLocation, load_bisenet, resolve_bisenet_weights
 
 logger = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints
-from ..errors import WeightsNotFoundError
+from ..core import checkpoints
+from ..core.errors import WeightsNotFoundError
 from .bisenet import BiSeNet
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ...errors import WeightsNotFoundError
+from ...core.errors import WeightsNotFoundError
 
 
 def installed_file(distribution: str, relative: str) -> Path | None:

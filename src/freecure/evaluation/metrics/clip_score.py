@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...errors import InputError
+from ...core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def build_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
     """
     from transformers import CLIPConfig, CLIPModel
 
-    from ...tokenization import load_clip_tokenizer
+    from ...core.tokenization import load_clip_tokenizer
 
     directory = Path(directory)
     text = dict(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from ...images import load_image
+from ...core.images import load_image
 from .identity import FACE_SIZE
 
 #: Results compared per ⟨identity, prompt⟩ pair (paper: 5).

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...errors import InputError, WeightsNotFoundError
+from ...core.errors import InputError, WeightsNotFoundError
 from ...parsing.face_crop import Box, FaceDetector, MTCNNFaceDetector
 from ._files import resolve_file
 
@@ -129,7 +129,7 @@ def load_facenet(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
         raise ImportError(
             f"facenet_pytorch is not available ({error}); install it with `pip install --no-deps facenet-pytorch`"
         ) from error
-    from ... import checkpoints
+    from ...core import checkpoints
 
     state = checkpoints.read_tensors(path, "FaceNet (InceptionResnetV1)", hint=FACENET_HOW_TO)
     state = {key: value for key, value in state.items() if not key.startswith("logits.")}

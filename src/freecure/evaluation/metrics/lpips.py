@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...errors import WeightsNotFoundError
+from ...core.errors import WeightsNotFoundError
 from ._files import resolve_file
 
 logger = logging.getLogger(__name__)

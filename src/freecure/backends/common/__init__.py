@@ -1,0 +1,1 @@
+"""Pieces several backends share: identity files, face embedders, layers, random identity encoders."""

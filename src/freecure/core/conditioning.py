@@ -1,0 +1,67 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+# Conditioning keys used by batch layouts.
+UNCOND, FD, PD, PD_UNCOND = "uncond", "fd", "pd", "pd_uncond"
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """What one guidance branch feeds the denoiser.
+
+    Attributes:
+        prompt_embeds: text-encoder hidden states, shape (1, sequence, dim) (FLUX: T5's).
+        pooled_prompt_embeds: the pooled text embedding, shape (1, dim): SDXL's second CLIP,
+            FLUX's CLIP; None for SD1.5.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> TextConditioning:
+        pooled = self.pooled_prompt_embeds
+        return replace(
+            self,
+            prompt_embeds=self.prompt_embeds.to(device=device, dtype=dtype),
+            pooled_prompt_embeds=None if pooled is None else pooled.to(device=device, dtype=dtype),
+        )
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """All conditionings of one FreeCure run.
+
+    Attributes:
+        uncond: the negative branch of FD (and of PD when ``pd_uncond`` is None).
+        fd: FD's positive branch, τ(c) in eq. (2).
+        pd: PD's positive branch from ``inject_step`` on, τ(c̃) in eq. (1).
+        inject_step: index of the first denoising step at which PD uses ``pd``.
+        pd_uncond: PD's own negative branch, if it differs from FD's.
+        template: the template prompt's conditioning ("a man") for the expression inversion.
+        expression: the expression prompt's conditioning ("a man laughing") for re-denoising.
+    """
+
+    uncond: TextConditioning
+    fd: TextConditioning
+    pd: TextConditioning
+    inject_step: int
+    pd_uncond: TextConditioning | None = None
+    template: TextConditioning | None = None
+    expression: TextConditioning | None = None
+
+    @property
+    def shares_uncond(self) -> bool:
+        return self.pd_uncond is None
+
+    def get(self, key: str) -> TextConditioning:
+        if key == PD_UNCOND:
+            return self.uncond if self.pd_uncond is None else self.pd_uncond
+        value = getattr(self, key)
+        if value is None:
+            raise KeyError(f"conditioning {key!r} was not prepared")
+        return value
