@@ -15,7 +15,8 @@ from freecure.core.errors import InputError
 from freecure.families.tiny import LayoutFaceParser
 from freecure.parsing import ParseResult
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.stages.sampling import ROFA_LAYOUT, same_layout
+from freecure.stages.rofa import ROFA_LAYOUT
+from freecure.stages.sampling import same_layout
 
 PROMPT = "a man with black curly hair, laughing happily"
 SEEDS = (3, 7, 11)

@@ -19,7 +19,8 @@ from freecure.core.guidance import FD_LANE, PD_LANE, Guidance, single_lane_layou
 from freecure.families.tiny import LayoutFaceParser
 from freecure.parsing import ParseResult
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
-from freecure.stages.sampling import plain_pass, predict_guided, rofa_blend, rofa_pass, same_layout, same_pass
+from freecure.stages.rofa import rofa_blend, rofa_pass
+from freecure.stages.sampling import plain_pass, predict_guided, same_layout, same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 SIZE = (64, 64)
@@ -307,7 +308,7 @@ def test_an_accessory_pd_did_not_draw_is_restored_only_with_placement(tiny_sd15,
 
 @pytest.mark.parametrize("aggregation", ["per_resolution", "per_layer"])
 def test_the_configured_aggregation_reaches_the_store(tiny_sd15, monkeypatch, aggregation):
-    import freecure.pipeline as pipeline_module
+    import freecure.stages.sampling as sampling_module
 
     stores = []
 
@@ -316,7 +317,7 @@ def test_the_configured_aggregation_reaches_the_store(tiny_sd15, monkeypatch, ag
             super().__init__(*args, **kwargs)
             stores.append(self)
 
-    monkeypatch.setattr(pipeline_module, "AttentionStore", SpyStore)
+    monkeypatch.setattr(sampling_module, "AttentionStore", SpyStore)
     out = run(freecure(tiny_sd15, 32, attention_aggregation=aggregation), prompt="a man with black curly hair", steps=2)
     assert [store.aggregation for store in stores] == [aggregation]
     assert out.settings["attention_aggregation"] == aggregation

@@ -26,7 +26,8 @@ from freecure.families.flux import FLUX, FlowEulerInverseScheduler, pack_latents
 from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
 from freecure.stages.expression import ddim_denoise_from, ddim_invert, expression_restore, reconstruction_error
-from freecure.stages.sampling import plain_pass, rofa_pass, same_layout, same_pass
+from freecure.stages.rofa import rofa_pass
+from freecure.stages.sampling import plain_pass, same_layout, same_pass
 
 PROMPT = "a man with black curly hair, laughing happily"
 SIZE = (64, 64)  # pixels → a 32×32 latent → 16×16 = 256 image tokens

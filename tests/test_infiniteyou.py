@@ -27,7 +27,8 @@ from freecure.core.conditioning import FD, PD
 from freecure.core.errors import InputError, WeightsNotFoundError
 from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
 from freecure.families.flux import FLUX
-from freecure.stages.sampling import plain_pass, rofa_pass, same_pass
+from freecure.stages.rofa import rofa_pass
+from freecure.stages.sampling import plain_pass, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"

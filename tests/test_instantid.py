@@ -23,7 +23,8 @@ from freecure.core.attributes import parse_prompt
 from freecure.core.errors import InputError, WeightsNotFoundError
 from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
 from freecure.stages.records import UNetCounter
-from freecure.stages.sampling import rofa_pass, same_pass
+from freecure.stages.rofa import rofa_pass
+from freecure.stages.sampling import same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"

@@ -39,7 +39,8 @@ from freecure.core.conditioning import FD, PD, PD_UNCOND, UNCOND
 from freecure.core.configs import SDXL_UNET
 from freecure.core.errors import InputError, WeightsNotFoundError
 from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
-from freecure.stages.sampling import check_scheduler, plain_pass, rofa_pass, same_pass
+from freecure.stages.rofa import rofa_pass
+from freecure.stages.sampling import check_scheduler, plain_pass, same_pass
 from keylists import meta_state_dict, read_layout
 
 PROMPT = "a man with black curly hair, laughing happily"

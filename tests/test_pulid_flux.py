@@ -245,7 +245,8 @@ def test_flux_rofa_endpoints_and_start_step(flux_backend, flux_conditions):
     from freecure.core.conditioning import PD
     from freecure.core.guidance import FD_LANE, PD_LANE, Guidance
     from freecure.families.flux import FLUX
-    from freecure.stages.sampling import plain_pass, rofa_pass, same_pass
+    from freecure.stages.rofa import rofa_pass
+    from freecure.stages.sampling import plain_pass, same_pass
 
     backend, c = flux_backend, flux_conditions
     guidance = Guidance(scale=1.0)

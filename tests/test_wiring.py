@@ -9,8 +9,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-import freecure.pipeline as pipeline_module
+import freecure.stages.expression as expression_module
+import freecure.stages.rofa as rofa_module
+import freecure.stages.sampling as sampling_module
 from freecure.backends import RandomProjectionIdentityEncoder, TokenFusionBackend
+from freecure.core.attributes import parse_prompt
 from freecure.core.conditioning import FD, PD
 from freecure.core.guidance import FD_LANE, PD_LANE
 from freecure.core.labels import CLASS_TO_ID
@@ -42,13 +45,18 @@ def z_T(pipe, height, width, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+#: The module whose stage object calls each stage function.
+STAGE_MODULES = {"same_pass": sampling_module, "rofa_pass": rofa_module, "expression_restore": expression_module}
+
+
 class Recorder:
-    """Wraps a stage function of freecure.pipeline and records its arguments and result."""
+    """Wraps a stage function where its stage object calls it and records its arguments and result."""
 
     def __init__(self, monkeypatch, name):
-        self.original = getattr(pipeline_module, name)
+        module = STAGE_MODULES[name]
+        self.original = getattr(module, name)
         self.calls = []
-        monkeypatch.setattr(pipeline_module, name, self)
+        monkeypatch.setattr(module, name, self)
 
     def __call__(self, *args, **kwargs):
         result = self.original(*args, **kwargs)
@@ -175,7 +183,7 @@ def test_sdxl_time_ids_match_diffusers_for_a_non_square_size(tiny_sdxl):
 @pytest.mark.parametrize("approximate", [False, True])
 def test_capture_row_is_fds_conditional_row_at_every_step(tiny_sd15, approximate, grey_image):
     backend = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32))
-    parsed = pipeline_module.parse_prompt(HAIR_AND_LAUGH, "man", tokenizer=backend.tokenizer)
+    parsed = parse_prompt(HAIR_AND_LAUGH, "man", tokenizer=backend.tokenizer)
     conditions = backend.conditions(parsed, [grey_image], 6)
     for step in range(6):
         layout = same_layout(step, conditions, approximate)
@@ -255,7 +263,7 @@ def test_plain_pass_guides_each_lane_with_its_own_negative_branch(tiny_sd15, gre
     from freecure.stages.sampling import plain_pass
 
     backend = TokenFusionBackend(tiny_sd15, RandomProjectionIdentityEncoder(32))
-    parsed = pipeline_module.parse_prompt("a man with black curly hair", "man", tokenizer=backend.tokenizer)
+    parsed = parse_prompt("a man with black curly hair", "man", tokenizer=backend.tokenizer)
     conditions = replace(backend.conditions(parsed, [grey_image], 4), inject_step=2)
     conditions = replace(conditions, pd_uncond=backend.encode_text("blurry"))  # PD's own negative branch
     scheduler = DDIMScheduler.from_config(tiny_sd15.scheduler.config)

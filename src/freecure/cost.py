@@ -22,7 +22,8 @@ from .core.conditioning import FD, PD, PD_UNCOND, UNCOND, Conditions
 from .core.guidance import FD_LANE, PD_LANE, Guidance, single_lane_layout
 from .stages.expression import ddim_denoise_from, ddim_invert
 from .stages.records import UNetCounter
-from .stages.sampling import plain_pass, predict_guided, rofa_blend
+from .stages.rofa import rofa_blend
+from .stages.sampling import plain_pass, predict_guided
 
 
 @dataclass

@@ -14,8 +14,8 @@ from . import __version__
 from .core.atomic import atomic_folder, json_text
 from .core.errors import InputError
 from .parsing import overlay_labels
-from .pipeline import FreeCureOutput
 from .stages.masks import normalize_map, render_mask, render_mask_overlay
+from .stages.records import FreeCureOutput
 
 STAGE_IMAGES = ("fd", "pd", "blended", "freecure")
 #: The sub-folder of one image of a ``--num-images`` run.

@@ -88,10 +88,21 @@ def joint_fasa_layers(transformer, layers: str | Sequence[str] = "up") -> list[s
     return _choose(flux_blocks(transformer), layers, "flux", "joint-attention block of this FLUX transformer")
 
 
+#: How ω and ℳ enter FD's logits: ``"code"``, the released code's additive bias with FD's keys
+#: outside ℳ blocked; ``"paper"``, the NeurIPS paper's factor [1, ωℳ] on the logits.
+FASA_FORMS = ("code", "paper")
+
+
 def key_bias(mask: torch.Tensor, weight: float) -> torch.Tensor:
-    """b_j = w·M_j where M_j > 0, −∞ where M_j = 0: the logit offset of FD's keys."""
+    """b_j = w·M_j where M_j > 0, −∞ where M_j = 0: the logit offset of FD's keys (form ``"code"``)."""
     mask = mask.float()
     return torch.where(mask > 0, weight * mask, torch.full_like(mask, float("-inf")))
+
+
+def key_factor(mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """f_j = ω·M_j: the factor of FD's logits in the paper's Softmax(([1, ωℳ] ⊙ Q_p K̂ᵀ)/√d)·V̂
+    (form ``"paper"``). A key outside ℳ gets logit 0: it is not blocked, unlike :func:`key_bias`."""
+    return weight * mask.float()
 
 
 def joint_attention(
@@ -102,15 +113,20 @@ def joint_attention(
     value_ref: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax([Q K_ownᵀ·s, Q K_refᵀ·s + b])·[V_own; V_ref], from out_own = softmax(Q K_ownᵀ·s)·V_own.
+    """softmax([Q K_ownᵀ·s, f ⊙ Q K_refᵀ·s + b])·[V_own; V_ref], from out_own = softmax(Q K_ownᵀ·s)·V_own.
 
-    Shapes: query/keys/values (heads, tokens, d); bias (ref tokens,). The joint softmax is
-    (1 − λ)·out_own + λ·out_ref with λ = Z_ref / (Z_own + Z_ref) = σ(lse_ref − lse_own).
+    Shapes: query/keys/values (heads, tokens, d); bias and factor (ref tokens,); no factor is
+    f = 1. The joint softmax is (1 − λ)·out_own + λ·out_ref with λ = Z_ref / (Z_own + Z_ref) =
+    σ(lse_ref − lse_own).
     """
     q = query.float()
     lse_own = torch.logsumexp(q @ key_own.float().transpose(-1, -2) * scale, dim=-1, keepdim=True)
-    logits_ref = q @ key_ref.float().transpose(-1, -2) * scale + bias.to(q.device)
+    logits_ref = q @ key_ref.float().transpose(-1, -2) * scale
+    if factor is not None:
+        logits_ref = logits_ref * factor.to(q.device)
+    logits_ref = logits_ref + bias.to(q.device)
     lse_ref = torch.logsumexp(logits_ref, dim=-1, keepdim=True)
     lam = torch.sigmoid(lse_ref - lse_own)  # exactly 0 where every FD key is blocked
     out_ref = torch.softmax(logits_ref, dim=-1).nan_to_num(0.0) @ value_ref.float()
@@ -125,21 +141,24 @@ class FasaState:
     Args:
         mask: M on any grid with the latent's aspect ratio, values in [0, 1]: (h, w) for one
             image, or (n, h, w), one per image of a batch of seeds.
-        weight: w of :func:`key_bias`.
+        weight: ω of :func:`key_bias` (form ``"code"``) or :func:`key_factor` (``"paper"``).
         latent_size: (h, w) of the denoiser's image tokens at full resolution (for laying
             each layer's tokens out): the latent grid for a UNet, the packed 2×2 token grid
             for FLUX (:meth:`~freecure.families.ModelFamily.attention_grid`).
+        form: ``"code"`` or ``"paper"`` (:data:`FASA_FORMS`).
     """
 
     mask: torch.Tensor
     weight: float
     latent_size: tuple[int, int]
+    form: str = "code"
     pairs: tuple[tuple[int, int, int], ...] = ()
     batch: int | None = None
     record: dict[int, int] = field(default_factory=dict)
     attend: dict[int, tuple[int, int]] = field(default_factory=dict)
     cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     _bias: dict[int, torch.Tensor] = field(default_factory=dict)
+    _factor: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def set_pairs(self, pairs: Sequence[tuple[int, ...]], batch: int | None = None) -> None:
         """Declare ``(query row, key row[, image])`` pairs for the next denoiser call (empty:
@@ -170,15 +189,33 @@ class FasaState:
                 "split the engine's rows over several denoiser calls (see freecure.fasa.rows_in_one_call)"
             )
 
+    def _resized(self, tokens: int) -> torch.Tensor:
+        """Each M resized (nearest) to the grid of a layer with ``tokens`` positions, (images, tokens)."""
+        grid = _grid_for(tokens, self.latent_size)
+        masks = self.mask.float() if self.mask.ndim == 3 else self.mask.float()[None]
+        return F.interpolate(masks[:, None], size=grid, mode="nearest")[:, 0].flatten(1)
+
     def bias(self, tokens: int) -> torch.Tensor:
-        """b for a layer with ``tokens`` query positions, (images, tokens): each M resized
-        (nearest) to the layer's grid."""
+        """b for a layer with ``tokens`` query positions, (images, tokens): :func:`key_bias` of
+        each resized M (form ``"code"``), zero (``"paper"``)."""
         if tokens not in self._bias:
-            grid = _grid_for(tokens, self.latent_size)
-            masks = self.mask.float() if self.mask.ndim == 3 else self.mask.float()[None]
-            resized = F.interpolate(masks[:, None], size=grid, mode="nearest")[:, 0]
-            self._bias[tokens] = key_bias(resized.flatten(1), self.weight)
+            resized = self._resized(tokens)
+            paper = self.form == "paper"
+            self._bias[tokens] = torch.zeros_like(resized) if paper else key_bias(resized, self.weight)
         return self._bias[tokens]
+
+    def factor(self, tokens: int) -> torch.Tensor | None:
+        """f for a layer with ``tokens`` query positions, (images, tokens): :func:`key_factor` of
+        each resized M (form ``"paper"``); None (a factor of 1) in the ``"code"`` form."""
+        if self.form != "paper":
+            return None
+        if tokens not in self._factor:
+            self._factor[tokens] = key_factor(self._resized(tokens), self.weight)
+        return self._factor[tokens]
+
+
+def _at(factor: torch.Tensor | None, image: int) -> torch.Tensor | None:
+    return None if factor is None else factor[image]
 
 
 class FoundationAwareSelfAttention:
@@ -225,21 +262,30 @@ class FoundationAwareSelfAttention:
 
         # 2. FASA: PD's rows also attend to FD's keys (eq. in the module docstring)
         if (self.state.record or self.state.attend) and encoder_hidden_states is None:  # across calls
-            bias = self.state.bias(query.shape[2])
+            bias, factor = self.state.bias(query.shape[2]), self.state.factor(query.shape[2])
             recorded = self.state.cache.setdefault(self.name, {})
             for row, fd_row in self.state.record.items():
                 recorded[fd_row] = (key[row].clone(), value[row].clone())
             out = out.clone()
             for row, (fd_row, image) in self.state.attend.items():
                 key_ref, value_ref = recorded[fd_row]
-                out[row] = joint_attention(query[row], out[row], key[row], key_ref, value_ref, bias[image], attn.scale)
+                out[row] = joint_attention(
+                    query[row], out[row], key[row], key_ref, value_ref, bias[image], attn.scale, _at(factor, image)
+                )
         elif self.state.pairs and encoder_hidden_states is None:
             self.state.check_batch(batch)
-            bias = self.state.bias(query.shape[2])
+            bias, factor = self.state.bias(query.shape[2]), self.state.factor(query.shape[2])
             out = out.clone()
             for q_row, k_row, image in self.state.pairs:  # each PD row: its own image's FD keys and mask
                 out[q_row] = joint_attention(
-                    query[q_row], out[q_row], key[q_row], key[k_row], value[k_row], bias[image], attn.scale
+                    query[q_row],
+                    out[q_row],
+                    key[q_row],
+                    key[k_row],
+                    value[k_row],
+                    bias[image],
+                    attn.scale,
+                    _at(factor, image),
                 )
 
         # 3. output projection, as AttnProcessor2_0
@@ -303,7 +349,7 @@ class FoundationAwareJointAttention:
                 "the text length of the FLUX call is unknown: install FASA with foundation_aware_joint_attention"
             )
         image = out[0] if double else out[:, text_tokens:]
-        bias = self.state.bias(image.shape[1])
+        bias, factor = self.state.bias(image.shape[1]), self.state.factor(image.shape[1])
         # a pair whose FD keys are all blocked keeps plain attention: nothing to compute
         pairs = [pair for pair in self.state.pairs if not torch.isinf(bias[pair[2]]).all()]
         if not pairs:
@@ -324,7 +370,7 @@ class FoundationAwareJointAttention:
             scale = attn.head_dim**-0.5
             mixed = torch.cat(
                 [
-                    joint_attention(qc, oc, k_own, k_ref, v_ref, bias[index], scale)
+                    joint_attention(qc, oc, k_own, k_ref, v_ref, bias[index], scale, _at(factor, index))
                     for qc, oc in zip(q.split(self.chunk_size, dim=1), own.split(self.chunk_size, dim=1))
                 ],
                 dim=1,
@@ -363,6 +409,7 @@ def foundation_aware_joint_attention(
     """Install :class:`FoundationAwareJointAttention` around the processors of ``layers`` of a
     FLUX transformer for the duration of the block (the originals are restored in
     ``finally``); a pre-hook tells single-stream blocks the text length of each call."""
+
     def wrap(name, inner, context):
         return FoundationAwareJointAttention(inner, state, name, context, chunk_size)
 

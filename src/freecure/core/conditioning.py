@@ -1,8 +1,9 @@
-"""TODO docstring."""
+"""The conditioning vocabulary: what one guidance branch feeds the denoiser, all the branches of a
+run, and the keys that name them in batch layouts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -57,6 +58,15 @@ class Conditions:
     @property
     def shares_uncond(self) -> bool:
         return self.pd_uncond is None
+
+    def to(self, device=None, dtype=None) -> Conditions:
+        """Every conditioning moved to the denoiser's device and dtype."""
+        changes = {
+            f.name: getattr(self, f.name).to(device, dtype)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), TextConditioning)
+        }
+        return replace(self, **changes)
 
     def get(self, key: str) -> TextConditioning:
         if key == PD_UNCOND:

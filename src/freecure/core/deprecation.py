@@ -33,7 +33,7 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "freecure.attention": ("freecure.attention.capture",),
     "freecure.projections": ("freecure.attention.projections",),
     "freecure.fasa": ("freecure.stages.fasa", "freecure.attention.fasa", "freecure.backends.base"),
-    "freecure.sampling": ("freecure.stages.sampling", "freecure.core.guidance"),
+    "freecure.sampling": ("freecure.stages.sampling", "freecure.stages.rofa", "freecure.core.guidance"),
     "freecure.masks": ("freecure.stages.masks",),
     "freecure.inversion": ("freecure.stages.expression",),
     "freecure.tiny": ("freecure.families.tiny",),

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..pipeline import FreeCureOutput, FreeCurePipeline
+from ..pipeline import FreeCurePipeline
+from ..stages.records import FreeCureOutput
 
 
 @dataclass(frozen=True)

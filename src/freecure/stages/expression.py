@@ -31,6 +31,7 @@ from ..backends.base import Backend
 from ..core.conditioning import TextConditioning
 from ..core.guidance import Guidance, single_lane_layout
 from ..families.unet import UNET
+from .decode import decode_latents
 from .sampling import predict_guided
 
 
@@ -133,7 +134,15 @@ def expression_restore(
     """
     inversion_scale = guidance_scale if inversion_guidance_scale is None else inversion_guidance_scale
     z = ddim_invert(
-        backend, z0, template, uncond, scheduler_config, num_inference_steps, gamma, inversion_scale, image_size,
+        backend,
+        z0,
+        template,
+        uncond,
+        scheduler_config,
+        num_inference_steps,
+        gamma,
+        inversion_scale,
+        image_size,
         on_step,
     )
     return ddim_denoise_from(
@@ -166,3 +175,38 @@ def reconstruction_error(
         backend, z0, cond, cond, uncond, scheduler_config, num_inference_steps, gamma, guidance_scale, image_size
     )
     return float((restored - z0).norm() / z0.norm())
+
+
+class ExpressionRestore:
+    """Stage 4 (§4.2; the NeurIPS paper's asymmetric prompt guidance, APG): invert the corrected
+    latents with the template prompt to γ·T and re-denoise them with the expression prompt,
+    without identity; it follows either correction. Skipped when the prompt names no abstract
+    attribute (expression)."""
+
+    name = "expression"
+
+    def run(self, ctx, z: torch.Tensor) -> torch.Tensor:
+        if not ctx.parsed.abstract:
+            ctx.records.skip(self.name, "the prompt names no abstract attribute (expression)")
+            return z
+        config, conditions = ctx.config, ctx.conditions
+        steps = inversion_steps(ctx.num_inference_steps, config.gamma)
+        with ctx.records.run(self.name) as record, ctx.progress.bar(2 * steps, "Expression: invert+denoise") as bar:
+            z = expression_restore(
+                ctx.backend,
+                z,
+                conditions.template,
+                conditions.expression,
+                conditions.uncond,
+                ctx.scheduler.config,
+                ctx.num_inference_steps,
+                config.gamma,
+                config.expression_scale(ctx.guidance.scale),
+                ctx.image_size,
+                on_step=lambda i: bar.update(),
+                inversion_guidance_scale=config.inversion_guidance_scale,
+            )
+            record.freecure_bytes = z.numel() * z.element_size()
+        for output, image in zip(ctx.outputs, decode_latents(ctx.pipeline, z, ctx.image_size)):
+            output.images["freecure"] = image
+        return z

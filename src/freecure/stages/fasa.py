@@ -35,15 +35,17 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from ..attention.fasa import LAYER_PRESETS, FasaState
-from ..backends.base import Backend
+from ..attention.fasa import FASA_FORMS, LAYER_PRESETS, FasaState
+from ..backends.base import Backend, check_one_batch
 from ..core.conditioning import FD, PD, PD_UNCOND, UNCOND, Conditions
 from ..core.errors import InputError
 from ..core.guidance import FD_LANE, PD_LANE, BatchLayout, Guidance
+from .base import Corrected, Correction, RunContext
+from .decode import decode_latents
 from .masks import to_latent_resolution
 from .sampling import SamePassResult, predict_guided
 
@@ -62,7 +64,13 @@ class FasaConfig:
             used, on FLUX the joint attention of double- and single-stream blocks.
         mask_source: ``"fd-parse"`` (the authors': the attributes' region in the FD image,
             binary) or ``"same"`` (SAME's ℳ of eq. 5, soft).
-        mask_weight: w, added to FD's logits inside the mask (the authors' 1.5).
+        mask_weight: ω: in the ``"code"`` form added to FD's logits inside the mask (the
+            authors' released 1.5); in the ``"paper"`` form the factor of FD's logits inside it
+            (the NeurIPS paper's 2.0).
+        form: how ω and ℳ enter FD's logits. ``"code"`` (default, the released code): a bias
+            ω·ℳ_j on FD's key j inside ℳ, FD's keys outside it blocked (−∞). ``"paper"`` (the
+            NeurIPS paper): Softmax(([1, ωℳ] ⊙ Q_p K̂ᵀ)/√d)·V̂, FD's logits multiplied by ω·ℳ_j,
+            so that a key outside ℳ enters with logit 0 (see :func:`freecure.attention.fasa.key_bias`).
         uncond: also let PD's unconditional row attend to FD's unconditional row (the
             authors' ``style_fidelity = 1`` leaves the unconditional rows plain; so does the
             default). Costs one more batch row.
@@ -72,12 +80,15 @@ class FasaConfig:
     mask_source: str = "fd-parse"
     mask_weight: float = 1.5
     uncond: bool = False
+    form: str = "code"
 
     def __post_init__(self):
         if self.mask_source not in MASK_SOURCES:
             raise InputError(f"FASA mask source must be one of {', '.join(MASK_SOURCES)}, got {self.mask_source!r}")
         if not math.isfinite(self.mask_weight) or not 0.0 <= self.mask_weight <= 100.0:
             raise InputError(f"FASA mask weight must be a finite number in [0, 100], got {self.mask_weight}")
+        if self.form not in FASA_FORMS:
+            raise InputError(f"FASA form must be one of {', '.join(FASA_FORMS)}, got {self.form!r}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             raise InputError(
                 f"unknown FASA layer preset {self.layers!r}: use one of {', '.join(LAYER_PRESETS)} "
@@ -213,71 +224,81 @@ def _handed_to(backend, state: FasaState) -> Iterator[None]:
         backend.fasa_state = None
 
 
-def fasa_stage(
-    freecure, outputs, same: SamePassResult, conditions: Conditions, guidance: Guidance, image_size, stages
-) -> tuple[torch.Tensor, list[int], str]:
+class Fasa(Correction):
     """Stage 3 of ``method="fasa"``: each image's mask (FD-parse or SAME), then one
-    :func:`fasa_pass` for every image that has one, sharing its UNet calls, with the processors
-    installed on the chosen layers. Records the ``fasa`` stage in ``stages``.
+    :func:`fasa_pass` for every image that has one, sharing its denoiser calls, with the
+    processors installed on the chosen layers. An image with nothing to correct keeps its PD
+    latent as is (not re-run)."""
 
-    Returns:
-        PD's latents after FASA, (n, …) (an image with nothing to correct keeps its PD latent
-        as is, not re-run), the indices of the corrected images, and why the others were not.
-    """
-    from .decode import decode_latents
+    name = "fasa"
+    expression_by_default = False  # the authors' released schedule ends with FASA
 
-    config: FasaConfig = freecure.config.fasa
-    pipeline = freecure.pipeline
-    family = freecure.backend.family
-    latent_size = family.latent_size(pipeline, *image_size)
-    grid = family.attention_grid(latent_size)  # UNet: the latent grid; FLUX: its 2×2 token grid
-    masks: dict[int, torch.Tensor] = {}
-    for k, output in enumerate(outputs):
-        fd_regions = []
-        if output.parse_fd is not None:
-            for attribute in output.parsed.localized:
-                region = torch.from_numpy(output.parse_fd.mask(attribute.parse_classes))
-                if region.any():
-                    fd_regions.append(region)
-        mask = fasa_mask(config.mask_source, fd_regions, output.mask, grid)
-        if mask is not None:
-            masks[k] = output.fasa_mask = mask
-    reason = (
-        "the prompt names no localized attribute"
-        if not outputs[0].parsed.localized
-        else f"the {config.mask_source} mask is empty: no attribute region to attend to"
-    )
-    if not masks:
-        stages.skip("fasa", reason)
-        return same.pd, [], reason
-    corrected = sorted(masks)
-    backend = freecure.backend
-    device = backend.device
-    state = FasaState(torch.stack([masks[k] for k in corrected]).to(device), config.mask_weight, grid)
-    scheduler = fresh_scheduler(pipeline.scheduler, device, family, latent_size)
-    steps = len(scheduler.timesteps)
-    with stages.run("fasa") as record, freecure._bar(steps, "FASA: PD again") as bar:
-        with contextlib.ExitStack() as installed:
-            for denoiser in backend.fasa_denoisers():
-                layers = family.fasa_layers(denoiser, config.layers)
-                installed.enter_context(family.foundation_aware_attention(denoiser, state, layers))
-            installed.enter_context(_handed_to(backend, state))
-            z_fasa = fasa_pass(
-                freecure.backend,
-                scheduler,
-                same,
-                conditions,
-                state,
-                guidance,
-                image_size,
-                uncond=config.uncond,
-                on_step=lambda i: bar.update(),
-                images=corrected,
+    def check_backend(self, backend: Backend) -> None:
+        if not backend.fasa_across_calls:
+            check_one_batch(backend)
+        for denoiser in backend.fasa_denoisers():
+            backend.family.fasa_layers(denoiser, self.config.fasa.layers)
+
+    def check_guidance(self, guidance: Guidance) -> None:
+        if self.config.fasa.uncond and not guidance.cfg:
+            raise InputError(
+                "FASA's uncond option changes PD's unconditional row, but this run has none (guidance-distilled "
+                "FLUX without true CFG, or a guidance scale of 1); drop it or set true_cfg_scale > 1"
             )
-        record.freecure_bytes = state.cached_bytes()  # keys handed across calls (Face-diffuser), else 0
-    rows = {k: j for j, k in enumerate(corrected)}
-    z_out = torch.cat([z_fasa[rows[k]][None] if k in rows else same.pd[k : k + 1] for k in range(len(outputs))])
-    for k, image in zip(corrected, decode_latents(pipeline, z_fasa, image_size)):
-        outputs[k].images["blended"] = outputs[k].images["freecure"] = image
-        outputs[k].latents["blended"] = z_out[k : k + 1]
-    return z_out, corrected, reason
+
+    def settings(self) -> dict:
+        return {"fasa": asdict(self.config.fasa)}
+
+    def run(self, ctx: RunContext, same: SamePassResult) -> Corrected:
+        config: FasaConfig = self.config.fasa
+        outputs, family, backend = ctx.outputs, ctx.family, ctx.backend
+        grid = family.attention_grid(ctx.latent_size)  # UNet: the latent grid; FLUX: its 2×2 token grid
+        masks: dict[int, torch.Tensor] = {}
+        for k, output in enumerate(outputs):
+            fd_regions = []
+            if output.parse_fd is not None:
+                for attribute in output.parsed.localized:
+                    region = torch.from_numpy(output.parse_fd.mask(attribute.parse_classes))
+                    if region.any():
+                        fd_regions.append(region)
+            mask = fasa_mask(config.mask_source, fd_regions, output.mask, grid)
+            if mask is not None:
+                masks[k] = output.fasa_mask = mask
+        reason = (
+            "the prompt names no localized attribute"
+            if not ctx.parsed.localized
+            else f"the {config.mask_source} mask is empty: no attribute region to attend to"
+        )
+        if not masks:
+            ctx.records.skip(self.name, reason)
+            return Corrected(same.pd, [], reason)
+        corrected = sorted(masks)
+        stacked = torch.stack([masks[k] for k in corrected]).to(ctx.device)
+        state = FasaState(stacked, config.mask_weight, grid, form=config.form)
+        scheduler = fresh_scheduler(ctx.pipeline.scheduler, ctx.device, family, ctx.latent_size)
+        steps = len(scheduler.timesteps)
+        with ctx.records.run(self.name) as record, ctx.progress.bar(steps, "FASA: PD again") as bar:
+            with contextlib.ExitStack() as installed:
+                for denoiser in backend.fasa_denoisers():
+                    layers = family.fasa_layers(denoiser, config.layers)
+                    installed.enter_context(family.foundation_aware_attention(denoiser, state, layers))
+                installed.enter_context(_handed_to(backend, state))
+                z_fasa = fasa_pass(
+                    backend,
+                    scheduler,
+                    same,
+                    ctx.conditions,
+                    state,
+                    ctx.guidance,
+                    ctx.image_size,
+                    uncond=config.uncond,
+                    on_step=lambda i: bar.update(),
+                    images=corrected,
+                )
+            record.freecure_bytes = state.cached_bytes()  # keys handed across calls (Face-diffuser), else 0
+        rows = {k: j for j, k in enumerate(corrected)}
+        z_out = torch.cat([z_fasa[rows[k]][None] if k in rows else same.pd[k : k + 1] for k in range(len(outputs))])
+        for k, image in zip(corrected, decode_latents(ctx.pipeline, z_fasa, ctx.image_size)):
+            outputs[k].images["blended"] = outputs[k].images["freecure"] = image
+            outputs[k].latents["blended"] = z_out[k : k + 1]
+        return Corrected(z_out, corrected, reason)

@@ -13,6 +13,9 @@ including the attribute's own class. Attributes that change the colour or style 
 PD already has (hair, lips, eyes, …) keep their own class, i.e. the literal reading. FD's
 factor Ψ(I_f)_i stays literal in both modes: FD drew the attribute, so its class is where it
 is. ``pd_region="literal"`` restores the plain eq. 4 everywhere.
+
+The functions are pure; :class:`SameMasks` is the stage that parses the SAME pass's images and
+applies them per image.
 """
 
 from __future__ import annotations
@@ -176,3 +179,64 @@ def render_mask(mask: torch.Tensor, size: tuple[int, int] | None = None) -> Imag
         mask = resize_map(mask, (size[1], size[0]))
     array = (mask.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     return Image.fromarray(array, mode="L")
+
+
+def parse_images(parser, images: Sequence[Image.Image]) -> list:
+    """Ψ of several images, batched when the parser can."""
+    batch = getattr(parser, "parse_batch", None)
+    return list(batch(images)) if batch is not None else [parser(image) for image in images]
+
+
+def mask_bytes(output) -> int:
+    """Bytes of one image's masks and attention maps (FreeCure's own memory)."""
+    tensors = [*output.attribute_masks.values(), *output.attention_maps.values(), output.mask, output.latent_mask]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class SameMasks:
+    """Stage 2: parse each image's FD and PD, ℳ_i of eq. 4 per localized attribute found in
+    both, merged by eq. 5; skipped when the prompt names no localized attribute."""
+
+    name = "masks"
+
+    def run(self, ctx) -> None:
+        if not ctx.parsed.localized:
+            ctx.records.skip(self.name, "the prompt names no localized attribute")
+            return
+        with ctx.records.run(self.name) as record:
+            for output in ctx.outputs:
+                self.build(output, ctx.face_parser, ctx.config.pd_region, ctx.latent_size)
+            record.freecure_bytes = sum(mask_bytes(output) for output in ctx.outputs)
+
+    @staticmethod
+    def build(output, face_parser, pd_region: str, latent_size: tuple[int, int]) -> None:
+        """Eq. (4) for every localized attribute with a region in both images, eq. (5) to merge.
+
+        FD's factor is the attribute's own class in FD's image; PD's factor is its own class
+        (``pd_region="literal"``) or where it belongs on PD's face (``"placement"``).
+        """
+        parse_fd, parse_pd = parse_images(face_parser, [output.images["fd"], output.images["pd"]])
+        output.parse_fd, output.parse_pd = parse_fd, parse_pd
+        for parse, name in ((parse_fd, "FD"), (parse_pd, "PD")):
+            if not parse.face_found:
+                output.notes.append(f"{name} image: {parse.note}")
+        for attribute in output.parsed.localized:
+            region_fd = torch.from_numpy(parse_fd.mask(attribute.parse_classes))
+            if pd_region == "placement":
+                region_pd = placement_region(
+                    lambda names: torch.from_numpy(parse_pd.mask(names)), attribute.category, attribute.parse_classes
+                )
+            else:
+                region_pd = torch.from_numpy(parse_pd.mask(attribute.parse_classes))
+            missing = [name for name, region in (("FD", region_fd), ("PD", region_pd)) if not region.any()]
+            if missing:
+                output.notes.append(
+                    f"attribute {attribute.text!r}: no {'/'.join(attribute.parse_classes)} region in the "
+                    f"{' and '.join(missing)} image; it is not blended"
+                )
+                continue
+            heat = output.attention_maps[attribute.text]
+            output.attribute_masks[attribute.text] = attribute_mask(heat, region_pd, region_fd)
+        if output.attribute_masks:
+            output.mask = merge_masks(list(output.attribute_masks.values()))
+            output.latent_mask = to_latent_resolution(output.mask, latent_size)

@@ -1,13 +1,18 @@
-"""TODO docstring."""
+"""What a run records: its outputs, one record per stage (wall time, denoiser calls and batch items,
+FreeCure's own memory), and the counter that attributes denoiser work to stages."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
+
+from ..core.attributes import ParsedPrompt
+from ..parsing import ParseResult
 
 
 @dataclass
@@ -49,7 +54,7 @@ class UNetCounter:
                 handle.remove()
 
 
-class _Stages:
+class StageRecorder:
     """Times each stage and attributes UNet work to it."""
 
     def __init__(self, counter: UNetCounter):
@@ -94,3 +99,48 @@ class _ReportingBar:
         self.bar.update(n)
         self.done += n
         self.callback(self.stage, self.done, self.total)
+
+
+@dataclass
+class FreeCureOutput:
+    """Everything a FreeCure run produced.
+
+    Attributes:
+        images: ``"fd"``, ``"pd"``, ``"blended"`` (after ROFA) and ``"freecure"`` (final).
+        parsed: the parsed prompt (attributes, token columns, template/expression prompts).
+        attention_maps: FD's aggregated cross-attention H_i per attribute text, latent grid.
+        attribute_masks: ℳ_i per localized attribute at image resolution (eq. 4).
+        mask: the merged ℳ at image resolution (eq. 5), None when no mask was built.
+        latent_mask: ℳ on the latent grid, as used by ROFA.
+        parse_fd, parse_pd: face-parser results of the FD and PD images.
+        stages: one :class:`StageRecord` per stage, in order.
+        notes: what was skipped or adjusted, in words.
+        latents: final latents per image name.
+        fasa_mask: the mask FASA used (method ``"fasa"``), else None: on the latent grid (UNet)
+            or the packed 2×2 token grid (FLUX).
+    """
+
+    images: dict[str, Image.Image]
+    parsed: ParsedPrompt
+    attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    attribute_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None
+    parse_fd: ParseResult | None = None
+    parse_pd: ParseResult | None = None
+    stages: list[StageRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    fasa_mask: torch.Tensor | None = None
+
+    @property
+    def unet_calls(self) -> int:
+        return sum(stage.unet_calls for stage in self.stages)
+
+    @property
+    def batch_items(self) -> int:
+        return sum(stage.batch_items for stage in self.stages)
+
+    def stage(self, name: str) -> StageRecord:
+        return next(stage for stage in self.stages if stage.name == name)

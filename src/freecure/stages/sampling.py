@@ -1,4 +1,4 @@
-"""Joint FD/PD denoising (SAME pass) and ROFA noise blending (paper §3.1, §4.1, §4.2).
+"""Joint FD/PD denoising: the SAME pass (paper §3.1, §4.1) and the :class:`SamePass` stage.
 
 Two *lanes* of latents advance together from the same z_T: lane 0 is FD (foundation
 denoising, eq. 2), lane 1 is PD (personalized denoising, eq. 1). Each step makes one
@@ -27,6 +27,7 @@ lane bit for bit, because the cached ε_f *is* what moved FD's lane.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..attention.capture import AttentionStore
 from ..backends.base import Backend
 from ..core.conditioning import FD, PD, PD_UNCOND, UNCOND, Conditions
 from ..core.guidance import FD_LANE, PD_LANE, BatchLayout, Guidance, scale_model_input, single_lane_layout
+from .decode import decode_latents
 
 
 def same_layout(
@@ -71,17 +73,6 @@ def same_layout(
         lanes=((0, 1), (2, 3)),
         capture_row=1,
     )
-
-
-ROFA_LAYOUT = BatchLayout(rows=((PD_LANE, PD_UNCOND), (PD_LANE, PD)), lanes=((0, 1),))
-ROFA_LAYOUT_UNGUIDED = BatchLayout(rows=((PD_LANE, PD),), lanes=((None, 0),))
-
-
-def rofa_blend(eps_p: torch.Tensor, eps_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """ε_p ← ℳ·ε_f + (1 − ℳ)·ε_p (eq. 6), for ε or flow velocities alike; ``mask`` broadcasts
-    over the prediction (UNet: (1, 1, h, w); FLUX: packed like the latents)."""
-    mask = mask.to(device=eps_p.device, dtype=eps_p.dtype)
-    return mask * eps_f + (1 - mask) * eps_p
 
 
 def predict_guided(
@@ -193,42 +184,6 @@ def same_pass(
 
 
 @torch.no_grad()
-def rofa_pass(
-    backend: Backend,
-    same: SamePassResult,
-    conditions: Conditions,
-    mask: torch.Tensor,
-    guidance: Guidance,
-    image_size: tuple[int, int],
-    on_step: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Stage 3: restart PD at the injection step and blend in the cached ε_f (eq. 6).
-
-    The FD lane is replayed from the cache (no denoiser call) so that the scheduler state
-    stays that of the SAME pass; only PD's rows go through the denoiser. ``mask`` is ℳ laid
-    out like the predictions (:meth:`freecure.families.ModelFamily.model_mask`), one per
-    image ((n, …) for n images; an image whose ℳ is zero keeps its PD prediction).
-
-    Returns:
-        The noise-blended latents z_0 of PD, shape (n, …).
-    """
-    scheduler = copy.deepcopy(same.injection_scheduler)
-    z = same.injection_latents.clone()
-    n = same.images
-    timesteps = scheduler.timesteps
-    layout = (ROFA_LAYOUT if guidance.cfg else ROFA_LAYOUT_UNGUIDED).for_images(n)
-    for i in range(conditions.inject_step, len(timesteps)):
-        t = timesteps[i]
-        eps_p = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
-        eps_f = same.eps_f[i]
-        eps_p = rofa_blend(eps_p, eps_f, mask)
-        z = scheduler.step(torch.cat([eps_f, eps_p]), t, z, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i)
-    return z[PD_LANE * n : PD_LANE * n + n]
-
-
-@torch.no_grad()
 def plain_pass(
     backend: Backend,
     scheduler,
@@ -279,3 +234,42 @@ def check_scheduler(scheduler) -> None:
             "FreeCure steps FD and PD once per timestep: use DDIMScheduler, DPMSolverMultistepScheduler, "
             "EulerDiscreteScheduler or UniPCMultistepScheduler"
         )
+
+
+class SamePass:
+    """Stage 1: FD and PD from one z_T per image, FD's attention on the attribute tokens
+    captured; decodes both and fills each output's ``fd``/``pd`` images, latents and maps."""
+
+    name = "same_pass"
+
+    def run(self, ctx, z_T: torch.Tensor) -> SamePassResult:
+        parsed, n, config = ctx.parsed, ctx.images, ctx.config
+        columns = tuple(sorted({i for a in parsed.attributes for i in a.token_indices}))
+        store = AttentionStore(columns, ctx.latent_size, aggregation=config.attention_aggregation) if columns else None
+        with ctx.records.run(self.name) as record, ctx.progress.bar(ctx.num_inference_steps, "SAME: FD+PD") as bar:
+            capture = (
+                ctx.family.attention_capture(ctx.backend.denoiser, store, config.attention_layers)
+                if store is not None
+                else contextlib.nullcontext()
+            )
+            with capture:
+                same = same_pass(
+                    ctx.backend,
+                    ctx.scheduler,
+                    z_T,
+                    ctx.conditions,
+                    ctx.guidance,
+                    ctx.image_size,
+                    store,
+                    config.approximate_shared_uncond,
+                    on_step=lambda i: bar.update(),
+                )
+            record.freecure_bytes = same.stored_bytes() + (0 if store is None else store.stored_bytes())
+        decoded = decode_latents(ctx.pipeline, same.z0, ctx.image_size)
+        for k, output in enumerate(ctx.outputs):
+            fd_image, pd_image = decoded[FD_LANE * n + k], decoded[PD_LANE * n + k]
+            output.images.update(fd=fd_image, pd=pd_image, blended=pd_image, freecure=pd_image)
+            output.latents.update(fd=same.fd[k : k + 1], pd=same.pd[k : k + 1])
+            if store is not None:
+                output.attention_maps = {a.text: store.token_map(a.token_indices, k) for a in parsed.attributes}
+        return same
