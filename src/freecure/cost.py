@@ -81,8 +81,9 @@ class _Setup:
         return scheduler
 
 
-def _setup(freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale,
-           true_cfg_scale) -> _Setup:
+def _setup(
+    freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale, true_cfg_scale
+) -> _Setup:
     from .core.attributes import parse_prompt
     from .pipeline import _to
 
@@ -98,12 +99,22 @@ def _setup(freecure_pipeline, prompt, class_word, num_inference_steps, inject_st
     latent_size = family.latent_size(backend.pipeline, height, width)
     backend.guidance_scale = guidance_scale
     setup = _Setup(
-        backend, conditions, references, family.loop_guidance(guidance_scale, true_cfg_scale), guidance_scale,
-        (height, width), latent_size, None,
+        backend,
+        conditions,
+        references,
+        family.loop_guidance(guidance_scale, true_cfg_scale),
+        guidance_scale,
+        (height, width),
+        latent_size,
+        None,
     )
     setup.z_T = family.initial_latents(
-        backend.pipeline, setup.scheduler(num_inference_steps), latent_size, torch.Generator().manual_seed(seed),
-        backend.device, backend.dtype,
+        backend.pipeline,
+        setup.scheduler(num_inference_steps),
+        latent_size,
+        torch.Generator().manual_seed(seed),
+        backend.device,
+        backend.dtype,
     )
     return setup
 
@@ -138,7 +149,8 @@ def count_costs(
     guidance_scale: float | None = None,
     true_cfg_scale: float = 1.0,
 ) -> dict[str, dict]:
-    """Run plain PD, the literal schedule and this engine on ``freecure_pipeline`` and count.
+    """Run plain PD, the literal schedule and this engine (method ROFA, with the expression stage
+    when the configuration runs it) on ``freecure_pipeline`` and count.
 
     The backend's injection step is overridden to ``inject_step``; ``guidance_scale`` defaults
     to the backend's (7.5 SD1.5, 5.0 SDXL, 3.5 embedded for FLUX). Returns a dict with
@@ -147,7 +159,10 @@ def count_costs(
     setup = _setup(
         freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale, true_cfg_scale
     )
-    backend, family, config = setup.backend, setup.backend.family, freecure_pipeline.config
+    backend, family = setup.backend, setup.backend.family
+    config = replace(freecure_pipeline.config, method="rofa")  # ROFA's schedules; FASA's: count_fasa_costs
+    engine = type(freecure_pipeline)(backend, freecure_pipeline.face_parser, config)
+    engine.set_progress_bar_config(disable=True)
     conditions, guidance, image_size, z_T = setup.conditions, setup.guidance, setup.image_size, setup.z_T
     latent_size = setup.latent_size
     results: dict[str, dict] = {}
@@ -166,32 +181,12 @@ def count_costs(
         plain_pass(backend, fresh(), z_T, conditions, guidance, image_size, lane=PD)
         mask = family.model_mask(torch.full((1, 1, *latent_size), 0.5, device=z_T.device), z_T)
         z = literal_rofa(backend, fresh(), z_T, conditions, mask, guidance, image_size)
-        z = ddim_invert(
-            backend,
-            z,
-            conditions.template,
-            conditions.uncond,
-            scheduler.config,
-            num_inference_steps,
-            config.gamma,
-            1.0,
-            image_size,
-        )
-        ddim_denoise_from(
-            backend,
-            z,
-            conditions.expression,
-            conditions.uncond,
-            scheduler.config,
-            num_inference_steps,
-            config.gamma,
-            guidance.scale,
-            image_size,
-        )
+        if config.runs_expression:
+            literal_expression(setup, z, config.gamma, num_inference_steps)
         results["literal"] = asdict(Cost(counter.calls, counter.items))
 
     results["engine"], output = _engine_cost(
-        freecure_pipeline, setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale
+        engine, setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale
     )
     results["settings"] = dict(
         num_inference_steps=num_inference_steps,
@@ -207,6 +202,37 @@ def count_costs(
         true_cfg_scale=true_cfg_scale,
     )
     return results
+
+
+@torch.no_grad()
+def literal_expression(setup: _Setup, z: torch.Tensor, gamma: float, num_inference_steps: int) -> torch.Tensor:
+    """The expression stage read literally (§4.2; the NeurIPS paper's asymmetric prompt
+    guidance): DDIM inversion with the template prompt, unguided, then denoising with the
+    expression prompt at full guidance, as a normal generation."""
+    backend, conditions, guidance = setup.backend, setup.conditions, setup.guidance
+    scheduler_config = setup.scheduler(num_inference_steps).config
+    z = ddim_invert(
+        backend,
+        z,
+        conditions.template,
+        conditions.uncond,
+        scheduler_config,
+        num_inference_steps,
+        gamma,
+        1.0,
+        setup.image_size,
+    )
+    return ddim_denoise_from(
+        backend,
+        z,
+        conditions.expression,
+        conditions.uncond,
+        scheduler_config,
+        num_inference_steps,
+        gamma,
+        guidance.scale,
+        setup.image_size,
+    )
 
 
 def _gray_reference():
@@ -227,6 +253,7 @@ def literal_fasa(
     image_size: tuple[int, int],
     layers,
     weight: float = 1.5,
+    form: str = "code",
 ) -> torch.Tensor:
     """The authors' released schedule: two full generations of one batch of PD's and FD's rows
     per step, the second with FASA on (PD's conditional row attends to FD's). Guided: their
@@ -244,7 +271,7 @@ def literal_fasa(
         return BatchLayout(rows=rows, lanes=((1, 3), (0, 2))), ((2, 3),)
 
     family = backend.family
-    state = FasaState(mask, weight, tuple(mask.shape[-2:]))
+    state = FasaState(mask, weight, tuple(mask.shape[-2:]), form=form)
     for generation in range(2):
         run = copy.deepcopy(scheduler)
         z = z_T.expand(2, *z_T.shape[1:]).clone()
@@ -268,7 +295,9 @@ def count_fasa_costs(
     guidance_scale: float | None = None,
     true_cfg_scale: float = 1.0,
 ) -> dict[str, dict]:
-    """Run the authors' FASA schedule and this engine's ``method="fasa"`` and count their work.
+    """Run the authors' FASA schedule and this engine's ``method="fasa"`` and count their work,
+    each followed by the expression stage (APG) when the configuration runs it after FASA
+    (``FreeCureConfig.expression``, the ``neurips`` preset).
 
     Any model family: on FLUX the literal schedule is the authors' two generations on FLUX's
     rows (one per lane when guidance-distilled). ``guidance_scale`` defaults to the backend's.
@@ -294,7 +323,10 @@ def count_fasa_costs(
             setup.image_size,
             layers,
             config.fasa.mask_weight,
+            config.fasa.form,
         )
+        if config.runs_expression:  # FASA then asymmetric prompt guidance (the NeurIPS paper)
+            literal_expression(setup, z_T, config.gamma, num_inference_steps)
     results = {"literal_fasa": asdict(Cost(counter.calls, counter.items))}
     engine = type(freecure_pipeline)(backend, freecure_pipeline.face_parser, config)
     engine.set_progress_bar_config(disable=True)
