@@ -1,4 +1,19 @@
-"""TODO docstring."""
+"""FASA's attention processors: PD's queries attend to PD's own keys and to FD's keys in one softmax.
+
+    S_own = Q_p K_pᵀ/√d,   S_fd = f ⊙ Q_p K_fᵀ/√d + b,   out = softmax([S_own, S_fd]) · [V_p; V_f]
+
+Form ``"code"`` (the released code): f = 1, b_j = ω·M_j inside the mask and −∞ outside
+(:func:`key_bias`). Form ``"paper"`` (the NeurIPS paper's Softmax(([1, ωℳ] ⊙ Q_p K̂ᵀ)/√d)·V̂):
+f_j = ω·M_j, b = 0 (:func:`key_factor`), so FD's keys outside ℳ enter with logit 0.
+
+The joint softmax is computed as (1 − λ)·out_own + λ·out_fd with λ = σ(lse(S_fd) − lse(S_own))
+(:func:`joint_attention`), out_own being diffusers' own SDPA; when every FD key is blocked λ = 0
+and the layer equals plain self-attention bit for bit. :class:`FoundationAwareSelfAttention`
+(UNet ``attn1``) and :class:`FoundationAwareJointAttention` (FLUX's joint attention, image-token
+queries) are installed by context managers that restore the original processors in ``finally``;
+the loop names the (query row, key row) pairs with :meth:`FasaState.set_pairs` before each call.
+The pass that drives them is :mod:`freecure.stages.fasa`.
+"""
 
 from __future__ import annotations
 

@@ -30,7 +30,6 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "freecure.atomic": ("freecure.core.atomic",),
     "freecure.attributes": ("freecure.core.attributes",),
     "freecure.parsing.labels": ("freecure.core.labels",),
-    "freecure.attention": ("freecure.attention.capture",),
     "freecure.projections": ("freecure.attention.projections",),
     "freecure.fasa": ("freecure.stages.fasa", "freecure.attention.fasa", "freecure.backends.base"),
     "freecure.sampling": ("freecure.stages.sampling", "freecure.stages.rofa", "freecure.core.guidance"),

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Guidance and batch layouts: which lane and conditioning each denoiser row evaluates, and how a
+lane's guided prediction is assembled from its rows (ε_u + w·(ε_c − ε_u), with guidance rescale).
+
+Lane 0 is FD, lane 1 is PD; several images stack lane-major (:meth:`BatchLayout.for_images`).
+Nothing here calls a model: the stages (:mod:`freecure.stages`) build layouts and step them.
+"""
 
 from __future__ import annotations
 

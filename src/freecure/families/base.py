@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The model-family protocol (:class:`ModelFamily`): every seam where an ε-prediction UNet and a
+flow-matching transformer differ, as one small object per family (see :mod:`freecure.families`)."""
 
 from __future__ import annotations
 

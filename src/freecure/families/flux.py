@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""FLUX: a flow-matching MMDiT on packed 2×2 latent patches, guidance-distilled (:class:`FluxFamily`),
+and its pieces: packing, position ids, the shifted σ schedule and the reversed Euler inverse
+scheduler of the expression stage."""
 
 from __future__ import annotations
 

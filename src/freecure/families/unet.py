@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Stable Diffusion UNets (SD1.5, SDXL): ε (or v) prediction on a (C, h, w) latent, classifier-free
+guidance, DDIM inversion (:class:`UNetFamily`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Latents → images, the way the pipeline's family decodes them, refusing an image that is none
+(NaN, infinity or one colour everywhere: :class:`~freecure.core.errors.BlankImageError`)."""
 
 from __future__ import annotations
 

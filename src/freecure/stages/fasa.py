@@ -1,32 +1,15 @@
-"""FASA: foundation-aware self-attention, the correction of the authors' released code.
+"""FASA: foundation-aware self-attention, the correction of the released code and the NeurIPS paper.
 
-The public FreeCure repository does not ship the paper's noise blending (ROFA, eq. 6); it
-ships this variant. In chosen self-attention layers, PD's queries attend to PD's own keys
-*and* to FD's keys, in one softmax over both sets (a joint softmax):
+In chosen attention layers PD's queries attend to PD's own keys *and* to FD's keys inside the
+attribute mask, in one softmax (the processors and both forms of ω and ℳ:
+:mod:`freecure.attention.fasa`). FD's own rows keep plain attention, so FD's trajectory is
+unchanged and is replayed from the SAME pass instead of being run again; only FD's conditional
+row runs again, to lend its keys and values (docs/engine.md, "FASA").
 
-    S_own = Q_p K_pᵀ/√d,   S_fd = Q_p K_fᵀ/√d + b,   b_j = w·M_j if M_j > 0 else −∞,
-    out   = softmax([S_own, S_fd]) · [V_p; V_f],
-
-where M is the attribute mask laid on FD's key positions and w the mask weight (1.5 in
-their scripts): FD's keys inside the mask have their logits raised by w·M_j, those outside
-are blocked. FD's own rows keep plain self-attention, so FD's trajectory is unchanged and
-is replayed from the SAME pass instead of being run again (see docs/engine.md, "FASA").
-
-Exactness: the joint softmax is computed as a convex combination of the two partial
-softmaxes, out = (1 − λ)·out_own + λ·out_fd with λ = σ(lse(S_fd) − lse(S_own)), and out_own
-is the very SDPA call of diffusers' ``AttnProcessor2_0``. When every FD key is blocked
-λ = 0 exactly and the layer's output equals plain self-attention bit for bit.
-
-The processor is installed with :func:`foundation_aware_self_attention`, which restores the
-original processors in ``finally``; ``Attention.forward`` is never replaced. The loop says
-which rows are PD (queries) and which are FD (keys) with :meth:`FasaState.set_pairs` before
-each UNet call; nothing is inferred by counting calls.
-
-FLUX (:class:`FoundationAwareJointAttention`): FLUX has no separate self-attention; its image
-tokens attend jointly to [text; image] keys. PD's *image-token* queries attend to
-[PD's own text and image keys; FD's image keys], with the same b on FD's keys (M laid on the
-packed 2×2 token grid), the same convex-combination form and the same exactness when every
-FD key is blocked; text queries and FD's rows are left to the layer's own processor.
+Here: :class:`FasaConfig` (layers, mask source, ω, form), the rows of a FASA step
+(:func:`fasa_layout`), the mask (:func:`fasa_mask`), the pass (:func:`fasa_pass`) and the
+:class:`Fasa` correction stage. The NeurIPS paper follows FASA with asymmetric prompt guidance,
+which is the expression stage (``FreeCureConfig(expression=True)``, the ``neurips`` preset).
 """
 
 from __future__ import annotations
