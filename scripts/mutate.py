@@ -16,7 +16,7 @@ swapped, and a call statement deleted.
 
 Usage:
     PYTHONPATH=src python scripts/mutate.py --total 200 --seed 0 --out mutants.jsonl
-    python scripts/mutate.py --list --module sampling       # enumerate, do not run
+    python scripts/mutate.py --list --module stages.sampling       # enumerate, do not run
     python scripts/mutate.py --summary mutants.jsonl          # score of a finished run
 """
 
@@ -39,30 +39,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 
-# module → the tests that exercise it, fastest first (pytest stops at the first failure).
+# module → the tests that exercise it, fastest first (pytest stops at the first failure). The
+# tests mirror the source tree: src/freecure/stages/masks.py is tested by tests/stages/test_masks.py.
+WIRING, ENGINE = "tests/test_pipeline_wiring.py", "tests/test_pipeline.py"
 TARGETS: dict[str, list[str]] = {
-    "freecure.masks": ["tests/test_masks.py", "tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.sampling": ["tests/test_inversion.py", "tests/test_engine.py", "tests/test_wiring.py"],
-    "freecure.inversion": ["tests/test_inversion.py", "tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.attention": ["tests/test_attention.py", "tests/test_engine.py", "tests/test_wiring.py"],
-    "freecure.pipeline": ["tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.backends.base": ["tests/test_wiring.py", "tests/test_engine.py"],
-    "freecure.backends.token_fusion": ["tests/test_cli_generate.py", "tests/test_engine.py", "tests/test_wiring.py"],
-    "freecure.backends.modules": ["tests/test_photomaker.py", "tests/test_fastcomposer.py"],
-    "freecure.backends.photomaker": ["tests/test_photomaker.py"],
-    "freecure.backends.photomaker_v2": ["tests/test_photomaker.py"],
-    "freecure.backends.photomaker_id": ["tests/test_photomaker.py"],
-    "freecure.backends.fastcomposer": ["tests/test_fastcomposer.py"],
-    "freecure.backends.face_diffuser": ["tests/test_face_diffuser.py"],
-    "freecure.backends.ip_adapter_faceid": ["tests/test_ip_adapter_faceid.py"],
-    "freecure.backends.instantid": ["tests/test_instantid.py"],
-    "freecure.backends.pulid": ["tests/test_pulid.py"],
-    "freecure.backends.pulid_flux": ["tests/test_pulid_flux.py"],
-    "freecure.backends.infiniteyou": ["tests/test_infiniteyou.py"],
-    "freecure.evaluation.metrics.lpips": ["tests/test_evaluation_metrics.py"],
-    "freecure.evaluation.metrics.clip_score": ["tests/test_evaluation_metrics.py"],
-    "freecure.evaluation.metrics.identity": ["tests/test_evaluation_metrics.py"],
-    "freecure.evaluation.metrics.diversity": ["tests/test_evaluation_metrics.py", "tests/test_evaluation_runner.py"],
+    "freecure.stages.masks": ["tests/stages/test_masks.py", WIRING, ENGINE],
+    "freecure.stages.sampling": ["tests/stages/test_expression.py", ENGINE, WIRING],
+    "freecure.stages.rofa": [ENGINE, WIRING],
+    "freecure.stages.expression": ["tests/stages/test_expression.py", WIRING, ENGINE],
+    "freecure.stages.fasa": ["tests/stages/test_fasa.py", "tests/stages/test_config.py"],
+    "freecure.attention.fasa": ["tests/stages/test_fasa.py", "tests/stages/test_config.py"],
+    "freecure.attention.capture": ["tests/attention/test_capture.py", ENGINE, WIRING],
+    "freecure.core.guidance": [ENGINE, WIRING],
+    "freecure.pipeline": [WIRING, ENGINE],
+    "freecure.backends.base": [WIRING, ENGINE],
+    "freecure.backends.token_fusion.backend": ["tests/cli/test_generate.py", ENGINE, WIRING],
+    "freecure.backends.common.layers": ["tests/backends/test_photomaker.py", "tests/backends/test_fastcomposer.py"],
+    "freecure.backends.photomaker.backend": ["tests/backends/test_photomaker.py"],
+    "freecure.backends.photomaker.v2": ["tests/backends/test_photomaker.py"],
+    "freecure.backends.photomaker.id_encoder": ["tests/backends/test_photomaker.py"],
+    "freecure.backends.fastcomposer.backend": ["tests/backends/test_fastcomposer.py"],
+    "freecure.backends.face_diffuser.backend": ["tests/backends/test_face_diffuser.py"],
+    "freecure.backends.ip_adapter.faceid": ["tests/backends/ip_adapter/test_faceid.py"],
+    "freecure.backends.ip_adapter.instantid": ["tests/backends/ip_adapter/test_instantid.py"],
+    "freecure.backends.pulid.sdxl": ["tests/backends/pulid/test_sdxl.py"],
+    "freecure.backends.pulid.flux": ["tests/backends/pulid/test_flux.py"],
+    "freecure.backends.infiniteyou.backend": ["tests/backends/test_infiniteyou.py"],
+    "freecure.evaluation.metrics.lpips": ["tests/evaluation/test_metrics.py"],
+    "freecure.evaluation.metrics.clip_score": ["tests/evaluation/test_metrics.py"],
+    "freecure.evaluation.metrics.identity": ["tests/evaluation/test_metrics.py"],
+    "freecure.evaluation.metrics.diversity": ["tests/evaluation/test_metrics.py", "tests/evaluation/test_runner.py"],
 }
 
 # deselected in mutation runs: slow tests whose faults other tests also catch
