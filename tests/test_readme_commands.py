@@ -1,4 +1,4 @@
-"""Every `freecure …` command of README.md, run as written through the CLI entry point.
+"""Every `freecure …` command of README.md and docs/cli.md, run as written through the CLI entry point.
 
 The commands are read from README.md itself (its ```bash blocks and the backends table), so
 the README and this test cannot drift apart. Each runs in-process with `freecure.cli.main`
@@ -28,6 +28,8 @@ from freecure.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: The documents whose commands run: the README's examples, then the command-line reference.
+DOCUMENTS = (README, ROOT / "docs" / "cli.md")
 #: Options whose value is shrunk to keep the suite fast: option → value.
 SMALL = {"--steps": "3", "--inject-step": "1", "--num-seeds": "1", "--limit-prompts": "1"}
 
@@ -116,8 +118,12 @@ def embedding(tmp_path) -> Path:
     return path
 
 
-#: The README's commands that finish (servers are tested elsewhere), in README order.
-COMMANDS_RUN = [c for c in readme_commands(README.read_text(encoding="utf-8")) if c.split()[1] not in SERVERS]
+#: The documented commands that finish (servers are tested elsewhere), in document order, each once.
+COMMANDS_RUN = list(
+    dict.fromkeys(
+        c for doc in DOCUMENTS for c in readme_commands(doc.read_text(encoding="utf-8")) if c.split()[1] not in SERVERS
+    )
+)
 
 
 def prerequisites(command: str) -> list[str]:
