@@ -74,7 +74,7 @@ LAYERS = (
     ("backends",),
     ("stages",),
     ("pipeline",),
-    ("cost", "outputs", "analysis", "evaluation"),
+    ("build", "cost", "outputs", "analysis", "evaluation"),
     ("cli", "demo", "__main__"),
 )
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .backends.base import Backend
+from .backends.base import Backend, rows_in_one_call
 from .core.conditioning import FD, PD, PD_UNCOND, UNCOND, Conditions
 from .core.guidance import FD_LANE, PD_LANE, Guidance, single_lane_layout
 from .stages.expression import ddim_denoise_from, ddim_invert
@@ -51,7 +51,9 @@ def literal_rofa(
     fd_layout = single_lane_layout(FD, guided=guidance.cfg, uncond_key=UNCOND)
     for i, t in enumerate(scheduler.timesteps):
         injected = i >= conditions.inject_step
-        pd_layout = single_lane_layout(PD if injected else FD, guided=guidance.cfg, uncond_key=PD_UNCOND)
+        # before injection PD is FD's rows (its own negative only where it has one), as in the SAME pass
+        pd_uncond = PD_UNCOND if injected or not conditions.shares_uncond else UNCOND
+        pd_layout = single_lane_layout(PD if injected else FD, guided=guidance.cfg, uncond_key=pd_uncond)
         eps_f = predict_guided(backend, fd_scheduler, fd_layout, z_f, t, i, conditions.get, guidance, image_size)
         eps_p = predict_guided(backend, pd_scheduler, pd_layout, z_p, t, i, conditions.get, guidance, image_size)
         if injected:
@@ -74,6 +76,8 @@ class _Setup:
     image_size: tuple[int, int]
     latent_size: tuple[int, int]
     z_T: torch.Tensor
+    prompt: str = ""
+    trigger: str | None = None
 
     def scheduler(self, num_inference_steps: int):
         scheduler = copy.deepcopy(self.backend.pipeline.scheduler)
@@ -84,6 +88,8 @@ class _Setup:
 def _setup(
     freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale, true_cfg_scale
 ) -> _Setup:
+    """The backend's trigger word (``Backend.default_trigger``, PhotoMaker's "img") is written
+    after the class word of a prompt that has none."""
     from .core.attributes import parse_prompt
     from .pipeline import _to
 
@@ -91,7 +97,10 @@ def _setup(
     family = backend.family
     if guidance_scale is None:
         guidance_scale = backend.default_guidance_scale
-    parsed = parse_prompt(prompt, class_word, tokenizer=backend.tokenizer)
+    trigger = backend.default_trigger
+    if trigger is not None and trigger not in prompt.split():
+        prompt = prompt.replace(f" {class_word} ", f" {class_word} {trigger} ", 1)
+    parsed = parse_prompt(prompt, class_word, trigger=trigger, tokenizer=backend.tokenizer)
     references = [_gray_reference()]
     conditions = backend.conditions(parsed, references, num_inference_steps)
     conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
@@ -107,6 +116,8 @@ def _setup(
         (height, width),
         latent_size,
         None,
+        prompt,
+        trigger,
     )
     setup.z_T = family.initial_latents(
         backend.pipeline,
@@ -122,9 +133,10 @@ def _setup(
 def _engine_cost(engine, setup: _Setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale):
     """Run ``engine`` (a FreeCurePipeline) once and count its work, per stage too."""
     output = engine(
-        prompt,
+        setup.prompt,
         setup.references,
         class_word=class_word,
+        trigger_word=setup.trigger,
         num_inference_steps=num_inference_steps,
         inject_step=inject_step,
         guidance_scale=setup.guidance_scale,
@@ -195,7 +207,7 @@ def count_costs(
         expression_guidance_scale=output.settings["expression_guidance_scale"],
         inversion_guidance_scale=config.inversion_guidance_scale,
         approximate_shared_uncond=config.approximate_shared_uncond,
-        prompt=prompt,
+        prompt=setup.prompt,
         backend=backend.name,
         family=family.name,
         guidance_scale=setup.guidance_scale,
@@ -267,7 +279,8 @@ def literal_fasa(
         key = PD if i >= conditions.inject_step else FD
         if not guidance.cfg:
             return BatchLayout(rows=((PD_LANE, key), (FD_LANE, FD)), lanes=((None, 1), (None, 0))), ((0, 1),)
-        rows = ((PD_LANE, PD_UNCOND), (FD_LANE, UNCOND), (PD_LANE, key), (FD_LANE, FD))
+        pd_uncond = PD_UNCOND if key == PD or not conditions.shares_uncond else UNCOND
+        rows = ((PD_LANE, pd_uncond), (FD_LANE, UNCOND), (PD_LANE, key), (FD_LANE, FD))
         return BatchLayout(rows=rows, lanes=((1, 3), (0, 2))), ((2, 3),)
 
     family = backend.family
@@ -301,7 +314,9 @@ def count_fasa_costs(
 
     Any model family: on FLUX the literal schedule is the authors' two generations on FLUX's
     rows (one per lane when guidance-distilled). ``guidance_scale`` defaults to the backend's.
-    Returns ``literal_fasa`` and ``engine_fasa`` entries (calls, items; the engine's per stage).
+    Returns ``literal_fasa`` and ``engine_fasa`` entries (calls, items; the engine's per stage);
+    ``literal_fasa`` is None for a backend that splits FD's and PD's rows over calls of its own
+    models (Face-diffuser), where the authors' one-batch schedule does not exist.
     """
     setup = _setup(
         freecure_pipeline, prompt, class_word, num_inference_steps, inject_step, seed, guidance_scale, true_cfg_scale
@@ -312,22 +327,24 @@ def count_fasa_costs(
     mask[: mask.shape[0] // 2] = 1.0
     layers = family.fasa_layers(backend.denoiser, config.fasa.layers)
     counter = UNetCounter()
+    literal = rows_in_one_call(backend)  # the authors' batch needs FD's and PD's rows in one call
     with counter.attached(backend.unets()):
-        literal_fasa(
-            backend,
-            setup.scheduler(num_inference_steps),
-            z_T,
-            setup.conditions,
-            mask,
-            setup.guidance,
-            setup.image_size,
-            layers,
-            config.fasa.mask_weight,
-            config.fasa.form,
-        )
-        if config.runs_expression:  # FASA then asymmetric prompt guidance (the NeurIPS paper)
-            literal_expression(setup, z_T, config.gamma, num_inference_steps)
-    results = {"literal_fasa": asdict(Cost(counter.calls, counter.items))}
+        if literal:
+            literal_fasa(
+                backend,
+                setup.scheduler(num_inference_steps),
+                z_T,
+                setup.conditions,
+                mask,
+                setup.guidance,
+                setup.image_size,
+                layers,
+                config.fasa.mask_weight,
+                config.fasa.form,
+            )
+            if config.runs_expression:  # FASA then asymmetric prompt guidance (the NeurIPS paper)
+                literal_expression(setup, z_T, config.gamma, num_inference_steps)
+    results = {"literal_fasa": asdict(Cost(counter.calls, counter.items)) if literal else None}
     engine = type(freecure_pipeline)(backend, freecure_pipeline.face_parser, config)
     engine.set_progress_bar_config(disable=True)
     results["engine_fasa"], _ = _engine_cost(

@@ -54,7 +54,10 @@ def test_token_alignment_same_positions_shifted_positions_and_no_identity(tiny_s
     assert plain.pd_columns == tuple((c,) for c in plain.fd_columns)
     # PhotoMaker: the class word's last token repeated once per ID embedding, later tokens shifted
     photomaker = SimpleNamespace(
-        name="photomaker", tokenizer=backend.tokenizer, id_encoder=SimpleNamespace(tokens_per_image=1)
+        name="photomaker",
+        prompt_identity="last",
+        tokenizer=backend.tokenizer,
+        id_encoder=SimpleNamespace(tokens_per_image=1),
     )
     stacked = align_tokens(photomaker, parsed, n_references=3)
     assert stacked.identity_pd == (2, 3, 4) and stacked.identity_pairs == ((2, 2), (3, 2), (4, 2))
@@ -231,7 +234,7 @@ def test_cli_attention_and_interpolate_tiny(tmp_path, astronaut, capsys):
 def test_cli_interpolate_refuses_backends_without_an_identity_token(tmp_path, monkeypatch, capsys):
     class AdapterBackend(TokenFusionBackend):
         name = "adapter-demo"
-        identity_in_prompt = False
+        prompt_identity = None
 
     monkeypatch.setitem(BACKENDS, "token-fusion", AdapterBackend)
     Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")

@@ -37,7 +37,7 @@ SIZE, LATENT, STEPS = (64, 64), (32, 32), 5
 
 @pytest.fixture(scope="module")
 def backend(tiny_flux):
-    backend = InfiniteYouBackend.tiny(pipeline=tiny_flux, guidance_start=0.3)
+    backend = InfiniteYouBackend.build_tiny(pipeline=tiny_flux, guidance_start=0.3)
     backend.pipeline.set_progress_bar_config(disable=True)
     backend.guidance_scale = 3.5
     return backend
@@ -358,8 +358,9 @@ def test_generate_refuses_bad_infusenet_options_before_loading(tmp_path, capsys)
     args = ["generate", "--tiny", "--backend", "infiniteyou", "--prompt", PROMPT, "--out", str(tmp_path / "x")]
     assert main([*args, "--infusenet-guidance-start", "1.5"]) == 2
     assert "--infusenet-guidance-start must lie in [0, 1)" in capsys.readouterr().err
-    assert main([*args, "--infusenet-conditioning-scale", "nan"]) == 2
-    assert "finite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # by the option's checked type, at parse time
+        main([*args, "--infusenet-conditioning-scale", "nan"])
+    assert refused.value.code == 2 and "finite" in capsys.readouterr().err
     assert main([*args, "--face-embedding", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -60,14 +60,14 @@ def released_keys(version: str) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def backend():
-    pm = PhotoMakerBackend.tiny("v1")
+    pm = PhotoMakerBackend.build_tiny("v1")
     pm.pipeline.set_progress_bar_config(disable=True)
     return pm
 
 
 @pytest.fixture(scope="module")
 def backend_v2():
-    return PhotoMakerBackend.tiny("v2")
+    return PhotoMakerBackend.build_tiny("v2")
 
 
 @pytest.fixture(scope="module")

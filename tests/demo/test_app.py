@@ -154,7 +154,7 @@ def test_face_check_refuses_a_photo_without_a_face(astronaut, grey_image):
 
 def test_models_load_once_per_backend(monkeypatch):
     built = []
-    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: built.append(args.backend) or object())
+    monkeypatch.setattr("freecure.build.build_freecure", lambda args: built.append(args.backend) or object())
     cache = ModelCache(demo_args())
     first = cache.get("token-fusion")
     assert cache.get("token-fusion") is first and cache.get("photomaker") is not first
@@ -166,7 +166,7 @@ def test_runner_writes_the_generate_folder_reports_progress_and_zips_it(monkeypa
     from freecure.pipeline import FreeCurePipeline
 
     loaded = FreeCurePipeline(token_fusion_backend(tiny_sd15), LayoutFaceParser())
-    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
+    monkeypatch.setattr("freecure.build.build_freecure", lambda args: loaded)
     runner = Runner(demo_args(), tmp_path)
     monkeypatch.setattr(FaceCheck, "__call__", lambda self, references, names: None)  # MTCNN: tested above
     request = check_request({"prompt": PROMPT, "use_example": "1", "steps": "2", "seed": "7"}, [], EXAMPLE, demo_args())
@@ -318,7 +318,7 @@ def test_runner_leaves_no_folder_of_a_failed_run_and_removes_its_runs_at_close(m
     from freecure.pipeline import FreeCurePipeline
 
     loaded = FreeCurePipeline(token_fusion_backend(tiny_sd15), LayoutFaceParser())
-    monkeypatch.setattr("freecure.cli.generate.build_freecure", lambda args: loaded)
+    monkeypatch.setattr("freecure.build.build_freecure", lambda args: loaded)
     monkeypatch.setattr(FaceCheck, "__call__", lambda self, references, names: None)
     (tmp_path / "mine.txt").write_text("the user's")
     runner = Runner(demo_args(), tmp_path)

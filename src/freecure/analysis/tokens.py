@@ -11,12 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Backends whose identity is written into prompt tokens, and which of the class word's
-#: tokens carry it ("all" or "last"). Other backends (IP-Adapter, InstantID, FLUX adapters)
-#: inject identity through their own attention and have no identity column; a backend can
-#: also say so itself with a class attribute ``identity_in_prompt = False``.
-IDENTITY_TOKENS = {"token-fusion": "all", "fastcomposer": "last", "face-diffuser": "last", "photomaker": "last"}
-
 
 @dataclass(frozen=True)
 class TokenAlignment:
@@ -48,24 +42,14 @@ class TokenAlignment:
         return tuple((m, n) for n in self.identity_fd for m in self.pd_columns[self.fd_columns.index(n)])
 
 
-#: How the backends without an identity token inject identity (why eq. 3 does not apply).
-ADAPTER_MECHANISMS = {
-    "ip-adapter-faceid": "IP-Adapter's decoupled image cross-attention on face-embedding tokens",
-    "instantid": "IP-Adapter image tokens and IdentityNet's ControlNet residuals",
-    "pulid-sdxl": "PuLID's ID tokens in extra cross-attention beside the text's",
-    "infiniteyou": "InfuseNet's residuals added to the FLUX transformer blocks (the T5 prompt is untouched)",
-    "pulid-flux": "PuLID-FLUX's ID cross-attention modules after FLUX's blocks (the T5 prompt is untouched)",
-}
-
-
 def adapter_mechanism(backend) -> str:
     """A short description of where a backend without an identity token puts the identity."""
-    return ADAPTER_MECHANISMS.get(backend.name, "its own adapter")
+    return getattr(backend, "identity_mechanism", "") or "its own adapter"
 
 
 def identity_in_prompt(backend) -> bool:
-    """Whether the backend writes the identity into prompt tokens."""
-    return bool(getattr(backend, "identity_in_prompt", backend.name in IDENTITY_TOKENS))
+    """Whether the backend writes the identity into prompt tokens (``Backend.prompt_identity``)."""
+    return getattr(backend, "prompt_identity", None) is not None
 
 
 def word_columns(tokenizer, ids: list[int]) -> list[int]:
@@ -89,7 +73,7 @@ def align_tokens(backend, parsed, n_references: int = 1) -> TokenAlignment:
     labels = tuple(token_label(tokenizer.convert_ids_to_tokens(ids[c])) for c in words)
     if not identity_in_prompt(backend) or not parsed.class_token_indices:
         return TokenAlignment(labels, tuple(words), tuple((c,) for c in words), (), ())
-    which = IDENTITY_TOKENS.get(backend.name, "all")
+    which = backend.prompt_identity
     identity_fd = tuple(parsed.class_token_indices) if which == "all" else (parsed.class_token_indices[-1],)
     copies = 1
     encoder = getattr(backend, "id_encoder", None)

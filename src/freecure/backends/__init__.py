@@ -1,35 +1,30 @@
-"""Personalization backends: the protocol and the built-in implementations."""
+"""Personalization backends: the protocol, the registry and the built-in methods, one line each."""
 
-from ..core.conditioning import Conditions, TextConditioning
 from .base import Backend
 from .common.random_identity import RandomProjectionIdentityEncoder
-from .face_diffuser.backend import FaceDiffuserBackend
-from .fastcomposer.backend import FastComposerBackend
-from .infiniteyou.backend import InfiniteYouBackend
-from .ip_adapter.faceid import IPAdapterFaceIDBackend
-from .ip_adapter.instantid import InstantIDBackend
-from .photomaker.backend import PhotoMakerBackend
-from .pulid.flux import PuLIDFluxBackend
-from .pulid.sdxl import PuLIDSDXLBackend
-from .token_fusion.backend import TokenFusionBackend
+from .face_diffuser import FaceDiffuserBackend
+from .fastcomposer import FastComposerBackend
+from .infiniteyou import InfiniteYouBackend
+from .ip_adapter import InstantIDBackend, IPAdapterFaceIDBackend
+from .photomaker import PhotoMakerBackend
+from .pulid import PuLIDFluxBackend, PuLIDSDXLBackend
+from .registry import BACKENDS, DEFAULT_BACKEND, get_backend, register, unregister
+from .token_fusion import TokenFusionBackend
 
-#: Backends by the name the CLI takes.
-BACKENDS: dict[str, type[Backend]] = {
-    TokenFusionBackend.name: TokenFusionBackend,
-    FastComposerBackend.name: FastComposerBackend,
-    FaceDiffuserBackend.name: FaceDiffuserBackend,
-    PhotoMakerBackend.name: PhotoMakerBackend,
-    InfiniteYouBackend.name: InfiniteYouBackend,
-    IPAdapterFaceIDBackend.name: IPAdapterFaceIDBackend,
-    InstantIDBackend.name: InstantIDBackend,
-    PuLIDSDXLBackend.name: PuLIDSDXLBackend,
-    PuLIDFluxBackend.name: PuLIDFluxBackend,
-}
+register(TokenFusionBackend)
+register(FastComposerBackend)
+register(FaceDiffuserBackend)
+register(PhotoMakerBackend)
+register(InfiniteYouBackend)
+register(IPAdapterFaceIDBackend)
+register(InstantIDBackend)
+register(PuLIDSDXLBackend)
+register(PuLIDFluxBackend)
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKEND",
     "Backend",
-    "Conditions",
     "FaceDiffuserBackend",
     "FastComposerBackend",
     "InfiniteYouBackend",
@@ -39,6 +34,18 @@ __all__ = [
     "PuLIDFluxBackend",
     "PuLIDSDXLBackend",
     "RandomProjectionIdentityEncoder",
-    "TextConditioning",
     "TokenFusionBackend",
+    "get_backend",
+    "register",
+    "unregister",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("Conditions", "TextConditioning"):  # former re-exports (one release)
+        from ..core import conditioning
+        from ..core.deprecation import _warn
+
+        _warn(f"freecure.backends.{name}", f"freecure.core.conditioning.{name}")
+        return getattr(conditioning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

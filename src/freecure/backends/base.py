@@ -19,6 +19,7 @@ decoding) is not here but in the backend's :attr:`Backend.family`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -27,8 +28,21 @@ from ..core.attributes import ParsedPrompt
 from ..core.conditioning import Conditions, TextConditioning
 from ..core.deprecation import moved_names
 from ..core.errors import InputError
+from ..core.options import Option
 from ..families import family_of
 from ..families.base import ModelFamily
+
+#: The run's settings a backend is built with, beside its own options, and their defaults.
+RUN_SETTINGS: dict[str, object] = {
+    "tiny": False,
+    "tiny_family": None,
+    "base_model": None,
+    "device": None,
+    "dtype": None,
+    "trigger": None,
+    "ref": (),
+    "parser_weights": None,
+}
 
 
 class Backend:
@@ -67,16 +81,33 @@ class Backend:
     #: studies' state which engine row each row of its own calls came from (Face-diffuser).
     analysis_across_calls: bool = False
 
+    #: The backend's own options, declared once: the command line's and the demo's controls are
+    #: generated from them (:class:`~freecure.core.options.Option`).
+    options: tuple[Option, ...] = ()
+    #: Which of the class word's tokens carry the identity in PD's prompt (eq. 3's columns):
+    #: ``"all"``, ``"last"``, or None for a backend whose identity enters elsewhere.
+    prompt_identity: str | None = None
+    #: How the identity enters when not as prompt tokens, in words (the attention studies say it).
+    identity_mechanism: str = ""
+    #: The trigger word its prompts carry after the class word when ``--trigger`` is not given
+    #: (PhotoMaker: "img"), or None.
+    default_trigger: str | None = None
+    #: ``freecure embed``: how many reference photos its face-embedding file is computed from
+    #: (None: all of them), or False for a backend whose identity file ``embed`` does not write.
+    embed_references: int | None | bool = False
+
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
-    # -- construction from `freecure generate` options ---------------------------------------
+    # -- construction from options ------------------------------------------------------------
     @classmethod
     def add_cli_arguments(cls, group) -> None:
-        """Add this backend's own options to ``freecure generate`` (an argparse group)."""
+        """Add this backend's :attr:`options` to an argparse parser or group."""
+        for option in cls.options:
+            option.add_to(group)
 
     #: What the backend's identity file (``--face-embedding`` …) holds, an
-    #: :class:`~freecure.backends.identity_files.IdentitySchema`; None for a backend without one.
+    #: :class:`~freecure.backends.common.identity_files.IdentitySchema`; None for a backend without one.
     identity_schema = None
 
     @classmethod
@@ -90,12 +121,50 @@ class Backend:
 
     @classmethod
     def from_cli(cls, args) -> Backend:
-        """Build the backend from parsed ``freecure generate`` options.
-
-        ``args`` carries ``tiny`` (build tiny random components, offline), ``base_model``,
-        ``device``, ``dtype`` and the options of :meth:`add_cli_arguments`.
+        """Build the backend from its options: ``args`` carries the run's settings (``tiny``:
+        tiny random components, offline; ``tiny_family``, ``base_model``, ``device``, ``dtype``,
+        ``trigger``, ``ref``) and each of :attr:`options` by its ``dest``, parsed and checked —
+        from the command line, or from Python and the demo through :meth:`build_options`.
         """
-        raise NotImplementedError(f"backend {cls.name!r} cannot be built from the command line")
+        raise NotImplementedError(f"backend {cls.name!r} cannot be built from options")
+
+    @classmethod
+    def build_options(cls, **values) -> SimpleNamespace:
+        """The options :meth:`from_cli` reads, from Python values: each declared option from
+        ``values`` (checked as the command line checks it) or its default, and the run's settings
+        (``tiny``, ``tiny_family``, ``base_model``, ``device``, ``dtype``, ``trigger``, ``ref``,
+        ``parser_weights``) from ``values`` or None/False.
+
+        Raises:
+            InputError: a value that does not fit its option, or a name that is not an option.
+        """
+        own = {option.dest: option for option in cls.options}
+        unknown = sorted(set(values) - set(own) - set(RUN_SETTINGS))
+        if unknown:
+            known = ", ".join(sorted(own)) or "none"
+            raise InputError(f"the {cls.name} backend has no option {', '.join(unknown)} (its options: {known})")
+        args = {name: values.get(name, default) for name, default in RUN_SETTINGS.items()}
+        for dest, option in own.items():
+            args[dest] = option.parse(values[dest]) if dest in values else option.default
+        return SimpleNamespace(**args)
+
+    @classmethod
+    def embed_faces(cls, references, args):
+        """``freecure embed``: (a function writing the identity file to a path, a summary of its
+        tensors) for the reference photos; only for backends whose :attr:`embed_references` is
+        not False. ``args``: ``tiny``, ``device`` and the command's weight options."""
+        raise NotImplementedError(f"freecure embed does not compute the {cls.name} backend's identity file")
+
+    @classmethod
+    def tiny(cls, family: str | None = None, device: str = "cpu", **options) -> Backend:
+        """The backend on tiny random components, offline (the images are noise): ``family`` one
+        of :attr:`families` (default the first), ``options`` its declared options by name."""
+        family = family or cls.families[0]
+        if family not in cls.families:
+            raise InputError(f"the {cls.name} backend runs on {', '.join(cls.families)}, not {family}")
+        args = cls.build_options(tiny=True, tiny_family=family, device=torch.device(device), **options)
+        cls.check_identity_files(args)
+        return cls.from_cli(args)
 
     # -- pipeline facts ---------------------------------------------------------------
     @property

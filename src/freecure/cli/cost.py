@@ -3,8 +3,11 @@ counted by running each schedule on the tiny pipeline."""
 
 from __future__ import annotations
 
+from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..core.atomic import json_text
+from ..stages.config import PRESETS
 from . import options
+from .generate import add_backend_options, backend_options
 
 
 def register(subparsers) -> None:
@@ -49,35 +52,32 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--method",
         choices=["rofa", "fasa", "both"],
-        default="rofa",
-        help="which correction to count: the paper's ROFA (default), the authors' FASA, or both",
+        default=None,
+        help="which correction to count: ROFA (default), FASA, or both (default with --preset: the preset's)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="count a preset's schedules: its correction, FASA settings and expression stage (docs/engine.md)",
+    )
+    parser.add_argument(
+        "--expression",
+        choices=["on", "off"],
+        default=None,
+        help="count the expression stage after the correction or not (default: the preset's, else on after "
+        "rofa, off after fasa)",
     )
     parser.add_argument(
         "--backend",
-        choices=["token-fusion", "ip-adapter-faceid", "instantid", "pulid-sdxl", "pulid-flux"],
-        default="token-fusion",
-        help="tiny backend to count (instantid and pulid-sdxl run on SDXL only, pulid-flux on FLUX only; "
-        "InstantID's IdentityNet calls are counted as UNet calls)",
+        choices=sorted(BACKENDS),
+        default=DEFAULT_BACKEND,
+        help="the tiny backend to count, built as `freecure generate --tiny` builds it (--family: one it runs "
+        "on); every denoiser it calls counts (InstantID's IdentityNet, InfiniteYou's InfuseNet, …)",
     )
-    parser.add_argument(
-        "--faceid-fd-lora", choices=["keep", "off"], default=None,
-        help="ip-adapter-faceid: keep (default) or off: FD without the LoRA costs a separate FD call per step",
-    )
-    parser.add_argument(
-        "--instantid-fd",
-        choices=["zero-identity", "no-identitynet"],
-        default=None,
-        help="instantid: FD's IdentityNet input (default zero-identity)",
-    )
+    add_backend_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
-
-
-#: Options of one backend: dest → (option, the backend that reads it).
-BACKEND_ONLY = {
-    "faceid_fd_lora": ("--faceid-fd-lora", "ip-adapter-faceid"),
-    "instantid_fd": ("--instantid-fd", "instantid"),
-}
 
 
 def check(args) -> None:
@@ -99,12 +99,14 @@ def check(args) -> None:
             f"pass --family {families[0]} or drop it"
         )
     args.family = args.family or families[0]
-    for dest, (option, backend) in BACKEND_ONLY.items():
-        if getattr(args, dest) is not None and args.backend != backend:
-            raise InputError(
-                f"{option} is an option of the {backend} backend and would be ignored with "
-                f"--backend {args.backend}; drop it or pass --backend {backend}"
-            )
+    own = backend_options(args.backend)
+    for name in sorted(BACKENDS):
+        for dest, option in backend_options(name).items():
+            if name != args.backend and dest not in own and getattr(args, dest, None) != option.default:
+                raise InputError(
+                    f"{option.flag} is an option of the {name} backend and would be ignored with "
+                    f"--backend {args.backend}; drop it or pass --backend {name}"
+                )
     if args.steps is None:
         args.steps = 28 if args.family == "flux" else 50
     if not 0 <= args.inject_step < args.steps:
@@ -121,65 +123,44 @@ def check(args) -> None:
         )
 
 
+#: The run settings ``freecure cost`` builds its tiny backend with (as ``generate --tiny``).
+BUILD_SETTINGS = dict(
+    tiny=True, base_model=None, device="cpu", dtype=None, parser=None, parser_weights=None, scheduler=None,
+    offload="none", vae_tiling=False, vae_slicing=False, compile=False, compile_mode=None, trigger=None, ref=[],
+    negative_prompt=None, pd_region="placement", attention_aggregation="per_resolution",
+)
+
+
+def build(args):
+    """The tiny FreeCure pipeline to count, through the builder ``freecure generate`` uses."""
+    import argparse
+
+    from ..build import build_freecure
+
+    settings = argparse.Namespace(**{**BUILD_SETTINGS, **vars(args)})
+    settings.tiny_family, settings.method = args.family, "fasa" if args.method == "both" else args.method
+    freecure = build_freecure(settings)
+    freecure.set_progress_bar_config(disable=True)
+    freecure.pipeline.set_progress_bar_config(disable=True)
+    return freecure
+
+
 def run(args) -> int:
-    from ..backends import RandomProjectionIdentityEncoder, TokenFusionBackend
-    from ..backends.common.random_identity import text_dim
-    from ..cost import count_costs
-    from ..families.tiny import LayoutFaceParser, tiny_pipeline
-    from ..pipeline import FreeCureConfig, FreeCurePipeline
+    from ..cost import count_costs, count_fasa_costs
 
     check(args)
-    if args.backend == "ip-adapter-faceid":
-        from ..backends import IPAdapterFaceIDBackend
-
-        backend = IPAdapterFaceIDBackend.tiny(args.family, fd_lora=args.faceid_fd_lora != "off")
-        pipeline = backend.pipeline
-    elif args.backend == "instantid":
-        from ..backends import InstantIDBackend
-
-        backend = InstantIDBackend.tiny(fd_identitynet=args.instantid_fd != "no-identitynet")
-        pipeline = backend.pipeline
-    elif args.backend == "pulid-sdxl":
-        from ..backends import PuLIDSDXLBackend
-
-        backend = PuLIDSDXLBackend.tiny()
-        pipeline = backend.pipeline
-    elif args.backend == "pulid-flux":
-        from ..backends import PuLIDFluxBackend
-
-        backend = PuLIDFluxBackend.tiny()
-        pipeline = backend.pipeline
-    else:
-        pipeline = tiny_pipeline(args.family)
-        backend = TokenFusionBackend(pipeline, RandomProjectionIdentityEncoder(text_dim(pipeline)))
-    config = FreeCureConfig(
-        gamma=args.gamma,
-        expression_guidance_scale=args.expression_guidance_scale,
-        inversion_guidance_scale=args.inversion_guidance_scale,
-        approximate_shared_uncond=args.approximate_shared_uncond,
-    )
-    freecure = FreeCurePipeline(backend, LayoutFaceParser(), config)
-    freecure.set_progress_bar_config(disable=True)
-    pipeline.set_progress_bar_config(disable=True)
-    result = count_costs(
-        freecure,
+    if args.method is None:
+        args.method = PRESETS[args.preset].method if args.preset else "rofa"
+    freecure = build(args)
+    counted = dict(
         num_inference_steps=args.steps,
         inject_step=args.inject_step,
         guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale,
     )
+    result = count_costs(freecure, **counted)  # plain PD, and ROFA's schedules
     if args.method in ("fasa", "both"):
-        from ..cost import count_fasa_costs
-
-        result.update(
-            count_fasa_costs(
-                freecure,
-                num_inference_steps=args.steps,
-                inject_step=args.inject_step,
-                guidance_scale=args.guidance_scale,
-                true_cfg_scale=args.true_cfg_scale,
-            )
-        )
+        result.update(count_fasa_costs(freecure, **counted))
     if args.json:
         print(json_text(result), end="")
         return 0
@@ -193,6 +174,9 @@ def run(args) -> int:
     names = {"rofa": ("literal", "engine"), "fasa": ("literal_fasa", "engine_fasa")}
     shown = ("plain_pd", *[n for m in ("rofa", "fasa") if args.method in (m, "both") for n in names[m]])
     for name in shown:
+        if result[name] is None:
+            print(f"{name:<12} {'—':>10} {'—':>12}  (the authors' one-batch schedule: not for {args.backend})")
+            continue
         print(f"{name:<12} {result[name]['unet_calls']:>10} {result[name]['batch_items']:>12}")
         for stage, counts in result[name].get("stages", {}).items():  # the engines' stages
             print(f"  {stage:<10} {counts['unet_calls']:>10} {counts['batch_items']:>12}")

@@ -16,8 +16,13 @@ from pathlib import Path
 from ..core.errors import InputError
 from . import options
 
-#: Backends whose face embedding this command computes → how many photos they read.
-EMBEDDERS = {"pulid-sdxl": None, "pulid-flux": 1}
+
+def embedders() -> dict:
+    """The registered backends whose face-embedding file this command writes
+    (``Backend.embed_references`` is not False)."""
+    from ..backends import BACKENDS
+
+    return {name: backend for name, backend in sorted(BACKENDS.items()) if backend.embed_references is not False}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,10 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "method does, and write it as the safetensors file that --face-embedding reads."
         ),
     )
-    parser.add_argument("--backend", choices=sorted(EMBEDDERS), required=True)
+    parser.add_argument("--backend", choices=sorted(embedders()), required=True)
     parser.add_argument(
         "--ref", type=options.existing_file, action="append", required=True, metavar="PHOTO",
-        help="reference photo (repeat for several: pulid-sdxl reads all, pulid-flux one)",
+        help="reference photo (repeat for several where the backend reads several)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the .safetensors file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -48,11 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backends.pulid.embedding import INSIGHTFACE_LICENSE, save_face_embedding
     from ..core.atomic import write_file
     from ..core.images import load_reference
 
-    limit = EMBEDDERS[args.backend]
+    backend = embedders()[args.backend]
+    limit = backend.embed_references
     if limit is not None and len(args.ref) > limit:
         raise InputError(f"{args.backend} reads {limit} reference photo; give one --ref")
     if args.out.suffix != ".safetensors":
@@ -63,34 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} exists; pass --overwrite to replace it")
     options.check_inputs_outside(args, files=[args.out])
     references = [load_reference(path) for path in args.ref]
-    encoder = build_encoder(args)
-    face = encoder(references)
-    metadata = {
-        "freecure": f"PuLID face embedding ({args.backend}) from {len(references)} photo(s)"
-        + (", random tiny stand-in models" if args.tiny else ": insightface antelopev2 + EVA02-CLIP-L-14-336"),
-        "licence": INSIGHTFACE_LICENSE,
-    }
-    write_file(args.out, lambda path: save_face_embedding(face, path, metadata))
-    hidden = [f"vit_hidden.{i} {tuple(h.shape)}" for i, h in enumerate(face.vit_hidden)]
-    shapes = ", ".join([f"id_cond {tuple(face.id_cond.shape)}", *hidden])
-    print(f"wrote {args.out}: {shapes}")
+    save, summary = backend.embed_faces(references, args)
+    write_file(args.out, save)
+    print(f"wrote {args.out}: {summary}")
     if args.tiny:
         print("freecure: --tiny: random stand-in models; the embedding means nothing")
     return 0
-
-
-def build_encoder(args: argparse.Namespace):
-    from ..backends.pulid.encoder import PuLIDFaceEncoder
-    from ..core.runtime import resolve_device
-
-    if args.tiny:
-        if args.eva_clip_weights or args.parser_weights:
-            raise InputError("--tiny uses random stand-in models: drop --eva-clip-weights/--parser-weights")
-        return PuLIDFaceEncoder.tiny()
-    return PuLIDFaceEncoder.from_pretrained(
-        args.eva_clip_weights,
-        args.parser_weights,
-        resolve_device(args.device),
-        backend=args.backend,
-        instead="compute the embedding where they are installed",
-    )

@@ -116,16 +116,10 @@ def register(subparsers) -> None:
 
 
 def backend_options(args: argparse.Namespace) -> dict:
-    """The values of the chosen backend's own options (those its ``add_cli_arguments`` adds)."""
+    """The values of the chosen backend's own declared options (``Backend.options``)."""
     from ..backends import BACKENDS
 
-    probe = argparse.ArgumentParser(add_help=False)
-    BACKENDS[args.backend].add_cli_arguments(probe)
-    try:
-        names = vars(probe.parse_args([]))
-    except SystemExit:  # a backend with required options: take every option it declares
-        names = {action.dest: None for action in probe._actions}
-    return {name: getattr(args, name, None) for name in sorted(names)}
+    return {name: getattr(args, name, None) for name in sorted(o.dest for o in BACKENDS[args.backend].options)}
 
 
 def eval_settings(args: argparse.Namespace, dtype: str) -> dict:
@@ -154,17 +148,30 @@ def eval_settings(args: argparse.Namespace, dtype: str) -> dict:
         "face_parser": args.parser or ("layout" if args.tiny else "bisenet"),
         "clip_model": args.clip_model,
         "identity_model": args.identity_model,
-        # only when not the default, so that the hashes of earlier ROFA runs stay valid
-        **({"method": "fasa", "fasa": _fasa_settings(args)} if args.method == "fasa" else {}),
+        # only when not the default, so that the hashes of earlier runs stay valid
+        **_method_settings(args),
     }
 
 
-def _fasa_settings(args: argparse.Namespace) -> dict:
+def _method_settings(args: argparse.Namespace) -> dict:
+    """The method's settings that differ from the default (ROFA with its expression stage), as
+    the run's hash sees them: FASA's settings (its ``form`` only when not the released one), and
+    the expression stage when it is not the correction's default."""
     from dataclasses import asdict
 
-    from .generate import fasa_config
+    from ..build import freecure_config
+    from ..stages.config import CORRECTIONS
 
-    return asdict(fasa_config(args))
+    config = freecure_config(args)
+    settings = {}
+    if config.method == "fasa":
+        fasa = asdict(config.fasa)
+        if fasa["form"] == "code":
+            del fasa["form"]
+        settings.update(method="fasa", fasa=fasa)
+    if config.expression is not None and config.expression != CORRECTIONS[config.method].expression_by_default:
+        settings["expression"] = config.expression
+    return settings
 
 
 def _prompt_consistency(args, device):

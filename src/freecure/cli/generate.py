@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..backends import BACKENDS
+from ..backends import BACKENDS, DEFAULT_BACKEND
+from ..build import (  # noqa: F401 (build_face_parser, fasa_config: used by the other commands)
+    build_face_parser,
+    build_freecure,
+    check_family_options,
+    fasa_config,
+    guidance_scale,
+    resolve_method,
+    resolve_tiny_family,
+    run_is_flux,
+)
 from ..core.errors import InputError
 from ..core.runtime import (
     DTYPES,
     OFFLOAD_MODES,
     SCHEDULERS,
-    apply_memory_options,
-    compile_denoiser,
-    resolve_device,
-    resolve_dtype,
-    set_scheduler,
 )
 from ..core.terminal import printable
 from . import options
@@ -80,7 +86,7 @@ def register(subparsers) -> None:
 def add_model_arguments(parser) -> None:
     """The options that build the backend, the face parser and FreeCure, and the diffusion
     settings: shared by ``freecure generate`` and ``freecure eval``."""
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="token-fusion")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND)
     parser.add_argument("--trigger", default=None, help="trigger word after the class word (PhotoMaker: img)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument(
@@ -202,28 +208,38 @@ def add_model_arguments(parser) -> None:
         default=None,
         help=f"with --tiny: the tiny model's family, one the backend runs on (default: its first): {families}",
     )
+    add_backend_options(parser)
+
+
+def add_backend_options(parser) -> None:
+    """Every registered backend's declared options (``Backend.options``), one group per backend.
+    A flag several backends declare (``--face-embedding``) is added once, its help joining
+    theirs; :func:`check_model_arguments` refuses one the chosen backend does not declare."""
+    declared: dict[str, list] = {}
+    for name, backend in sorted(BACKENDS.items()):
+        for option in backend.options:
+            declared.setdefault(option.flag, []).append((name, option))
+    added = set()
     for name, backend in sorted(BACKENDS.items()):
         group = parser.add_argument_group(f"{name} backend")
-        backend.add_cli_arguments(group)
-        # Which options the backend reads: several backends share some (--face-embedding), and
-        # a shared option is registered on the parser once, by the first; a scratch parser of
-        # the backend's own shows all of them.
-        own = argparse.ArgumentParser(add_help=False)
-        backend.add_cli_arguments(own)
-        BACKEND_OPTIONS[name] = {action.dest: action for action in own._actions}
+        for option in backend.options:
+            if option.flag in added:
+                continue
+            helps = list(dict.fromkeys(o.help for _, o in declared[option.flag] if o.help))
+            replace(option, help="; ".join(helps)).add_to(group)
+            added.add(option.flag)
 
 
-#: backend name → its own options (dest → argparse action), filled by :func:`add_model_arguments`.
-BACKEND_OPTIONS: dict[str, dict[str, argparse.Action]] = {}
+def backend_options(name: str) -> dict:
+    """The options a backend declares, by their attribute name (dest)."""
+    return {option.dest: option for option in BACKENDS[name].options}
+
 
 #: Options that some modes do not read: (dest, option, predicate on args, why it is unread).
 MODE_IGNORED = (
     ("base_model", "--base-model", lambda a: a.tiny, "--tiny builds tiny random components"),
     ("parser_weights", "--parser-weights", lambda a: (a.parser or ("layout" if a.tiny else "bisenet")) == "layout",
      "the layout face parser has no weights (pass --parser bisenet to use them)"),
-    ("photomaker_weights", "--photomaker-weights", lambda a: a.tiny, "--tiny builds random PhotoMaker weights"),
-    ("eva_clip_weights", "--eva-clip-weights", lambda a: a.tiny or getattr(a, "face_embedding", None) is not None,
-     "EVA-CLIP only runs to compute PuLID's identity from photos, which --tiny and --face-embedding skip"),
     ("tiny_family", "--tiny-family", lambda a: not a.tiny, "only --tiny builds tiny models (pass --tiny to use it)"),
     ("compile_mode", "--compile-mode", lambda a: not a.compile,
      "it says how --compile compiles (pass --compile to use it)"),
@@ -235,6 +251,7 @@ FASA_OPTIONS = {
     "fasa_mask": "--fasa-mask",
     "fasa_mask_weight": "--fasa-mask-weight",
     "fasa_uncond": "--fasa-uncond",
+    "fasa_form": "--fasa-form",
 }
 
 
@@ -252,20 +269,26 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise InputError(
             f"--inject-step must lie in 0..{args.steps - 1} for --steps {args.steps}, got {args.inject_step}"
         )
-    for backend, actions in BACKEND_OPTIONS.items():
+    own = backend_options(args.backend)
+    for backend in sorted(BACKENDS):
         if backend == args.backend:
             continue
-        for dest, action in actions.items():
-            if dest in BACKEND_OPTIONS.get(args.backend, {}):
+        for dest, option in backend_options(backend).items():
+            if dest in own:
                 continue
-            if getattr(args, dest, action.default) != action.default:
+            if getattr(args, dest, option.default) != option.default:
                 raise InputError(
-                    f"{action.option_strings[0]} belongs to the {backend} backend and would be ignored with "
+                    f"{option.flag} belongs to the {backend} backend and would be ignored with "
                     f"--backend {args.backend}; drop it or pass --backend {backend}"
                 )
     for dest, option, ignored, why in MODE_IGNORED:
         if getattr(args, dest, None) is not None and ignored(args):
             raise InputError(f"{option} would be ignored: {why}; drop it")
+    for dest, option in own.items():
+        why = option.unread(args) if option.unread is not None and getattr(args, dest, None) is not None else None
+        if why:
+            raise InputError(f"{option.flag} would be ignored: {why}; drop it")
+    resolve_method(args)  # --method, else the --preset's, else rofa
     if getattr(args, "method", "rofa") != "fasa":
         for dest, option in FASA_OPTIONS.items():
             if getattr(args, dest, None) is not None:
@@ -277,79 +300,33 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     check_family_options(args, run_is_flux(args))
 
 
-def resolve_tiny_family(args: argparse.Namespace) -> None:
-    """``args.tiny_family``: the one given, which must be a family the backend runs on
-    (``Backend.families``), else (with ``--tiny``) the backend's default, its first; in place.
-
-    Raises:
-        InputError: a ``--tiny-family`` the backend cannot build.
-    """
-    backend = BACKENDS[args.backend]
-    families = backend.families
-    given = getattr(args, "tiny_family", None)
-    own = getattr(args, backend.family_option, None) if backend.family_option else None
-    if given is not None and own is not None and given != own:
-        option = "--" + backend.family_option.replace("_", "-")
-        raise InputError(
-            f"--tiny-family {given} and {option} {own} disagree ({option} would win); give one of them"
-        )
-    given = given or own
-    if given is not None and given not in families:
-        raise InputError(
-            f"--tiny-family {given} would be ignored: the {args.backend} backend runs on {', '.join(families)} "
-            f"only; pass --tiny-family {families[0]} or drop it"
-        )
-    if args.tiny:
-        args.tiny_family = given or families[0]
-
-
-def run_is_flux(args: argparse.Namespace) -> bool | None:
-    """Whether the run's model is FLUX, known before any model loads from the backend's
-    families and ``--tiny-family``; None when only the loaded base model can tell (a backend
-    that runs on several families, with real weights)."""
-    families = BACKENDS[args.backend].families
-    if args.tiny:
-        return (getattr(args, "tiny_family", None) or families[0]) == "flux"
-    if "flux" not in families:
-        return False
-    return True if families == ("flux",) else None
-
-
-def check_family_options(args: argparse.Namespace, flux: bool | None) -> None:
-    """Refuse the guidance options the model family would ignore or cannot use: FLUX (``flux``
-    True) reads ``--negative-prompt`` and ``--approximate-shared-uncond`` only with true CFG
-    (``--true-cfg-scale`` > 1); Stable Diffusion (False) has no ``--true-cfg-scale``. None:
-    not known yet (checked again by :func:`build_freecure` once the model is loaded)."""
-    true_cfg = getattr(args, "true_cfg_scale", 1.0) > 1.0
-    if flux and not true_cfg:
-        if args.negative_prompt is not None:
-            raise InputError(
-                "--negative-prompt would be ignored: FLUX is guidance-distilled and reads a negative prompt only "
-                "with true classifier-free guidance; pass --true-cfg-scale > 1 to use it, or drop it"
-            )
-        if args.approximate_shared_uncond:
-            raise InputError(
-                "--approximate-shared-uncond would be ignored: FLUX without true classifier-free guidance has no "
-                "unconditional row to share; pass --true-cfg-scale > 1 to use it, or drop it"
-            )
-    if flux is False and getattr(args, "true_cfg_scale", 1.0) != 1.0:
-        raise InputError(
-            f"--true-cfg-scale is FLUX's true classifier-free guidance; the {args.backend} backend runs Stable "
-            "Diffusion, whose guidance is --guidance-scale: drop --true-cfg-scale"
-        )
-
-
 def add_method_arguments(parser) -> None:
     """``--method`` and the FASA options (docs/engine.md, "FASA")."""
-    from ..attention.fasa import LAYER_PRESETS
+    from ..attention.fasa import FASA_FORMS, LAYER_PRESETS
+    from ..stages.config import PRESETS
     from ..stages.fasa import MASK_SOURCES, FasaConfig
 
     parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="the method as a source has it: "
+        + "; ".join(f"{name}: {preset.source}" for name, preset in PRESETS.items())
+        + " (options given beside it override it; docs/engine.md)",
+    )
+    parser.add_argument(
         "--method",
         choices=["rofa", "fasa"],
-        default="rofa",
-        help="correction after the SAME pass: rofa (the paper: ROFA + expression restore, default) or "
-        "fasa (the authors' released code: foundation-aware self-attention)",
+        default=None,
+        help="correction after the SAME pass: rofa (the arXiv paper's noise blending; the default without "
+        "--preset) or fasa (foundation-aware self-attention: the released code, the NeurIPS paper)",
+    )
+    parser.add_argument(
+        "--expression",
+        choices=["on", "off"],
+        default=None,
+        help="the expression stage after the correction (after FASA: the NeurIPS paper's asymmetric prompt "
+        "guidance); default: the preset's, else on after rofa and off after fasa",
     )
     # Defaults None: given with --method rofa, they are refused (check_model_arguments);
     # fasa_config leaves FasaConfig's defaults for those not given.
@@ -373,82 +350,18 @@ def add_method_arguments(parser) -> None:
         help=f"logit offset w inside the mask (default {FasaConfig.mask_weight})",
     )
     group.add_argument(
+        "--fasa-form",
+        choices=FASA_FORMS,
+        default=None,
+        help="how ω and the mask enter FD's logits: code (default; the released code's bias ω inside, FD's keys "
+        "blocked outside) or paper (the NeurIPS paper's factor [1, ωℳ] on the logits)",
+    )
+    group.add_argument(
         "--fasa-uncond",
         action="store_true",
         default=None,
         help="also change PD's unconditional row (the authors' code does not)",
     )
-
-
-def fasa_config(args: argparse.Namespace):
-    """The :class:`freecure.fasa.FasaConfig` of the parsed options."""
-    from ..attention.fasa import LAYER_PRESETS
-    from ..stages.fasa import FasaConfig
-
-    given = {}
-    layers = getattr(args, "fasa_layers", None)
-    if layers is not None:
-        preset = len(layers) == 1 and layers[0] in LAYER_PRESETS
-        given["layers"] = layers[0] if preset else tuple(layers)
-    for field, dest in (("mask_source", "fasa_mask"), ("mask_weight", "fasa_mask_weight"), ("uncond", "fasa_uncond")):
-        if getattr(args, dest, None) is not None:
-            given[field] = getattr(args, dest)
-    return FasaConfig(**given)  # its defaults for the options not given
-
-
-def build_face_parser(args):
-    from ..families.tiny import LayoutFaceParser
-
-    choice = args.parser or ("layout" if args.tiny else "bisenet")
-    if choice == "layout":
-        return LayoutFaceParser()
-    from ..parsing import BiSeNetFaceParser
-
-    return BiSeNetFaceParser.from_pretrained(args.parser_weights, device=args.device)
-
-
-def build_freecure(args: argparse.Namespace):
-    """The FreeCure pipeline that :func:`add_model_arguments`' options describe.
-
-    Resolves ``args.device`` and ``args.dtype`` in place (the backends read them).
-    """
-    from ..pipeline import FreeCureConfig, FreeCurePipeline
-
-    resolve_tiny_family(args)  # the demo builds here without check_model_arguments
-    BACKENDS[args.backend].check_identity_files(args)  # the identity files fit the backend, before any model loads
-    args.device = resolve_device(args.device)
-    args.dtype = resolve_dtype(args.dtype, args.device)
-    if args.compile and args.offload != "none":
-        raise InputError("--compile and --offload do not combine (offload hooks move weights inside the compiled call)")
-    if args.offload == "sequential" and args.device.type == "cpu":
-        raise InputError("--offload sequential needs a GPU (accelerate cannot stream weights to the CPU); use model")
-    config = FreeCureConfig(
-        gamma=args.gamma,
-        expression_guidance_scale=args.expression_guidance_scale,
-        inversion_guidance_scale=args.inversion_guidance_scale,
-        approximate_shared_uncond=args.approximate_shared_uncond,
-        pd_region=args.pd_region,
-        attention_aggregation=args.attention_aggregation,
-        method=args.method,
-        fasa=fasa_config(args),
-    )
-    backend = BACKENDS[args.backend].from_cli(args)
-    family = backend.family
-    check_family_options(args, family.name == "flux")  # a base model of a backend with several families
-    args.scheduler = args.scheduler or family.default_scheduler
-    if args.scheduler not in family.schedulers:
-        choices = ", ".join(family.schedulers)
-        raise InputError(f"--scheduler {args.scheduler} does not fit a {family.name} model; choose one of {choices}")
-    set_scheduler(backend.pipeline, args.scheduler)
-    apply_memory_options(backend.pipeline, args.device, args.offload, args.vae_tiling, args.vae_slicing)
-    if args.compile:
-        compile_denoiser(backend.denoiser, mode=args.compile_mode)
-    return FreeCurePipeline(backend, build_face_parser(args), config)
-
-
-def guidance_scale(args: argparse.Namespace, backend) -> float:
-    """``--guidance-scale``, else the backend's original default (7.5 for plain SD1.5)."""
-    return args.guidance_scale if args.guidance_scale is not None else backend.default_guidance_scale
 
 
 def run(args: argparse.Namespace) -> int:

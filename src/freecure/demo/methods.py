@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..pipeline import FreeCurePipeline
+from ..pipeline import PRESETS, FreeCureConfig, FreeCurePipeline
 from ..stages.records import FreeCureOutput
 
 
@@ -34,14 +34,38 @@ def _rofa(freecure: FreeCurePipeline, **call_kwargs) -> FreeCureOutput:
     return freecure(**call_kwargs)
 
 
+def _with(freecure: FreeCurePipeline, config, **call_kwargs) -> FreeCureOutput:
+    """Run ``freecure``'s backend and parser with another configuration, reporting progress alike."""
+    other = FreeCurePipeline(freecure.backend, freecure.face_parser, config)
+    other.progress, other.progress_callback = freecure.progress, freecure.progress_callback
+    return other(**call_kwargs)
+
+
 def _fasa(freecure: FreeCurePipeline, **call_kwargs) -> FreeCureOutput:
-    """The authors' released correction: foundation-aware self-attention (:mod:`freecure.fasa`)."""
-    fasa = FreeCurePipeline(freecure.backend, freecure.face_parser, replace(freecure.config, method="fasa"))
-    fasa.progress, fasa.progress_callback = freecure.progress, freecure.progress_callback
-    return fasa(**call_kwargs)
+    """The authors' released correction: foundation-aware self-attention (:mod:`freecure.stages.fasa`)."""
+    return _with(freecure, replace(freecure.config, method="fasa"), **call_kwargs)
+
+
+def _preset(name: str) -> Callable[..., FreeCureOutput]:
+    """A preset (:data:`freecure.pipeline.PRESETS`), with the page's γ and guidance settings."""
+
+    def run(freecure: FreeCurePipeline, **call_kwargs) -> FreeCureOutput:
+        config = freecure.config
+        kept = dict(
+            gamma=config.gamma,
+            expression_guidance_scale=config.expression_guidance_scale,
+            inversion_guidance_scale=config.inversion_guidance_scale,
+        )
+        return _with(freecure, FreeCureConfig.from_preset(name, **kept), **call_kwargs)
+
+    return run
 
 
 METHODS: dict[str, Method] = {
     "rofa": Method("rofa", "ROFA: SAME masks + noise blending + expression restore (paper §4)", _rofa),
     "fasa": Method("fasa", "FASA: foundation-aware self-attention (the authors' released code)", _fasa),
+    **{
+        f"preset:{name}": Method(f"preset:{name}", f"preset {name}: {preset.source}", _preset(name))
+        for name, preset in PRESETS.items()
+    },
 }

@@ -51,11 +51,7 @@ def backend_trigger(args: argparse.Namespace, backend: str) -> str | None:
     """The trigger word the backend's prompts carry after the class word (PhotoMaker: "img")."""
     if args.trigger is not None:
         return args.trigger
-    if backend == "photomaker":
-        from ..backends.photomaker.backend import TRIGGER_WORD
-
-        return TRIGGER_WORD
-    return None
+    return BACKENDS[backend].default_trigger
 
 
 def find_class_word(prompt: str) -> str:
@@ -227,7 +223,7 @@ class ModelCache:
     def get(self, backend: str):
         with self._lock:
             if backend not in self._models:
-                from ..cli.generate import build_freecure
+                from ..build import build_freecure
 
                 args = argparse.Namespace(**vars(self.args))
                 args.backend = backend

@@ -202,7 +202,8 @@ def plain_pass(
     for i, t in enumerate(scheduler.timesteps):
         injected = lane == PD and i >= conditions.inject_step
         key = PD if injected else FD
-        uncond_key = PD_UNCOND if lane == PD else UNCOND
+        # before injection PD is FD's rows, with its own negative only where it has one (as in SAME)
+        uncond_key = PD_UNCOND if lane == PD and (injected or not conditions.shares_uncond) else UNCOND
         layout = single_lane_layout(key, guided=guidance.cfg, uncond_key=uncond_key).for_images(z.shape[0])
         eps = predict_guided(backend, scheduler, layout, z, t, i, conditions.get, guidance, image_size)
         z = scheduler.step(eps, t, z, return_dict=False)[0]

@@ -42,7 +42,7 @@ def latent(seed=0):
 
 @pytest.fixture(scope="module")
 def sd15_backend():
-    return IPAdapterFaceIDBackend.tiny("sd15", "plain")
+    return IPAdapterFaceIDBackend.build_tiny("sd15", "plain")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_pd_is_diffusers_load_ip_adapter_pipeline_and_fd_its_scale_zero(sd15_bac
 
 @pytest.fixture(scope="module")
 def plusv2_backend():
-    return IPAdapterFaceIDBackend.tiny("sdxl", "plusv2")
+    return IPAdapterFaceIDBackend.build_tiny("sdxl", "plusv2")
 
 
 def test_sdxl_plusv2_pd_is_diffusers_pipeline(plusv2_backend, astronaut):

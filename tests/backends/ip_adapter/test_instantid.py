@@ -37,7 +37,7 @@ def latent(seed=0):
 
 @pytest.fixture(scope="module")
 def backend():
-    return InstantIDBackend.tiny()
+    return InstantIDBackend.build_tiny()
 
 
 def conditions_for(backend, image, steps=STEPS):

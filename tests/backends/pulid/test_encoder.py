@@ -291,7 +291,7 @@ def test_tiny_backends_compute_the_identity_from_the_reference(tiny_flux, astron
     from freecure.core.conditioning import TextConditioning
 
     encoder = PuLIDFaceEncoder.tiny()
-    backend = PuLIDFluxBackend.tiny(pipeline=tiny_flux, encoder=encoder)
+    backend = PuLIDFluxBackend.build_tiny(pipeline=tiny_flux, encoder=encoder)
     assert backend.face is None
     fd = TextConditioning(torch.zeros(1, 4, 32), torch.zeros(1, 32))
     pd, _ = backend.identity_conditions(None, [astronaut], fd, 4)
@@ -305,7 +305,7 @@ def test_sdxl_backend_reads_every_reference_one_row_each(tiny_sdxl, astronaut):
     from freecure.core.conditioning import TextConditioning
 
     encoder = PuLIDFaceEncoder.tiny()
-    backend = PuLIDSDXLBackend.tiny(pipeline=tiny_sdxl, encoder=encoder)
+    backend = PuLIDSDXLBackend.build_tiny(pipeline=tiny_sdxl, encoder=encoder)
     try:
         refs = [astronaut, astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
         dim = tiny_sdxl.unet.config.cross_attention_dim

@@ -190,7 +190,7 @@ FLUX_SIZE, FLUX_LATENT, FLUX_STEPS = (64, 64), (32, 32), 4
 def flux_backend(tiny_flux):
     from freecure.backends.pulid.flux import PuLIDFluxBackend
 
-    backend = PuLIDFluxBackend.tiny(id_weight=ID_WEIGHT, pipeline=tiny_flux, seed=4, start_step=1)
+    backend = PuLIDFluxBackend.build_tiny(id_weight=ID_WEIGHT, pipeline=tiny_flux, seed=4, start_step=1)
     backend.guidance_scale = 3.5
     return backend
 

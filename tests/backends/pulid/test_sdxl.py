@@ -59,7 +59,7 @@ def karras_scheduler(pipe, steps=STEPS):
 @pytest.fixture(scope="module", params=["v2", "off"])
 def backend(request, tiny_sdxl):
     settings = IdentitySettings(id_scale=0.8, num_zero=3, ortho=request.param)
-    pulid = PuLIDSDXLBackend.tiny(settings=settings, pipeline=tiny_sdxl, seed=1)
+    pulid = PuLIDSDXLBackend.build_tiny(settings=settings, pipeline=tiny_sdxl, seed=1)
     yield pulid
     pulid.restore_processors()
 

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...core.errors import InputError, WeightsNotFoundError
+from ...core.options import Option
 from .identity_files import MAX_IMAGE_SIDE, IdentitySchema, TensorField, read_identity_file
 
 logger = logging.getLogger(__name__)
@@ -354,26 +355,17 @@ def reference_face(
     return face
 
 
-def add_face_arguments(group, keypoints: bool = True) -> None:
-    """``--face-embedding`` and, for a backend that reads them (``keypoints``),
-    ``--face-keypoints``, shared by every insightface-based backend (added once, whichever
-    backend's group asks first). A backend adds only what it reads: the CLI refuses the
-    options a backend did not add (``freecure.cli.generate.check_model_arguments``)."""
-    import argparse
-
-    flags = (
-        (
-            "--face-embedding",
-            "ip-adapter-faceid/instantid: precomputed face embedding (safetensors, tensor 'id_embedding'; "
-            "see docs/backends/ip_adapter_faceid.md) instead of running insightface",
-        ),
-        ("--face-keypoints", "instantid: the face's 5 keypoints as a JSON list of [x, y] pixel pairs"),
-    )
-    for flag, help_text in flags if keypoints else flags[:1]:
-        try:
-            group.add_argument(flag, metavar="FILE", default=None, help=help_text)
-        except argparse.ArgumentError:  # another backend's group added it already
-            pass
+#: ``--face-embedding`` of the insightface-based adapters (a backend declares what it reads).
+FACE_EMBEDDING_OPTION = Option(
+    "--face-embedding",
+    metavar="FILE",
+    help="ip-adapter-faceid/instantid: precomputed face embedding (safetensors, tensor 'id_embedding'; "
+    "see docs/backends/ip_adapter_faceid.md) instead of running insightface",
+)
+#: ``--face-keypoints``: InstantID's five keypoints.
+FACE_KEYPOINTS_OPTION = Option(
+    "--face-keypoints", metavar="FILE", help="instantid: the face's 5 keypoints as a JSON list of [x, y] pixel pairs"
+)
 
 
 # --------------------------------------------------------------------------- keypoint image

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from ...core.conditioning import PD, PD_UNCOND, TextConditioning
 from ...core.errors import InputError
+from ...core.options import Option, non_negative_int, positive_int
 from ..fastcomposer.backend import (
     SD15_REPO_ID,
     SD15_UNET_CONFIG,
@@ -184,6 +185,7 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     """
 
     name = "face-diffuser"
+    prompt_identity = "last"
     families = ("sd15",)
     license = LICENSE
     default_guidance_scale = 5.0  # the original's default
@@ -228,36 +230,45 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
         return self.unets()
 
     # -- construction ---------------------------------------------------------------
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        from ...core.options import non_negative_int, positive_int
-
-        group.add_argument(
-            "--face-diffuser-sdm", metavar="PATH",
+    options = (
+        Option(
+            "--face-diffuser-sdm",
+            metavar="PATH",
             help="face-diffuser: SDM/pytorch_model.bin of CodeGoat24/Face-diffuser (file or folder); "
             "default: download from the Hub. With --tiny: a checkpoint of the tiny architecture",
-        )
-        group.add_argument(
-            "--face-diffuser-tdm", metavar="PATH",
+        ),
+        Option(
+            "--face-diffuser-tdm",
+            metavar="PATH",
             help="face-diffuser: TDM/pytorch_model.bin (file or folder); default: download from the Hub",
-        )
-        group.add_argument(
-            "--face-diffuser-start-merge-step", type=non_negative_int, default=None, metavar="N",
+        ),
+        Option(
+            "--face-diffuser-start-merge-step",
+            type=non_negative_int,
+            metavar="N",
             help="face-diffuser: last TDM-only step (default: 15 at 50 steps, scaled to --steps)",
-        )
-        group.add_argument(
-            "--face-diffuser-final-step", type=non_negative_int, default=None, metavar="N",
+        ),
+        Option(
+            "--face-diffuser-final-step",
+            type=non_negative_int,
+            metavar="N",
             help="face-diffuser: last SNF step (default: 30 at 50 steps, scaled to --steps)",
-        )
-        group.add_argument(
-            "--face-diffuser-fd-model", choices=["tdm", "sd15"], default="tdm",
+        ),
+        Option(
+            "--face-diffuser-fd-model",
+            choices=("tdm", "sd15"),
+            default="tdm",
             help="face-diffuser: FD's model: the TDM (default) or the pretrained SD1.5 UNet "
             "of --base-model (then identity is injected from step 0)",
-        )
-        group.add_argument(
-            "--face-diffuser-object-resolution", type=positive_int, default=512, metavar="PIXELS",
+        ),
+        Option(
+            "--face-diffuser-object-resolution",
+            type=positive_int,
+            default=512,
+            metavar="PIXELS",
             help="face-diffuser: reference resize before the image encoder (default 512)",
-        )
+        ),
+    )
 
     @classmethod
     def from_cli(cls, args) -> FaceDiffuserBackend:

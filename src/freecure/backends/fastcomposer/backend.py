@@ -53,6 +53,7 @@ from ...core.configs import SD15_VAE as SD15_VAE_CONFIG
 from ...core.configs import SD_SCHEDULER
 from ...core.configs import VIT_L14_VISION as VIT_L14_VISION_CONFIG
 from ...core.errors import InputError, WeightsNotFoundError, shorten
+from ...core.options import Option, non_negative_int, positive_int
 from ..base import Backend
 from ..common.layers import FuseModule
 
@@ -505,6 +506,7 @@ class FastComposerBackend(ImageAugmentedBackend):
     """
 
     name = "fastcomposer"
+    prompt_identity = "last"
     families = ("sd15",)
     license = LICENSE
     default_guidance_scale = 5.0  # the original's default
@@ -515,30 +517,27 @@ class FastComposerBackend(ImageAugmentedBackend):
         super().__init__(pipeline, image_encoder, postfuse, object_resolution)
         self.start_merge_step = start_merge_step
 
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        from ...core.options import non_negative_int, positive_int
-
-        group.add_argument(
+    options = (
+        Option(
             "--fastcomposer-checkpoint",
             metavar="PATH",
             help="fastcomposer: pytorch_model.bin of mit-han-lab/fastcomposer (file or folder); "
             "default: download from the Hub. With --tiny: a checkpoint of the tiny architecture",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--fastcomposer-start-merge-step",
             type=non_negative_int,
-            default=None,
             metavar="N",
             help="fastcomposer: last text-only step (default: 10 at 50 steps, scaled to --steps)",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--fastcomposer-object-resolution",
             type=positive_int,
             default=224,
             metavar="PIXELS",
             help="fastcomposer: reference resize before the image encoder (default 224)",
-        )
+        ),
+    )
 
     @classmethod
     def from_cli(cls, args) -> FastComposerBackend:

@@ -37,6 +37,7 @@ from ...core.attributes import ParsedPrompt
 from ...core.checkpoints import check_state_dict, hub_snapshot, read_tensors
 from ...core.conditioning import PD, TextConditioning
 from ...core.errors import InputError, WeightsNotFoundError
+from ...core.options import Option, finite_float
 from ...families.flux import pack_latents
 from ..base import Backend
 from ..common.identity_files import IdentitySchema, TensorField, read_identity_file
@@ -220,6 +221,7 @@ class InfiniteYouBackend(Backend):
     """
 
     name = "infiniteyou"
+    identity_mechanism = "InfuseNet's residuals added to the FLUX transformer blocks (the T5 prompt is untouched)"
     families = ("flux",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
@@ -251,7 +253,7 @@ class InfiniteYouBackend(Backend):
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def tiny(cls, seed: int = 0, pipeline=None, **kwargs) -> InfiniteYouBackend:
+    def build_tiny(cls, seed: int = 0, pipeline=None, **kwargs) -> InfiniteYouBackend:
         """Tiny random InfuseNet and Resampler on ``pipeline`` (default: a new tiny FLUX), offline."""
         from diffusers import FluxControlNetModel
 
@@ -312,22 +314,27 @@ class InfiniteYouBackend(Backend):
             face_embedding = FacexlibArcFace(device)
         return cls(pipeline, infusenet.to(device), resampler, face_embedding, **kwargs)
 
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        group.add_argument("--infiniteyou-weights", metavar="DIR", help="infiniteyou: folder infu_flux_v1.0/<variant>")
-        group.add_argument("--infiniteyou-variant", choices=VARIANTS, default="aes_stage2")
-        group.add_argument(
+    options = (
+        Option("--infiniteyou-weights", metavar="DIR", help="infiniteyou: folder infu_flux_v1.0/<variant>"),
+        Option("--infiniteyou-variant", choices=VARIANTS, default="aes_stage2", help="infiniteyou: model variant"),
+        Option(
             "--face-embedding",
             metavar="FILE",
             help="infiniteyou: safetensors file with a 512-d ArcFace tensor 'embedding' (else insightface+facexlib)",
-        )
-        group.add_argument("--infusenet-conditioning-scale", type=float, default=1.0)
-        group.add_argument(
+        ),
+        Option(
+            "--infusenet-conditioning-scale",
+            type=finite_float(),
+            default=1.0,
+            help="infiniteyou: InfuseNet residual scale (default 1.0)",
+        ),
+        Option(
             "--infusenet-guidance-start",
-            type=float,
+            type=finite_float(),
             default=0.0,
             help="infiniteyou: InfuseNet (identity) from the first step i with i/T ≥ this (default 0)",
-        )
+        ),
+    )
 
     @classmethod
     def from_cli(cls, args) -> InfiniteYouBackend:
@@ -342,7 +349,7 @@ class InfiniteYouBackend(Backend):
         )
         embedding = load_face_embedding(args.face_embedding, cls.identity_dims(args)) if args.face_embedding else None
         if args.tiny:
-            backend = cls.tiny(**options)
+            backend = cls.build_tiny(**options)
             if embedding is not None:
                 backend.face_embedding = embedding
             backend.pipeline.to(args.device)

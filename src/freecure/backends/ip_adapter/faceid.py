@@ -49,15 +49,16 @@ from torch import nn
 from ...core import checkpoints
 from ...core.conditioning import PD, PD_UNCOND, Conditions, TextConditioning
 from ...core.errors import InputError, WeightsNotFoundError
+from ...core.options import Option, finite_float
 from ..base import Backend
 from ..common.face_embedding import (
     FACE_EMBEDDING_DIM,
+    FACE_EMBEDDING_OPTION,
     INSIGHTFACE_LICENCE,
     ClipFaceEncoder,
     FaceEmbedding,
     InsightFaceAnalyzer,
     RandomFaceAnalyzer,
-    add_face_arguments,
     face_file_schema,
     load_face_embedding,
     reference_face,
@@ -401,6 +402,7 @@ class IPAdapterFaceIDBackend(Backend):
     """
 
     name = "ip-adapter-faceid"
+    identity_mechanism = "IP-Adapter's decoupled image cross-attention on face-embedding tokens"
     families = ("sd15", "sdxl")
     family_option = "faceid_family"
     license = LICENSE
@@ -471,8 +473,10 @@ class IPAdapterFaceIDBackend(Backend):
         from ...core.runtime import load_base_pipeline, resolve_device, resolve_dtype
 
         if (variant, family) not in RELEASES:
-            raise InputError(f"IP-Adapter-FaceID has no {variant} release for {family}; released: "
-                             + ", ".join(f"{v}/{f}" for v, f in RELEASES))
+            raise InputError(
+                f"IP-Adapter-FaceID has no {variant} release for {family}; released: "
+                + ", ".join(f"{v}/{f}" for v, f in RELEASES)
+            )
         release = RELEASES[variant, family]
         device = resolve_device(str(device) if device is not None else None)
         dtype = dtype or resolve_dtype(None, device)
@@ -491,40 +495,46 @@ class IPAdapterFaceIDBackend(Backend):
         return cls(pipeline, variant, analyzer, fd_lora, inject_step, face_embedding, clip_encoder)
 
     @classmethod
-    def tiny(cls, family: str = "sd15", variant: str = "plain", seed: int = 0, **kwargs) -> IPAdapterFaceIDBackend:
+    def build_tiny(
+        cls, family: str = "sd15", variant: str = "plain", seed: int = 0, **kwargs
+    ) -> IPAdapterFaceIDBackend:
         """Tiny random pipeline with a random FaceID file of the released layout (rank 4)."""
         pipeline = tiny_faceid_pipeline(family, variant, seed=seed)
         clip_shape = None if variant == "plain" else (5, TINY_CLIP_DIM)
         return cls(pipeline, variant, RandomFaceAnalyzer(clip_shape=clip_shape, seed=seed), **kwargs)
 
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        group.add_argument("--faceid-variant", choices=VARIANTS, default="plain", help="ip-adapter-faceid: variant")
-        group.add_argument(
-            "--faceid-family", choices=["sd15", "sdxl"], default=None,
+    options = (
+        Option("--faceid-variant", choices=VARIANTS, default="plain", help="ip-adapter-faceid: variant"),
+        Option(
+            "--faceid-family",
+            choices=("sd15", "sdxl"),
             help="ip-adapter-faceid: SD1.5 or SDXL file (default sd15; with --tiny: --tiny-family)",
-        )
-        group.add_argument(
-            "--faceid-weights", metavar="PATH", help="ip-adapter-faceid: local FaceID .bin (or its folder)"
-        )
-        group.add_argument(
-            "--faceid-scale", type=float, default=1.0, help="ip-adapter-faceid: identity scale (default 1.0)"
-        )
-        group.add_argument(
-            "--faceid-s-scale", type=float, default=1.0, help="ip-adapter-faceid plusv2: shortcut scale (default 1.0)"
-        )
-        group.add_argument(
-            "--faceid-fd-lora", choices=["keep", "off"], default="keep",
+        ),
+        Option("--faceid-weights", metavar="PATH", help="ip-adapter-faceid: local FaceID .bin (or its folder)"),
+        Option(
+            "--faceid-scale", type=finite_float(), default=1.0, help="ip-adapter-faceid: identity scale (default 1.0)"
+        ),
+        Option(
+            "--faceid-s-scale",
+            type=finite_float(),
+            default=1.0,
+            help="ip-adapter-faceid plusv2: shortcut scale (default 1.0)",
+        ),
+        Option(
+            "--faceid-fd-lora",
+            choices=("keep", "off"),
+            default="keep",
             help="ip-adapter-faceid: FD keeps the LoRA (default; one UNet call per step) or runs without it "
             "(a separate FD call per step)",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--faceid-image-encoder",
             metavar="FOLDER",
             help="ip-adapter-faceid plus/plusv2: local CLIP ViT-H image encoder folder "
             "(default: h94/IP-Adapter models/image_encoder)",
-        )
-        add_face_arguments(group, keypoints=False)  # FaceID reads no keypoints
+        ),
+        FACE_EMBEDDING_OPTION,  # FaceID reads no keypoints
+    )
 
     @classmethod
     def from_cli(cls, args) -> IPAdapterFaceIDBackend:
@@ -535,7 +545,7 @@ class IPAdapterFaceIDBackend(Backend):
         inject = args.inject_step if args.inject_step is not None else 0
         kwargs = dict(fd_lora=args.faceid_fd_lora == "keep", inject_step=inject, face_embedding=args.face_embedding)
         if args.tiny:
-            backend = cls.tiny(args.faceid_family or args.tiny_family, args.faceid_variant, **kwargs)
+            backend = cls.build_tiny(args.faceid_family or args.tiny_family, args.faceid_variant, **kwargs)
             backend.pipeline.set_ip_adapter_scale(args.faceid_scale)
             if args.faceid_variant != "plain":
                 backend.projection.shortcut_scale = args.faceid_s_scale
@@ -543,8 +553,16 @@ class IPAdapterFaceIDBackend(Backend):
         family = args.faceid_family or "sd15"
         args.base_model = args.base_model or BASE_MODELS[family]
         return cls.from_pretrained(
-            family, args.faceid_variant, args.base_model, args.faceid_weights, args.device, args.dtype,
-            args.faceid_scale, args.faceid_s_scale, image_encoder=args.faceid_image_encoder, **kwargs,
+            family,
+            args.faceid_variant,
+            args.base_model,
+            args.faceid_weights,
+            args.device,
+            args.dtype,
+            args.faceid_scale,
+            args.faceid_s_scale,
+            image_encoder=args.faceid_image_encoder,
+            **kwargs,
         )
 
     @classmethod
@@ -590,8 +608,13 @@ class IPAdapterFaceIDBackend(Backend):
     # -- conditioning -----------------------------------------------------------------
     def face(self, references) -> FaceEmbedding:
         return reference_face(
-            references, self.face_embedding, None, self.analyzer, "IP-Adapter-FaceID",
-            schema=self.file_schema(self.variant), dims=self.model_dims(),
+            references,
+            self.face_embedding,
+            None,
+            self.analyzer,
+            "IP-Adapter-FaceID",
+            schema=self.file_schema(self.variant),
+            dims=self.model_dims(),
         )
 
     def identity_conditions(self, parsed, references, fd, num_inference_steps):

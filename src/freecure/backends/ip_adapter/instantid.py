@@ -38,13 +38,15 @@ from torch import nn
 from ...core import checkpoints
 from ...core.conditioning import PD, Conditions
 from ...core.errors import InputError, WeightsNotFoundError
+from ...core.options import Option, finite_float
 from ..base import Backend
 from ..common.face_embedding import (
     FACE_EMBEDDING_DIM,
+    FACE_EMBEDDING_OPTION,
+    FACE_KEYPOINTS_OPTION,
     INSIGHTFACE_LICENCE,
     InsightFaceAnalyzer,
     RandomFaceAnalyzer,
-    add_face_arguments,
     draw_keypoints,
     face_file_schema,
     load_face_embedding,
@@ -117,7 +119,9 @@ def check_instantid_state_dict(unet, state, resampler: dict | None = None) -> No
         layout = ReleasedInstantIDLayout(unet.config, list(unet.attn_processors), resampler)
     flat = {f"{part}.{key}": value for part in ("image_proj", "ip_adapter") for key, value in state[part].items()}
     checkpoints.check_state_dict(
-        layout, flat, "the file does not match InstantID's ip-adapter.bin for this base model",
+        layout,
+        flat,
+        "the file does not match InstantID's ip-adapter.bin for this base model",
         hint="InstantID needs an SDXL base model and InstantX/InstantID's ip-adapter.bin.",
     )
 
@@ -160,8 +164,10 @@ def load_identitynet(source: str | os.PathLike | None = None, dtype=None):
             raise WeightsNotFoundError(f"IdentityNet folder not found: {folder} is not a folder. {IDENTITYNET_HINT}")
     else:
         root = checkpoints.hub_snapshot(
-            REPO_ID, [f"{CONTROLNET_FOLDER}/*.json", f"{CONTROLNET_FOLDER}/*.safetensors"],
-            f"IdentityNet ({REPO_ID}/{CONTROLNET_FOLDER}, {CONTROLNET_SIZE})", IDENTITYNET_HINT,
+            REPO_ID,
+            [f"{CONTROLNET_FOLDER}/*.json", f"{CONTROLNET_FOLDER}/*.safetensors"],
+            f"IdentityNet ({REPO_ID}/{CONTROLNET_FOLDER}, {CONTROLNET_SIZE})",
+            IDENTITYNET_HINT,
         )
         folder = root / CONTROLNET_FOLDER
     return checkpoints.load_diffusers_model(ControlNetModel, folder, "IdentityNet", IDENTITYNET_HINT, dtype)
@@ -198,6 +204,7 @@ class InstantIDBackend(Backend):
     """
 
     name = "instantid"
+    identity_mechanism = "IP-Adapter image tokens and IdentityNet's ControlNet residuals"
     families = ("sdxl",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
@@ -271,32 +278,36 @@ class InstantIDBackend(Backend):
         return cls(pipeline, identitynet.to(device), analyzer, **kwargs)
 
     @classmethod
-    def tiny(cls, seed: int = 0, **kwargs) -> InstantIDBackend:
+    def build_tiny(cls, seed: int = 0, **kwargs) -> InstantIDBackend:
 
         pipeline, controlnet = tiny_instantid(seed=seed)
         return cls(pipeline, controlnet, RandomFaceAnalyzer(seed=seed), **kwargs)
 
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        group.add_argument(
-            "--instantid-weights", metavar="PATH", help="instantid: local ip-adapter.bin (or its folder)"
-        )
-        group.add_argument("--instantid-controlnet", metavar="FOLDER", help="instantid: local IdentityNet folder")
-        group.add_argument(
-            "--instantid-ip-scale", type=float, default=IP_ADAPTER_SCALE, help="instantid: identity scale (0.8)"
-        )
-        group.add_argument(
+    options = (
+        Option("--instantid-weights", metavar="PATH", help="instantid: local ip-adapter.bin (or its folder)"),
+        Option("--instantid-controlnet", metavar="FOLDER", help="instantid: local IdentityNet folder"),
+        Option(
+            "--instantid-ip-scale",
+            type=finite_float(),
+            default=IP_ADAPTER_SCALE,
+            help="instantid: identity scale (0.8)",
+        ),
+        Option(
             "--instantid-controlnet-scale",
-            type=float,
+            type=finite_float(),
             default=CONTROLNET_SCALE,
             help="instantid: IdentityNet scale (0.8)",
-        )
-        group.add_argument(
-            "--instantid-fd", choices=["zero-identity", "no-identitynet"], default="zero-identity",
+        ),
+        Option(
+            "--instantid-fd",
+            choices=("zero-identity", "no-identitynet"),
+            default="zero-identity",
             help="instantid: FD = zero identity through the Resampler for UNet and IdentityNet (default, "
             "FreeCure's released example) or IdentityNet switched off for FD's rows",
-        )
-        add_face_arguments(group)
+        ),
+        FACE_EMBEDDING_OPTION,
+        FACE_KEYPOINTS_OPTION,
+    )
 
     @classmethod
     def from_cli(cls, args) -> InstantIDBackend:
@@ -312,15 +323,20 @@ class InstantIDBackend(Backend):
             face_keypoints=args.face_keypoints,
         )
         if args.tiny:
-            backend = cls.tiny(**kwargs)
+            backend = cls.build_tiny(**kwargs)
             backend.pipeline.set_ip_adapter_scale(args.instantid_ip_scale)
             backend.pipeline.to(args.device)
             backend.controlnet.to(args.device)
             return backend
         args.base_model = args.base_model or DEFAULT_BASE_MODEL
         return cls.from_pretrained(
-            args.base_model, args.instantid_weights, args.instantid_controlnet, args.device, args.dtype,
-            args.instantid_ip_scale, **kwargs,
+            args.base_model,
+            args.instantid_weights,
+            args.instantid_controlnet,
+            args.device,
+            args.dtype,
+            args.instantid_ip_scale,
+            **kwargs,
         )
 
     @classmethod
@@ -354,8 +370,14 @@ class InstantIDBackend(Backend):
     # -- conditioning -----------------------------------------------------------------
     def identity_conditions(self, parsed, references, fd, num_inference_steps):
         face = reference_face(
-            references, self.face_embedding, self.face_keypoints, self.analyzer, "InstantID", need_keypoints=True,
-            schema=self.identity_schema, dims=self.model_dims(),
+            references,
+            self.face_embedding,
+            self.face_keypoints,
+            self.analyzer,
+            "InstantID",
+            need_keypoints=True,
+            schema=self.identity_schema,
+            dims=self.model_dims(),
         )
         self._face, self._kps = face, {}
         pd = IdentityConditioning(fd.prompt_embeds, fd.pooled_prompt_embeds, face.id_embedding[None])

@@ -44,6 +44,7 @@ from ...core import checkpoints
 from ...core.attributes import ParsedPrompt
 from ...core.conditioning import TextConditioning
 from ...core.errors import InputError, WeightsNotFoundError, shorten
+from ...core.options import Option, finite_float
 from ..base import Backend
 from .id_encoder import (
     SDXL_TEXT_DIMS,
@@ -320,6 +321,8 @@ class PhotoMakerBackend(Backend):
     """
 
     name = "photomaker"
+    prompt_identity = "last"
+    default_trigger = TRIGGER_WORD
     families = ("sdxl",)
     license = (
         "PhotoMaker v1 weights: Apache-2.0 (TencentARC/PhotoMaker model card); the base model's "
@@ -407,7 +410,7 @@ class PhotoMakerBackend(Backend):
         return cls(pipeline, encoder, style_strength, face_embedder, version, offload=cpu_offload)
 
     @classmethod
-    def tiny(
+    def build_tiny(
         cls,
         version: str = "v1",
         style_strength: float = DEFAULT_STYLE_STRENGTH,
@@ -431,51 +434,48 @@ class PhotoMakerBackend(Backend):
         encoder.to(device)
         return cls(pipeline, encoder, style_strength, face_embedder, version)
 
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        from ...core.options import finite_float
-
-        group.add_argument(
+    options = (
+        Option(
             "--photomaker-version",
-            choices=sorted(CHECKPOINTS),
+            choices=tuple(sorted(CHECKPOINTS)),
             default="v1",
             help="photomaker: v1 (TencentARC/PhotoMaker, the paper's baseline) or v2 "
             "(TencentARC/PhotoMaker-V2; needs insightface, whose face models are licensed for "
             "NON-COMMERCIAL research only)",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--photomaker-weights",
             metavar="PATH",
             help="photomaker: local photomaker-v1.bin / photomaker-v2.bin (or its folder); "
             "default: download from the Hub",
-        )
-        group.add_argument(
+            unread=lambda args: "--tiny builds random PhotoMaker weights" if args.tiny else None,
+        ),
+        Option(
             "--photomaker-style-strength",
             type=finite_float(0.0, 100.0),
             default=DEFAULT_STYLE_STRENGTH,
             metavar="PERCENT",
             help="photomaker: style strength; identity is merged after step "
             "min(int(PERCENT/100 × steps), 30) (default 20)",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--photomaker-lora",
-            choices=["fused", "adapter"],
+            choices=("fused", "adapter"),
             default="fused",
             help="photomaker: fuse the LoRA into the UNet (default, as the released demo) or keep "
             "it as a switchable diffusers adapter named 'photomaker'",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--photomaker-cpu-offload",
-            action="store_true",
+            flag_only=True,
             help="photomaker: enable_model_cpu_offload (less GPU memory, slower)",
-        )
+        ),
+    )
 
     @classmethod
     def from_cli(cls, args) -> PhotoMakerBackend:
-        if getattr(args, "trigger", None) is None:
-            args.trigger = TRIGGER_WORD  # PhotoMaker always has a trigger word: default 'img'
         if args.tiny:
-            return cls.tiny(args.photomaker_version, args.photomaker_style_strength, device=args.device)
+            return cls.build_tiny(args.photomaker_version, args.photomaker_style_strength, device=args.device)
         args.base_model = args.base_model or DEFAULT_BASE_MODEL  # recorded in the run's manifest
         return cls.from_pretrained(
             args.base_model,

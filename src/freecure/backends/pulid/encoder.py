@@ -398,3 +398,34 @@ class PuLIDFaceEncoder:
         id_cond = torch.cat([row[0] for row in rows])
         hidden = tuple(torch.cat([row[1][i] for row in rows]) for i in range(len(rows[0][1])))
         return PuLIDFaceEmbedding(id_cond, hidden)
+
+
+def embed_faces(backend: str, references, args):
+    """``freecure embed`` for the PuLID backends: (a writer of the ``--face-embedding`` file, a
+    summary of its tensors) for ``references``; ``args``: ``tiny`` (random stand-in models of
+    the tiny sizes), ``eva_clip_weights``, ``parser_weights``, ``device``."""
+    from ...core.errors import InputError
+    from ...core.runtime import resolve_device
+    from .embedding import INSIGHTFACE_LICENSE, save_face_embedding
+
+    if args.tiny:
+        if args.eva_clip_weights or args.parser_weights:
+            raise InputError("--tiny uses random stand-in models: drop --eva-clip-weights/--parser-weights")
+        encoder = PuLIDFaceEncoder.tiny()
+    else:
+        encoder = PuLIDFaceEncoder.from_pretrained(
+            args.eva_clip_weights,
+            args.parser_weights,
+            resolve_device(args.device),
+            backend=backend,
+            instead="compute the embedding where they are installed",
+        )
+    face = encoder(references)
+    metadata = {
+        "freecure": f"PuLID face embedding ({backend}) from {len(references)} photo(s)"
+        + (", random tiny stand-in models" if args.tiny else ": insightface antelopev2 + EVA02-CLIP-L-14-336"),
+        "licence": INSIGHTFACE_LICENSE,
+    }
+    hidden = [f"vit_hidden.{i} {tuple(h.shape)}" for i, h in enumerate(face.vit_hidden)]
+    summary = ", ".join([f"id_cond {tuple(face.id_cond.shape)}", *hidden])
+    return (lambda path: save_face_embedding(face, path, metadata)), summary

@@ -52,6 +52,7 @@ from .embedding import (
 from .idformer import IDFormer, IDFormerConfig
 from .sdxl import (
     LICENSE,
+    PULID_OPTIONS,
     IdentityRows,
     PuLIDConditioning,
     download_weights,
@@ -202,6 +203,8 @@ class PuLIDFluxBackend(Backend):
     """
 
     name = "pulid-flux"
+    identity_mechanism = "PuLID-FLUX's ID cross-attention modules after FLUX's blocks (the T5 prompt is untouched)"
+    embed_references = 1  # PuLID-FLUX reads the first --ref photo
     families = ("flux",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
@@ -246,16 +249,18 @@ class PuLIDFluxBackend(Backend):
             load_face_embedding(args.face_embedding, cls.identity_dims(args), cls.identity_schema)
 
     @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        from .sdxl import PuLIDSDXLBackend
+    def embed_faces(cls, references, args):
+        from .encoder import embed_faces
 
-        PuLIDSDXLBackend.add_cli_arguments(group)  # shared --face-embedding / --pulid-* options
+        return embed_faces(cls.name, references, args)
+
+    options = PULID_OPTIONS  # SDXL's --pulid-num-zero and --pulid-ortho are not FLUX's
 
     @classmethod
     def from_cli(cls, args) -> PuLIDFluxBackend:
         id_weight = 1.0 if args.pulid_id_scale is None else args.pulid_id_scale
         if args.tiny:
-            backend = cls.tiny(id_weight=id_weight, face_embedding=args.face_embedding)
+            backend = cls.build_tiny(id_weight=id_weight, face_embedding=args.face_embedding)
             backend.pipeline.to(args.device)
             backend.modules.to(args.device)
             return backend
@@ -269,7 +274,7 @@ class PuLIDFluxBackend(Backend):
         return cls(pipeline, load_pulid_flux_weights(modules, state), face, id_weight, encoder=encoder)
 
     @classmethod
-    def tiny(
+    def build_tiny(
         cls, id_weight: float = 1.0, face_embedding=None, seed: int = 0, pipeline=None, start_step: int = 0,
         encoder=None,
     ):

@@ -35,6 +35,7 @@ from torch import nn
 from ...core.checkpoints import check_state_dict, read_tensors
 from ...core.conditioning import PD, PD_UNCOND, TextConditioning
 from ...core.errors import InputError, WeightsNotFoundError
+from ...core.options import Option, finite_float, non_negative_int
 from ..base import Backend
 from .embedding import (
     INSIGHTFACE_LICENSE,
@@ -312,15 +313,22 @@ class PuLIDConditioning(TextConditioning):
 PULID_EMBEDDING_HELP = "pulid-sdxl/pulid-flux: tensors id_cond and vit_hidden.0-4 (docs/backends/pulid.md)"
 
 
-def add_face_embedding_argument(group) -> None:
-    """``--face-embedding`` once, whichever backend adds it first (several backends read it,
-    each its own format); PuLID's format is added to the help of an existing option."""
-    action = group._option_string_actions.get("--face-embedding")
-    if action is None:
-        help_text = f"precomputed face embedding: {PULID_EMBEDDING_HELP}"
-        group.add_argument("--face-embedding", metavar="FILE", help=help_text)
-    elif PULID_EMBEDDING_HELP not in (action.help or ""):
-        action.help = f"{action.help}; {PULID_EMBEDDING_HELP}" if action.help else PULID_EMBEDDING_HELP
+#: The options both PuLID backends read (SDXL adds its own below).
+PULID_OPTIONS = (
+    Option("--face-embedding", metavar="FILE", help=f"PuLID: precomputed face embedding: {PULID_EMBEDDING_HELP}"),
+    Option("--pulid-weights", metavar="FILE", help="PuLID: pulid_v1.1 / pulid_flux safetensors"),
+    Option(
+        "--eva-clip-weights",
+        metavar="FILE",
+        help="PuLID: local EVA02_CLIP_L_336_psz14_s6B.pt for the face embedding from --ref (else the Hub)",
+        unread=lambda args: (
+            "EVA-CLIP only runs to compute PuLID's identity from photos, which --tiny and --face-embedding skip"
+            if args.tiny or getattr(args, "face_embedding", None) is not None
+            else None
+        ),
+    ),
+    Option("--pulid-id-scale", type=finite_float(), help="PuLID: identity weight (SDXL 0.8, FLUX 1.0)"),
+)
 
 
 def face_from_cli(args, backend: str, dims: dict[str, int] | None = None, schema=None):
@@ -353,6 +361,8 @@ class PuLIDSDXLBackend(Backend):
     """
 
     name = "pulid-sdxl"
+    identity_mechanism = "PuLID's ID tokens in extra cross-attention beside the text's"
+    embed_references = None  # the face embedding of every --ref photo
     families = ("sdxl",)
     rows_in_one_call = True  # predict_noise adds the adapter's inputs to the engine's one call
     license = LICENSE
@@ -399,21 +409,16 @@ class PuLIDSDXLBackend(Backend):
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        add_face_embedding_argument(group)
-        if "--pulid-weights" in group._option_string_actions:
-            return
-        group.add_argument("--pulid-weights", metavar="FILE", help="PuLID: pulid_v1.1 / pulid_flux safetensors")
-        group.add_argument(
-            "--eva-clip-weights",
-            metavar="FILE",
-            help="PuLID: local EVA02_CLIP_L_336_psz14_s6B.pt for the face embedding from --ref (else the Hub)",
-        )
-        group.add_argument(
-            "--pulid-id-scale", type=float, default=None, help="PuLID: identity weight (SDXL 0.8, FLUX 1.0)"
-        )
-        group.add_argument("--pulid-num-zero", type=int, default=20, help="PuLID SDXL: zero tokens (default 20)")
-        group.add_argument("--pulid-ortho", choices=ORTHO_MODES, default="v2", help="PuLID SDXL: ortho (default v2)")
+    def embed_faces(cls, references, args):
+        from .encoder import embed_faces
+
+        return embed_faces(cls.name, references, args)
+
+    options = (
+        *PULID_OPTIONS,
+        Option("--pulid-num-zero", type=non_negative_int, default=20, help="PuLID SDXL: zero tokens (default 20)"),
+        Option("--pulid-ortho", choices=ORTHO_MODES, default="v2", help="PuLID SDXL: ortho (default v2)"),
+    )
 
     @classmethod
     def identity_dims(cls, args) -> dict[str, int]:
@@ -437,7 +442,7 @@ class PuLIDSDXLBackend(Backend):
         id_scale = 0.8 if args.pulid_id_scale is None else args.pulid_id_scale
         settings = IdentitySettings(id_scale=id_scale, num_zero=args.pulid_num_zero, ortho=args.pulid_ortho)
         if args.tiny:
-            backend = cls.tiny(settings=settings, face_embedding=args.face_embedding)
+            backend = cls.build_tiny(settings=settings, face_embedding=args.face_embedding)
             backend.pipeline.to(args.device)
             backend.modules.to(args.device)
             return backend
@@ -449,7 +454,7 @@ class PuLIDSDXLBackend(Backend):
         return cls(pipeline, load_pulid_sdxl_weights(modules, state), face, settings, encoder=encoder)
 
     @classmethod
-    def tiny(
+    def build_tiny(
         cls, settings: IdentitySettings = IdentitySettings(), face_embedding=None, seed: int = 0, pipeline=None,
         encoder=None,
     ):

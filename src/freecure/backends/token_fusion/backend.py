@@ -18,6 +18,7 @@ from PIL import Image
 from ...core.attributes import ParsedPrompt
 from ...core.conditioning import TextConditioning
 from ...core.errors import InputError
+from ...core.options import Option, finite_float
 from ..base import Backend
 from ..common.identity_files import IdentitySchema, TensorField, read_identity_file
 from ..common.random_identity import RandomProjectionIdentityEncoder, text_dim
@@ -57,6 +58,7 @@ class TokenFusionBackend(Backend):
     """
 
     name = "token-fusion"
+    prompt_identity = "all"
     families = ("sd15", "sdxl", "flux")
     license = "no checkpoint of its own; the base model's licence applies"
     identity_schema = IDENTITY_SCHEMA
@@ -68,22 +70,20 @@ class TokenFusionBackend(Backend):
         self.identity = identity
         self.inject_fraction = inject_fraction
 
-    @classmethod
-    def add_cli_arguments(cls, group) -> None:
-        from ...core.options import finite_float
-
-        group.add_argument(
+    options = (
+        Option(
             "--identity-embedding",
             metavar="FILE",
             help="token-fusion: safetensors file whose tensor 'identity' (dim or tokens×dim) "
             "replaces the class token(s); with --tiny a random projection of --ref is used",
-        )
-        group.add_argument(
+        ),
+        Option(
             "--inject-fraction",
             type=finite_float(0.0, 0.999),
             default=0.2,
             help="token-fusion: identity is injected from step int(fraction × steps) (default 0.2)",
-        )
+        ),
+    )
 
     @classmethod
     def from_cli(cls, args) -> TokenFusionBackend:
