@@ -149,6 +149,36 @@ def test_face_check_refuses_a_photo_without_a_face(astronaut, grey_image):
         check([astronaut, grey_image], ["astronaut.png", "grey.png"])
 
 
+def test_the_pages_backend_options_are_checked_by_their_declarations():
+    form = {"prompt": PROMPT, "backend": "token-fusion", "use_example": "1", "option:inject_fraction": "0.7"}
+    request = check_request(form, [], EXAMPLE, demo_args())
+    assert request.backend_options == (("inject_fraction", 0.7),)
+    with pytest.raises(InputError, match=r"--inject-fraction: 2 is outside \[0, 0.999\]"):
+        check_request({**form, "option:inject_fraction": "2"}, [], EXAMPLE, demo_args())
+    photomaker = {"prompt": "a woman img with red hair", "backend": "photomaker", "use_example": "1"}
+    switched = check_request({**photomaker, "option:photomaker_cpu_offload": "true"}, [], EXAMPLE, demo_args())
+    assert switched.backend_options == (("photomaker_cpu_offload", True),)
+    # files and folders are the server's: the page cannot name one
+    weights = {**photomaker, "option:photomaker_weights": "/etc/passwd"}
+    assert check_request(weights, [], EXAMPLE, demo_args()).backend_options == ()
+
+
+@pytest.mark.slow  # imports Gradio
+def test_every_backend_has_a_control_for_each_of_its_declared_options():
+    import gradio as gr
+
+    from freecure.backends import BACKENDS
+    from freecure.demo.app import backend_controls
+
+    with gr.Blocks():
+        groups, controls = backend_controls(demo_args())
+    assert set(groups) == set(BACKENDS)
+    expected = {(n, o.flag) for n, b in BACKENDS.items() for o in b.options if o.control != "path"}
+    assert {(name, option.flag) for name, option, _ in controls} == expected
+    kinds = {type(control).__name__ for _, _, control in controls}
+    assert {"Number", "Dropdown", "Checkbox"} <= kinds
+
+
 # --------------------------------------------------------------------------- models and queue
 
 
@@ -159,6 +189,8 @@ def test_models_load_once_per_backend(monkeypatch):
     first = cache.get("token-fusion")
     assert cache.get("token-fusion") is first and cache.get("photomaker") is not first
     assert built == ["token-fusion", "photomaker"] and cache.loaded() == ["photomaker", "token-fusion"]
+    other = cache.get("token-fusion", (("inject_fraction", 0.7),))  # other options: another model, built once
+    assert other is not first and cache.get("token-fusion", (("inject_fraction", 0.7),)) is other
 
 
 def test_runner_writes_the_generate_folder_reports_progress_and_zips_it(monkeypatch, tmp_path, tiny_sd15):
@@ -483,6 +515,9 @@ def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
     chips.filter(has_text="laughing happily · abstract").wait_for()
     assert chips.all_inner_texts() == ["red hair · localized", "laughing happily · abstract"]
     page.fill("#steps input", "3")
+    # the backend's own options, generated from its declarations: token fusion's injection fraction
+    page.locator("#backend-options").get_by_text("backend options").first.click()
+    page.fill("#option-token-fusion-inject_fraction input", "0.7")
     page.click("#run")
     wait_for_results(page)
 
@@ -507,6 +542,7 @@ def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
     manifest = json.loads(archive.read(manifest_name))
     assert sorted(Path(name).name for name in archive.namelist()) == sorted(manifest["files"])
     assert manifest["settings"]["num_inference_steps"] == 3 and manifest["method"] == "rofa"
+    assert manifest["settings"]["inject_step"] == 2  # int(0.7 × 3): the page's option reached the backend
     assert manifest["references"] == ["astronaut.png"]
     assert np.asarray(Image.open(io.BytesIO(archive.read(manifest_name.replace("manifest.json", "fd.png"))))).std() > 0
     if os.environ.get("FREECURE_DEMO_SCREENSHOT"):

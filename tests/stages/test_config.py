@@ -150,3 +150,51 @@ def test_fasa_followed_by_the_expression_stage(tiny_sd15, monkeypatch):
 def test_rofa_without_the_expression_stage_ends_at_the_blend(tiny_sd15):
     out = run(tiny_sd15, FreeCureConfig(expression=False))
     assert not out.stage("expression").ran and torch.equal(out.latents["freecure"], out.latents["blended"])
+
+
+# --- every backend and family: FASA then APG, through the command line ------------------------
+def _backend_families():
+    from freecure.backends import BACKENDS
+
+    return [(name, family) for name, backend in sorted(BACKENDS.items()) for family in backend.families]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, family", _backend_families(), ids="-".join)
+def test_the_neurips_preset_runs_fasa_then_apg_on_every_backend_and_family(backend, family, tmp_path):
+    import json
+    from pathlib import Path
+
+    from freecure.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    args = [
+        "generate",
+        "--tiny",
+        "--backend",
+        backend,
+        "--tiny-family",
+        family,
+        "--preset",
+        "neurips",
+        "--steps",
+        "3",
+        "--prompt",
+        "a man img with black curly hair, laughing",
+        "--ref",
+        str(root / "examples" / "astronaut.png"),
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    if backend == "ip-adapter-faceid":
+        args += ["--faceid-family", family]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    settings = manifest["settings"]
+    assert settings["method"] == "fasa" and settings["expression"] is True
+    assert (settings["fasa"]["form"], settings["fasa"]["mask_weight"]) == ("paper", 2.0)
+    stages = {stage["name"]: stage for stage in manifest["stages"]}
+    assert list(stages) == ["same_pass", "masks", "fasa", "expression"]
+    assert stages["fasa"]["ran"] and stages["expression"]["ran"] and stages["expression"]["unet_calls"] > 0

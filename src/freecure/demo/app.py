@@ -25,7 +25,7 @@ import gradio as gr  # noqa: E402
 from ..backends import BACKENDS  # noqa: E402
 from ..core.errors import FreeCureError, InputError
 from .methods import METHODS  # noqa: E402
-from .service import (  # noqa: E402
+from .service import (
     MAX_PAGE_PROMPT_CHARS,
     MAX_STEPS,
     MAX_UPLOAD_BYTES,
@@ -33,6 +33,7 @@ from .service import (  # noqa: E402
     Runner,
     backend_trigger,
     check_request,
+    page_controls,
     preview_attributes,
     zip_folder,
 )
@@ -88,7 +89,7 @@ def attributes_html(preview: dict[str, Any]) -> str:
 def attribute_table_html(attributes: dict[str, Any]) -> str:
     rows = "".join(
         f'<tr class="fc-attribute"><td>{_escape(a["text"])}</td><td>{_escape(a["kind"])}</td>'
-        f'<td>{_escape(a.get("category") or "")}</td><td>{_escape(", ".join(a.get("parse_classes") or []))}</td></tr>'
+        f"<td>{_escape(a.get('category') or '')}</td><td>{_escape(', '.join(a.get('parse_classes') or []))}</td></tr>"
         for a in attributes["attributes"]
     )
     return (
@@ -135,9 +136,7 @@ def read_uploads(paths) -> list[tuple[str, bytes]]:
     for path in upload_paths(paths):
         try:
             if path.stat().st_size > MAX_UPLOAD_BYTES:
-                raise InputError(
-                    f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; upload a smaller photo"
-                )
+                raise InputError(f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; upload a smaller photo")
             uploads.append((path.name, path.read_bytes()))
         except FileNotFoundError:
             raise InputError(f"{path.name} is no longer on the server (uploads expire); upload it again") from None
@@ -152,6 +151,34 @@ def status_html(message: str) -> str:
 def backend_guidance(name: str) -> float | None:
     value = getattr(BACKENDS[name], "default_guidance_scale", None)
     return value if isinstance(value, float) else None  # a property: known once loaded
+
+
+def backend_controls(args: argparse.Namespace):
+    """One group of controls per backend, drawn from its declared options (``Backend.options``;
+    files and folders stay the server's): ({backend: group}, [(backend, option, control)]). Only
+    the chosen backend's group is shown; each control starts at the server's value."""
+    groups, controls = {}, []
+    for name, backend in sorted(BACKENDS.items()):
+        with gr.Group(visible=name == args.backend, elem_id=f"options-{name}") as group:
+            for option in page_controls(backend):
+                value = getattr(args, option.dest, option.default)
+                label = f"{option.flag.lstrip('-')}: {option.help}" if option.help else option.flag.lstrip("-")
+                elem_id = f"option-{name}-{option.dest}"
+                if option.control == "switch":
+                    control = gr.Checkbox(bool(value), label=label, elem_id=elem_id)
+                elif option.control == "choice":
+                    control = gr.Dropdown(list(option.choices), value=value, label=label, elem_id=elem_id)
+                elif option.control == "number":
+                    low, high = option.bounds
+                    integer = getattr(option.type, "number", float) is int
+                    control = gr.Number(
+                        value, label=label, minimum=low, maximum=high, precision=0 if integer else None, elem_id=elem_id
+                    )
+                else:
+                    control = gr.Textbox("" if value is None else str(value), label=label, elem_id=elem_id)
+                controls.append((name, option, control))
+        groups[name] = group
+    return groups, controls
 
 
 def create_app(
@@ -188,31 +215,24 @@ def create_app(
     def end_session(request: gr.Request):
         files.end(session(request))
 
-    def run(
-        uploads,
-        use_example,
-        prompt,
-        backend,
-        method,
-        steps,
-        seed,
-        gamma,
-        guidance,
-        inject_step,
-        request: gr.Request,
-        progress=gr.Progress(),  # noqa: B008 (Gradio injects progress this way)
-    ):
+    def run(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress so)
+        """One run from the page; ``values``: every input component's value (Gradio passes a dict
+        when the inputs are a set, which lets the backends' generated controls come in too)."""
+        uploads, chosen = values[references], values[backend]
         form = {
-            "prompt": prompt or "",
-            "backend": backend or "",
-            "method": method or "",
-            "steps": _form_value(steps),
-            "seed": _form_value(seed),
-            "gamma": _form_value(gamma),
-            "guidance_scale": _form_value(guidance),
-            "inject_step": _form_value(inject_step),
-            "use_example": "1" if use_example else "0",
+            "prompt": values[prompt] or "",
+            "backend": chosen or "",
+            "method": values[method] or "",
+            "steps": _form_value(values[steps]),
+            "seed": _form_value(values[seed]),
+            "gamma": _form_value(values[gamma]),
+            "guidance_scale": _form_value(values[guidance]),
+            "inject_step": _form_value(values[inject_step]),
+            "use_example": "1" if values[use_example] else "0",
         }
+        for owner, option, control in controls:  # the chosen backend's generated controls
+            if owner == chosen:
+                form[f"option:{option.dest}"] = _form_value(values[control])
         files.hold(session(request), "uploads", upload_paths(uploads))
         result = None
         try:
@@ -278,11 +298,11 @@ def create_app(
                 attributes = gr.HTML(preview("", args.backend), elem_id="attributes")
                 backend = gr.Dropdown(backends, value=args.backend, label="backend", elem_id="backend")
                 method = gr.Dropdown(
-                        [(m.title, m.name) for m in METHODS.values()],
-                        value=next(iter(METHODS)),
-                        label="method",
-                        elem_id="method",
-                    )
+                    [(m.title, m.name) for m in METHODS.values()],
+                    value=next(iter(METHODS)),
+                    label="method",
+                    elem_id="method",
+                )
                 with gr.Row():
                     steps = gr.Number(
                         args.steps, label="steps", precision=0, minimum=2, maximum=MAX_STEPS, elem_id="steps"
@@ -305,6 +325,8 @@ def create_app(
                         placeholder="empty: the backend's own",
                         elem_id="inject-step",
                     )
+                with gr.Accordion("backend options", open=False, elem_id="backend-options"):
+                    groups, controls = backend_controls(args)
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 status = gr.HTML(elem_id="status")  # the last run's error, until the next run
@@ -314,9 +336,7 @@ def create_app(
                     pd = gr.Image(label="PD (personalized)", elem_id="pd", **image)
                     cured = gr.Image(label="FreeCure", elem_id="freecure", **image)
                     overlay = gr.Image(label="merged mask on PD", elem_id="overlay", **image)
-                maps = gr.Gallery(
-                    label="per-attribute masks and attention maps", columns=4, height=280, elem_id="maps"
-                )
+                maps = gr.Gallery(label="per-attribute masks and attention maps", columns=4, height=280, elem_id="maps")
                 notes = gr.HTML(elem_id="notes")
                 attribute_table = gr.HTML(elem_id="attribute-table")
                 stage_table = gr.HTML(elem_id="stages")
@@ -324,11 +344,31 @@ def create_app(
 
         prompt.change(preview, [prompt, backend], attributes, queue=False, show_progress="hidden")
         backend.change(on_backend, [prompt, backend], [attributes, guidance], queue=False, show_progress="hidden")
+        names = list(groups)
+        backend.change(
+            lambda chosen: [gr.update(visible=name == chosen) for name in names],
+            backend,
+            [groups[name] for name in names],
+            queue=False,
+            show_progress="hidden",
+        )
         references.change(hold_uploads, references, None, queue=False, show_progress="hidden")
         outputs = [fd, pd, cured, overlay, maps, attribute_table, stage_table, notes, download, status]
         run_button.click(
             run,
-            [references, use_example, prompt, backend, method, steps, seed, gamma, guidance, inject_step],
+            {
+                references,
+                use_example,
+                prompt,
+                backend,
+                method,
+                steps,
+                seed,
+                gamma,
+                guidance,
+                inject_step,
+                *[component for _, _, component in controls],
+            },
             outputs,
             show_progress="full",
         )

@@ -128,6 +128,8 @@ class RunRequest:
     guidance_scale: float | None
     inject_step: int | None
     parsed: ParsedPrompt
+    #: the backend's own options set on the page, (dest, value) checked by their declarations
+    backend_options: tuple[tuple[str, Any], ...] = ()
 
 
 def check_request(
@@ -165,6 +167,7 @@ def check_request(
         references, names = [load_image(example)], [example.name]
     if not references:
         raise InputError("upload at least one reference photo of the identity (or tick the bundled example)")
+    backend_options = page_options(BACKENDS[backend], form)
     trigger = backend_trigger(args, backend)
     class_word = find_class_word(prompt)
     parsed = parse_prompt(prompt, class_word, trigger=trigger)
@@ -182,7 +185,34 @@ def check_request(
         guidance_scale=guidance,
         inject_step=inject_step,
         parsed=parsed,
+        backend_options=backend_options,
     )
+
+
+def page_options(backend, form: dict[str, str]) -> tuple[tuple[str, Any], ...]:
+    """The backend's declared options (``Backend.options``) the page sets: ``form["option:<dest>"]``,
+    each checked as the command line checks it; an empty field keeps the server's value. File
+    and folder options are the server's (``freecure demo`` options), never the page's.
+
+    Raises:
+        InputError: a value its option refuses, naming the option.
+    """
+    chosen = []
+    for option in page_controls(backend):
+        text = (form.get(f"option:{option.dest}") or "").strip()
+        if text:
+            chosen.append(
+                (
+                    option.dest,
+                    option.parse(text.lower() in ("1", "true", "on")) if option.flag_only else option.parse(text),
+                )
+            )
+    return tuple(chosen)
+
+
+def page_controls(backend) -> list:
+    """The options of ``backend`` the page offers a control for: all but files and folders."""
+    return [option for option in backend.options if option.control != "path"]
 
 
 class FaceCheck:
@@ -220,16 +250,20 @@ class ModelCache:
     def loaded(self) -> list[str]:
         return sorted(self._models)
 
-    def get(self, backend: str):
+    def get(self, backend: str, options: tuple[tuple[str, Any], ...] = ()):
+        """The FreeCure pipeline of ``backend`` with its page-set ``options``, built once."""
+        key = backend if not options else f"{backend} {dict(options)}"
         with self._lock:
-            if backend not in self._models:
+            if key not in self._models:
                 from ..build import build_freecure
 
                 args = argparse.Namespace(**vars(self.args))
                 args.backend = backend
-                logger.info("loading backend %s", backend)
-                self._models[backend] = build_freecure(args)
-            return self._models[backend]
+                for dest, value in options:
+                    setattr(args, dest, value)
+                logger.info("loading backend %s", key)
+                self._models[key] = build_freecure(args)
+            return self._models[key]
 
 
 ProgressReport = Callable[[str, int, int], None]
@@ -457,7 +491,7 @@ class Runner:
         report("checking the reference photos", 0, 0)
         self.face_check(request.references, request.reference_names)
         report(f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)"), 0, 0)
-        loaded = self.models.get(request.backend)
+        loaded = self.models.get(request.backend, request.backend_options)
         freecure = FreeCurePipeline(loaded.backend, loaded.face_parser, replace(loaded.config, gamma=request.gamma))
         freecure.set_progress_bar_config(disable=True, callback=report)
         guidance = (
