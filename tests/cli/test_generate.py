@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,21 @@ def test_eval_tiny_clip_uses_the_tiny_scratch_folder_that_start_up_cleans(tmp_pa
     dead = folder.with_name(folder.name.replace(f"-{os.getpid()}-", "-999999999-"))
     dead.mkdir()
     assert remove_stale_tiny_folders(tmp_path) == [dead]  # one a killed eval left is removed
+
+
+@pytest.mark.slow
+def test_preset_and_expression_options(tmp_path, capsys):
+    base = ["generate", "--tiny", "--prompt", "a man with black curly hair, laughing", "--steps", "3", "--no-progress"]
+    base += ["--ref", str(Path(__file__).resolve().parents[2] / "examples" / "astronaut.png")]
+    assert main([*base, "--preset", "arxiv-v1", "--fasa-mask", "same", "--out", str(tmp_path / "a")]) == 2
+    assert "--fasa-mask would be ignored with --preset arxiv-v1 (method rofa)" in capsys.readouterr().err
+    assert main([*base, "--expression", "off", "--out", str(tmp_path / "b")]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    stages = {stage["name"]: stage for stage in manifest["stages"]}
+    assert manifest["settings"]["expression"] is False and not stages["expression"]["ran"]
+    assert "--expression off" in stages["expression"]["reason"]
+    # a preset's option given beside it wins
+    out = tmp_path / "c"
+    assert main([*base, "--preset", "official-code", "--fasa-mask-weight", "0.5", "--out", str(out)]) == 0
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert (settings["method"], settings["fasa"]["mask_weight"], settings["expression"]) == ("fasa", 0.5, False)

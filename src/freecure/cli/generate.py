@@ -288,12 +288,15 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         why = option.unread(args) if option.unread is not None and getattr(args, dest, None) is not None else None
         if why:
             raise InputError(f"{option.flag} would be ignored: {why}; drop it")
+    given = f"--method {args.method}" if getattr(args, "method", None) else None
     resolve_method(args)  # --method, else the --preset's, else rofa
+    if getattr(args, "preset", None) and given is None:
+        given = f"--preset {args.preset} (method {args.method})"
     if getattr(args, "method", "rofa") != "fasa":
         for dest, option in FASA_OPTIONS.items():
             if getattr(args, dest, None) is not None:
                 raise InputError(
-                    f"{option} would be ignored with --method {args.method}: it sets FASA; "
+                    f"{option} would be ignored with {given or '--method rofa'}: it sets FASA; "
                     "pass --method fasa or drop it"
                 )
     resolve_tiny_family(args)
