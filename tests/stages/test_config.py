@@ -120,6 +120,7 @@ def run(tiny_sd15, config):
     return freecure(PROMPT, [Image.new("RGB", (32, 32))], class_word="man", num_inference_steps=4, generator=generator)
 
 
+@pytest.mark.slow
 def test_fasa_followed_by_the_expression_stage(tiny_sd15, monkeypatch):
     import freecure.stages.expression as expression_module
 
