@@ -4,7 +4,7 @@ The options are attributes of one object (an argparse namespace from the command
 ``Backend.build_options`` from Python and the demo): the run's settings, the FreeCure method
 (``--preset``, ``--method``, FASA's options, ``--expression``), and the chosen backend's own
 declared options. Nothing here knows a backend by name: each is found in the registry and built
-by its own ``from_cli``.
+by its own ``from_options``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def build_freecure(args: argparse.Namespace):
     config = freecure_config(args)
     if getattr(args, "trigger", None) is None:
         args.trigger = BACKENDS[args.backend].default_trigger  # PhotoMaker's prompts always carry 'img'
-    backend = BACKENDS[args.backend].from_cli(args)
+    backend = BACKENDS[args.backend].from_options(args)
     family = backend.family
     check_family_options(args, family.name == "flux")  # a base model of a backend with several families
     args.scheduler = args.scheduler or family.default_scheduler

@@ -397,7 +397,7 @@ def test_from_cli_loads_given_checkpoints(tmp_path, caplog):
         face_diffuser_object_resolution=512,
     )
     with caplog.at_level("WARNING", logger="freecure"):
-        backend = FaceDiffuserBackend.from_cli(args)
+        backend = FaceDiffuserBackend.from_options(args)
     assert not any("non-commercial" in r.getMessage() for r in caplog.records)  # tiny: no licence notice
     assert torch.equal(backend.sdm_unet.conv_in.weight, sdm["unet.conv_in.weight"])
     assert torch.equal(backend.pipeline.unet.conv_in.weight, tdm["unet.conv_in.weight"])  # FD = TDM

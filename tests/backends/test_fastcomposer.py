@@ -341,7 +341,7 @@ def test_registered_with_its_licence():
 def test_tiny_from_cli_loads_a_given_checkpoint(tmp_path):
     state = random_state_dict(read_layout("fastcomposer_tiny_keys.txt"), seed=2)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    backend = FastComposerBackend.from_cli(cli_args(fastcomposer_checkpoint=str(tmp_path)))  # a folder works
+    backend = FastComposerBackend.from_options(cli_args(fastcomposer_checkpoint=str(tmp_path)))  # a folder works
     assert torch.equal(backend.unet.conv_in.weight, state["unet.conv_in.weight"])
     assert torch.equal(backend.postfuse.mlp2.fc1.bias, state["postfuse_module.mlp2.fc1.bias"])
     assert torch.equal(

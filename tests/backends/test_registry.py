@@ -38,7 +38,7 @@ class ShiftBackend(Backend):
         self.amount = amount
 
     @classmethod
-    def from_cli(cls, args) -> ShiftBackend:
+    def from_options(cls, args) -> ShiftBackend:
         from freecure.families.tiny import tiny_pipeline
 
         if not args.tiny:

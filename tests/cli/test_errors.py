@@ -41,7 +41,7 @@ def no_models(monkeypatch):
     for name in ("tiny_sd15_pipeline", "tiny_sdxl_pipeline"):
         monkeypatch.setattr(freecure.families.tiny, name, refuse)
     for backend in BACKENDS.values():
-        monkeypatch.setattr(backend, "from_cli", classmethod(refuse))
+        monkeypatch.setattr(backend, "from_options", classmethod(refuse))
 
 
 def one_line_error(capsys) -> str:

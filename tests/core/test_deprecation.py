@@ -62,3 +62,17 @@ def test_a_package_that_kept_its_name_forwards_its_former_names(package, name, n
     assert value is getattr(importlib.import_module(new), name)
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         module.no_such_name  # noqa: B018
+
+
+def test_from_cli_is_the_former_name_of_from_options():
+    from freecure.backends import Backend
+
+    class Built(Backend):
+        name = "built-test"
+
+        @classmethod
+        def from_options(cls, args):
+            return ("built", args)
+
+    with pytest.warns(FutureWarning, match="Built.from_cli moved to Built.from_options"):
+        assert Built.from_cli("args") == ("built", "args")

@@ -120,7 +120,7 @@ class Backend:
         """
 
     @classmethod
-    def from_cli(cls, args) -> Backend:
+    def from_options(cls, args) -> Backend:
         """Build the backend from its options: ``args`` carries the run's settings (``tiny``:
         tiny random components, offline; ``tiny_family``, ``base_model``, ``device``, ``dtype``,
         ``trigger``, ``ref``) and each of :attr:`options` by its ``dest``, parsed and checked —
@@ -129,8 +129,16 @@ class Backend:
         raise NotImplementedError(f"backend {cls.name!r} cannot be built from options")
 
     @classmethod
+    def from_cli(cls, args) -> Backend:
+        """The former name of :meth:`from_options` (one release)."""
+        from ..core.deprecation import _warn
+
+        _warn(f"{cls.__name__}.from_cli", f"{cls.__name__}.from_options")
+        return cls.from_options(args)
+
+    @classmethod
     def build_options(cls, **values) -> SimpleNamespace:
-        """The options :meth:`from_cli` reads, from Python values: each declared option from
+        """The options :meth:`from_options` reads, from Python values: each declared option from
         ``values`` (checked as the command line checks it) or its default, and the run's settings
         (``tiny``, ``tiny_family``, ``base_model``, ``device``, ``dtype``, ``trigger``, ``ref``,
         ``parser_weights``) from ``values`` or None/False.
@@ -164,7 +172,7 @@ class Backend:
             raise InputError(f"the {cls.name} backend runs on {', '.join(cls.families)}, not {family}")
         args = cls.build_options(tiny=True, tiny_family=family, device=torch.device(device), **options)
         cls.check_identity_files(args)
-        return cls.from_cli(args)
+        return cls.from_options(args)
 
     # -- pipeline facts ---------------------------------------------------------------
     @property

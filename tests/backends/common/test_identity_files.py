@@ -141,9 +141,9 @@ def test_bad_identity_files_fail_in_one_line_before_any_model_loads(
 ):
     Image.new("RGB", (64, 64), (120, 90, 60)).save(tmp_path / "ref.png")
     built = []
-    original = BACKENDS[backend].from_cli.__func__
+    original = BACKENDS[backend].from_options.__func__
     monkeypatch.setattr(
-        BACKENDS[backend], "from_cli", classmethod(lambda cls, args: built.append(1) or original(cls, args))
+        BACKENDS[backend], "from_options", classmethod(lambda cls, args: built.append(1) or original(cls, args))
     )
     argv = ["generate", "--tiny", *TINY[backend], "--backend", backend, "--prompt", PROMPT]
     argv += ["--ref", str(tmp_path / "ref.png"), "--steps", "2", "--out", str(tmp_path / "out"), "--no-progress"]

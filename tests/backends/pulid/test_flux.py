@@ -293,7 +293,7 @@ def test_tiny_from_cli_uses_a_given_face_embedding(tmp_path):
     save_face_embedding(face, tmp_path / "face.safetensors")
     args = argparse.Namespace(tiny=True, pulid_id_scale=None, face_embedding=str(tmp_path / "face.safetensors"),
                               device=torch.device("cpu"))
-    backend = PuLIDFluxBackend.from_cli(args)
+    backend = PuLIDFluxBackend.from_options(args)
     assert torch.equal(backend.face.id_cond, face.id_cond)
     assert all(torch.equal(a, b) for a, b in zip(backend.face.vit_hidden, face.vit_hidden))
 

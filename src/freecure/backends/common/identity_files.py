@@ -6,7 +6,7 @@ A backend that conditions on a precomputed identity (``--face-embedding``, ``--f
 shapes, number kind, whether required, value bounds). :func:`read_identity_file` reads a file
 (safetensors, a tensor-only PyTorch file, or JSON) and checks it against the schema, so that a
 wrong file stops the run in one line naming the tensor and what the backend expects, before any
-model loads (``Backend.check_identity_files``, called by the CLI before ``from_cli``), instead
+model loads (``Backend.check_identity_files``, called by the builder before ``from_options``), instead
 of a traceback inside the model or a silently wrong image.
 
 Shapes may name **symbolic** dimensions (``"refs"``, ``"id_width"``, ``"clip_width"`` …). A

@@ -271,7 +271,7 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> FaceDiffuserBackend:
+    def from_options(cls, args) -> FaceDiffuserBackend:
         return cls.from_pretrained(
             args.face_diffuser_sdm,
             args.face_diffuser_tdm,

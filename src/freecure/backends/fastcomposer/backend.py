@@ -540,7 +540,7 @@ class FastComposerBackend(ImageAugmentedBackend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> FastComposerBackend:
+    def from_options(cls, args) -> FastComposerBackend:
         return cls.from_pretrained(
             args.fastcomposer_checkpoint,
             device=args.device,

@@ -337,7 +337,7 @@ class InfiniteYouBackend(Backend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> InfiniteYouBackend:
+    def from_options(cls, args) -> InfiniteYouBackend:
         for name in ("infusenet_conditioning_scale", "infusenet_guidance_start"):
             value = getattr(args, name)
             if not math.isfinite(value):

@@ -537,7 +537,7 @@ class IPAdapterFaceIDBackend(Backend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> IPAdapterFaceIDBackend:
+    def from_options(cls, args) -> IPAdapterFaceIDBackend:
         for name in ("faceid_scale", "faceid_s_scale"):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:

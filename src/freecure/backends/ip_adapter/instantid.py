@@ -310,7 +310,7 @@ class InstantIDBackend(Backend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> InstantIDBackend:
+    def from_options(cls, args) -> InstantIDBackend:
         for name in ("instantid_ip_scale", "instantid_controlnet_scale"):
             value = getattr(args, name)
             if not (value == value and abs(value) < float("inf")) or value < 0:

@@ -473,7 +473,7 @@ class PhotoMakerBackend(Backend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> PhotoMakerBackend:
+    def from_options(cls, args) -> PhotoMakerBackend:
         if args.tiny:
             return cls.build_tiny(args.photomaker_version, args.photomaker_style_strength, device=args.device)
         args.base_model = args.base_model or DEFAULT_BASE_MODEL  # recorded in the run's manifest

@@ -257,7 +257,7 @@ class PuLIDFluxBackend(Backend):
     options = PULID_OPTIONS  # SDXL's --pulid-num-zero and --pulid-ortho are not FLUX's
 
     @classmethod
-    def from_cli(cls, args) -> PuLIDFluxBackend:
+    def from_options(cls, args) -> PuLIDFluxBackend:
         id_weight = 1.0 if args.pulid_id_scale is None else args.pulid_id_scale
         if args.tiny:
             backend = cls.build_tiny(id_weight=id_weight, face_embedding=args.face_embedding)

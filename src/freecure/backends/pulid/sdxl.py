@@ -436,7 +436,7 @@ class PuLIDSDXLBackend(Backend):
             load_face_embedding(args.face_embedding, cls.identity_dims(args), cls.identity_schema)
 
     @classmethod
-    def from_cli(cls, args) -> PuLIDSDXLBackend:
+    def from_options(cls, args) -> PuLIDSDXLBackend:
         from ...core.runtime import load_base_pipeline
 
         id_scale = 0.8 if args.pulid_id_scale is None else args.pulid_id_scale

@@ -86,7 +86,7 @@ class TokenFusionBackend(Backend):
     )
 
     @classmethod
-    def from_cli(cls, args) -> TokenFusionBackend:
+    def from_options(cls, args) -> TokenFusionBackend:
         from ...core.runtime import load_base_pipeline
         from ...families.tiny import tiny_pipeline
 
