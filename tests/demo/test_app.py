@@ -517,7 +517,12 @@ def test_page_runs_freecure_and_shows_every_result(page, demo_server, tmp_path):
     page.fill("#steps input", "3")
     # the backend's own options, generated from its declarations: token fusion's injection fraction
     page.locator("#backend-options").get_by_text("backend options").first.click()
-    page.fill("#option-token-fusion-inject_fraction input", "0.7")
+    fraction = page.locator("#option-token-fusion-inject_fraction input")
+    fraction.wait_for(state="visible")
+    page.wait_for_timeout(500)  # the accordion mounts its fields when it opens: let it settle first
+    fraction.fill("0.7")
+    fraction.press("Tab")
+    page.wait_for_function("el => el.value === '0.7'", arg=fraction.element_handle())
     page.click("#run")
     wait_for_results(page)
 
