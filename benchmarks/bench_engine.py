@@ -49,8 +49,8 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from freecure.core.attributes import parse_prompt
 from freecure.backends.base import Backend
+from freecure.core.attributes import parse_prompt
 from freecure.core.conditioning import Conditions, TextConditioning
 from freecure.core.configs import (
     FLUX_DEV_TRANSFORMER,
@@ -64,12 +64,12 @@ from freecure.core.configs import (
 )
 from freecure.core.configs import SD_SCHEDULER as SCHEDULER
 from freecure.core.errors import InputError
-from freecure.stages.fasa import FasaConfig
+from freecure.core.tokenization import load_clip_tokenizer
+from freecure.families.tiny import LayoutFaceParser
 from freecure.pipeline import FreeCureConfig, FreeCurePipeline
 from freecure.stages.decode import decode_latents
+from freecure.stages.fasa import FasaConfig
 from freecure.stages.sampling import plain_pass
-from freecure.families.tiny import LayoutFaceParser
-from freecure.core.tokenization import load_clip_tokenizer
 
 
 class BenchPipeline:
@@ -568,9 +568,7 @@ def model_offload(denoiser, vae, device):
 
 
 def freecure_conditions(backend, steps, device, dtype):
-    from freecure.pipeline import _to
-
-    return _to(backend.conditions(None, [], steps), device, dtype)
+    return backend.conditions(None, [], steps).to(device, dtype)
 
 
 if __name__ == "__main__":

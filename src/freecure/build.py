@@ -135,8 +135,9 @@ def guidance_scale(args: argparse.Namespace, backend) -> float:
 
 
 def resolve_method(args: argparse.Namespace) -> None:
-    """``args.method`` and ``args.expression`` as the run will use them: given, else the
-    ``--preset``'s, else ROFA with the correction's own expression default; in place."""
+    """``args.method`` as the run will use it: given, else the ``--preset``'s, else ROFA; in place.
+    (The expression stage is resolved by :class:`FreeCureConfig`: the option, else the preset's,
+    else the correction's default.)"""
     from .stages.config import PRESETS
 
     preset = PRESETS[args.preset] if getattr(args, "preset", None) else None
@@ -177,8 +178,12 @@ def fasa_given(args: argparse.Namespace) -> dict:
     if layers is not None:
         preset = len(layers) == 1 and layers[0] in LAYER_PRESETS
         given["layers"] = layers[0] if preset else tuple(layers)
-    fields = (("mask_source", "fasa_mask"), ("mask_weight", "fasa_mask_weight"), ("uncond", "fasa_uncond"))
-    for field, dest in (*fields, ("form", "fasa_form")):
+    for field, dest in (
+        ("mask_source", "fasa_mask"),
+        ("mask_weight", "fasa_mask_weight"),
+        ("uncond", "fasa_uncond"),
+        ("form", "fasa_form"),
+    ):
         if getattr(args, dest, None) is not None:
             given[field] = getattr(args, dest)
     return given

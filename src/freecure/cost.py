@@ -91,8 +91,6 @@ def _setup(
     """The backend's trigger word (``Backend.default_trigger``, PhotoMaker's "img") is written
     after the class word of a prompt that has none."""
     from .core.attributes import parse_prompt
-    from .pipeline import _to
-
     backend = freecure_pipeline.backend
     family = backend.family
     if guidance_scale is None:
@@ -103,7 +101,7 @@ def _setup(
     parsed = parse_prompt(prompt, class_word, trigger=trigger, tokenizer=backend.tokenizer)
     references = [_gray_reference()]
     conditions = backend.conditions(parsed, references, num_inference_steps)
-    conditions = replace(_to(conditions, backend.device, backend.dtype), inject_step=inject_step)
+    conditions = replace(conditions.to(backend.device, backend.dtype), inject_step=inject_step)
     height, width = freecure_pipeline.default_size()
     latent_size = family.latent_size(backend.pipeline, height, width)
     backend.guidance_scale = guidance_scale

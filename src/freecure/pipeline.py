@@ -27,7 +27,6 @@ import torch
 
 from .backends.base import Backend
 from .core.attributes import detect_class_word, parse_prompt
-from .core.conditioning import Conditions
 from .core.deprecation import moved_names
 from .core.errors import InputError, check_number
 from .core.images import ImageInput, load_image
@@ -297,11 +296,6 @@ class FreeCurePipeline:
                 )
             output.settings = dict(settings, image_index=k) if n > 1 else dict(settings)
         return ctx.outputs[0] if n == 1 else ctx.outputs
-
-
-def _to(conditions: Conditions, device, dtype) -> Conditions:
-    """Every conditioning on the denoiser's device and dtype (:meth:`Conditions.to`)."""
-    return conditions.to(device, dtype)
 
 
 #: names of this module before the stages moved out (one release)

@@ -71,9 +71,7 @@ def prepare(
     parsed = parse_prompt(prompt, class_word, trigger=trigger_word, tokenizer=backend.tokenizer)
     backend.guidance_scale = guidance_scale
     conditions = backend.conditions(parsed, references, num_inference_steps, negative_prompt)
-    from ..pipeline import _to
-
-    conditions = _to(conditions, backend.device, backend.dtype)
+    conditions = conditions.to(backend.device, backend.dtype)
     if inject_step is not None:
         if not 0 <= inject_step < num_inference_steps:
             raise InputError(f"inject_step must lie in 0..{num_inference_steps - 1}, got {inject_step}")

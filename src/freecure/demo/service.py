@@ -250,9 +250,14 @@ class ModelCache:
     def loaded(self) -> list[str]:
         return sorted(self._models)
 
+    @staticmethod
+    def key(backend: str, options: tuple[tuple[str, Any], ...] = ()) -> str:
+        """The cache's name of a backend built with page-set ``options``."""
+        return backend if not options else f"{backend} {dict(options)}"
+
     def get(self, backend: str, options: tuple[tuple[str, Any], ...] = ()):
         """The FreeCure pipeline of ``backend`` with its page-set ``options``, built once."""
-        key = backend if not options else f"{backend} {dict(options)}"
+        key = self.key(backend, options)
         with self._lock:
             if key not in self._models:
                 from ..build import build_freecure
@@ -490,7 +495,8 @@ class Runner:
 
         report("checking the reference photos", 0, 0)
         self.face_check(request.references, request.reference_names)
-        report(f"loading {request.backend}" + ("" if request.backend in self.models.loaded() else " (once)"), 0, 0)
+        key = self.models.key(request.backend, request.backend_options)
+        report(f"loading {key}" + ("" if key in self.models.loaded() else " (once)"), 0, 0)
         loaded = self.models.get(request.backend, request.backend_options)
         freecure = FreeCurePipeline(loaded.backend, loaded.face_parser, replace(loaded.config, gamma=request.gamma))
         freecure.set_progress_bar_config(disable=True, callback=report)
