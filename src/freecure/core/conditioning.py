@@ -34,6 +34,46 @@ class TextConditioning:
 
 
 @dataclass(frozen=True)
+class ReferenceTokens:
+    """Reference images as the denoiser reads them in context (FLUX.1 Kontext, FLUX.2): latent
+    tokens appended after the target image's tokens in the joint sequence, with their own
+    position ids.
+
+    Attributes:
+        latents: the packed reference tokens, (1, R, C), in the denoiser's token layout.
+        ids: their position ids, (R, k) (FLUX.1: 3 coordinates, FLUX.2: 4); the first
+            coordinate is the image index (0 is the target; each reference has its own).
+        blocks: how many of the R tokens each reference has, in order.
+    """
+
+    latents: torch.Tensor
+    ids: torch.Tensor
+    blocks: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.latents.shape[1])
+
+    def to(self, device=None, dtype=None) -> ReferenceTokens:
+        return replace(
+            self, latents=self.latents.to(device=device, dtype=dtype), ids=self.ids.to(device=device)
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceConditioning(TextConditioning):
+    """A branch that also sees reference images in context: its text and the references' tokens
+    (PD's rows of a reference-image backend; FD's rows are plain :class:`TextConditioning`)."""
+
+    references: ReferenceTokens | None = None
+
+    def to(self, device=None, dtype=None) -> ReferenceConditioning:
+        moved = super().to(device, dtype)
+        refs = self.references
+        return replace(moved, references=None if refs is None else refs.to(device, dtype))
+
+
+@dataclass(frozen=True)
 class Conditions:
     """All conditionings of one FreeCure run.
 

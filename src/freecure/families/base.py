@@ -75,13 +75,31 @@ class ModelFamily:
         return mask
 
     # -- the network ------------------------------------------------------------------
-    def model_inputs(self, backend, latents, timestep, rows, image_size) -> dict:
-        """Keyword arguments of one denoiser call on the stacked rows."""
+    def model_inputs(self, backend, latents, timestep, rows, image_size, references=None) -> dict:
+        """Keyword arguments of one denoiser call on the stacked rows; ``references``
+        (:class:`~freecure.core.conditioning.ReferenceTokens`) appended to every row's image
+        tokens where the family reads reference images in context."""
         raise NotImplementedError
 
-    def predict(self, backend, latents, timestep, rows, image_size) -> torch.Tensor:
-        """The denoiser's prediction for each row (ε, v or velocity)."""
-        return self.denoiser(backend.pipeline)(**self.model_inputs(backend, latents, timestep, rows, image_size))[0]
+    def predict(self, backend, latents, timestep, rows, image_size, references=None) -> torch.Tensor:
+        """The denoiser's prediction for each row (ε, v or velocity), on the target image's
+        tokens only (the reference tokens' outputs are dropped, as the reference pipelines do)."""
+        inputs = self.model_inputs(backend, latents, timestep, rows, image_size, references)
+        out = self.denoiser(backend.pipeline)(**inputs)[0]
+        return out if references is None else out[:, : latents.shape[1]]
+
+    # -- reference images in context (FLUX.1 Kontext, FLUX.2) ---------------------------------
+    #: Whether the denoiser can read reference images as extra tokens of its sequence.
+    reads_references: bool = False
+
+    def encode_references(self, pipeline, images: Sequence[Image.Image], image_size: tuple[int, int]):
+        """The reference photos as :class:`~freecure.core.conditioning.ReferenceTokens`, prepared
+        exactly as the family's reference pipeline prepares its ``image`` input (resized,
+        VAE-encoded to the posterior mean, normalised, packed; position ids with one image index
+        per reference)."""
+        from ..core.errors import InputError
+
+        raise InputError(f"{self.name} models do not read reference images in context")
 
     def attention_capture(self, denoiser, store, layers: Sequence[str] | None):
         """Context manager recording FD's attention on the attribute tokens into ``store``."""

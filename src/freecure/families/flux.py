@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from ..core.errors import InputError
+from diffusers.utils.torch_utils import get_module_execution_device
+
 from .base import ModelFamily, _vae_decode
 
 
@@ -172,7 +174,9 @@ class FluxFamily(ModelFamily):
         channels = z.shape[-1] // 4
         return pack_latents(mask.expand(mask.shape[0], channels, *mask.shape[-2:]).contiguous())
 
-    def model_inputs(self, backend, latents, timestep, rows, image_size) -> dict:
+    def model_inputs(self, backend, latents, timestep, rows, image_size, references=None) -> dict:
+        """One call's inputs; ``references`` appended after every row's image tokens with their
+        own ids (FLUX.1 Kontext's layout: ``FluxKontextPipeline``'s ``latent_model_input``)."""
         transformer = self.denoiser(backend.pipeline)
         batch = latents.shape[0]
         embeds = torch.cat([row.prompt_embeds for row in rows])
@@ -183,16 +187,58 @@ class FluxFamily(ModelFamily):
             guidance = torch.full([batch], scale, device=latents.device, dtype=torch.float32)
         latent_size = self.latent_size(backend.pipeline, *image_size)
         timestep = torch.as_tensor(timestep, device=latents.device).expand(batch).to(latents.dtype)
+        ids = image_ids(latent_size, latents.device, embeds.dtype)
+        hidden_states = latents
+        if references is not None:
+            tokens = references.latents.to(device=latents.device, dtype=latents.dtype).expand(batch, -1, -1)
+            hidden_states = torch.cat([latents, tokens], dim=1)
+            ids = torch.cat([ids, references.ids.to(device=ids.device, dtype=ids.dtype)])
         return dict(
-            hidden_states=latents,
+            hidden_states=hidden_states,
             timestep=timestep / 1000,
             guidance=guidance,
             pooled_projections=pooled,
             encoder_hidden_states=embeds,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype),
-            img_ids=image_ids(latent_size, latents.device, embeds.dtype),
+            img_ids=ids,
             return_dict=False,
         )
+
+    # -- FLUX.1 Kontext: reference images in context ----------------------------------------
+    reads_references = True
+
+    def encode_references(self, pipeline, images, image_size, auto_resize: bool = True):
+        """The references as FluxKontextPipeline prepares its ``image``: resized to the preferred
+        Kontext resolution nearest its aspect ratio (``auto_resize``; else its own size),
+        rounded to multiples of 16 px, VAE-encoded to the posterior mean, shifted and scaled,
+        packed; ids (index, row, column) with index 1 for the first reference. Kontext was
+        trained on one reference; a further one gets the next index (2, 3, …), as ComfyUI's
+        "index" method chains them."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        from ..core.conditioning import ReferenceTokens
+
+        vae, processor = pipeline.vae, pipeline.image_processor
+        multiple = pipeline.vae_scale_factor * 2
+        device = get_module_execution_device(vae)
+        tokens, ids, blocks = [], [], []
+        for index, image in enumerate(images, start=1):
+            height, width = processor.get_default_height_width(image)
+            if auto_resize:
+                aspect = width / height
+                _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+            width, height = width // multiple * multiple, height // multiple * multiple
+            pixels = processor.preprocess(processor.resize(image, height, width), height, width)
+            with torch.no_grad():
+                latent = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
+            latent = (latent - vae.config.shift_factor) * vae.config.scaling_factor
+            grid = latent.shape[-2:]
+            reference_ids = image_ids(tuple(grid), device, torch.float32)
+            reference_ids[:, 0] = index
+            tokens.append(pack_latents(latent))
+            ids.append(reference_ids)
+            blocks.append(int(reference_ids.shape[0]))
+        return ReferenceTokens(torch.cat(tokens, dim=1), torch.cat(ids), tuple(blocks))
 
     def attention_capture(self, denoiser, store, layers):
         from ..attention.capture import capture_joint_attention

@@ -77,7 +77,9 @@ class UNetFamily(ModelFamily):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma  # fp32 lanes
 
-    def model_inputs(self, backend, latents, timestep, rows, image_size) -> dict:
+    def model_inputs(self, backend, latents, timestep, rows, image_size, references=None) -> dict:
+        if references is not None:
+            raise ValueError("a UNet does not read reference images in context")
         embeds = torch.cat([row.prompt_embeds for row in rows])
         return dict(
             sample=latents,
