@@ -75,6 +75,24 @@ class AttentionStore:
             return ()
         return (self.row,) if isinstance(self.row, int) else self.row
 
+    @contextlib.contextmanager
+    def in_call(self, origin: Sequence[int]) -> Iterator[None]:
+        """For a backend that splits the engine's rows over several denoiser calls (a
+        reference-image model: FD's rows without the reference tokens, PD's with them): during
+        one of its calls, capture the rows of this call that come from the capture rows
+        (``origin``: the engine row of each row of the call); nothing in a call without them."""
+        engine = self.row
+        if engine is not None:
+            wanted = (engine,) if isinstance(engine, int) else engine
+            here = tuple(origin.index(row) for row in wanted if row in origin)
+            if here and len(here) != len(wanted):
+                raise RuntimeError(f"the capture rows {wanted} were split over calls ({list(origin)} in this one)")
+            self.row = here or None
+        try:
+            yield
+        finally:
+            self.row = engine
+
     def add(self, layer: str, probs: torch.Tensor) -> None:
         """Add one layer's head-averaged attention, shape (query_tokens, len(token_indices)),
         or (images, query_tokens, len(token_indices)) for several capture rows."""
@@ -221,6 +239,19 @@ class JointContext:
     (single-stream blocks see [text; image] as one sequence and need it)."""
 
     text_tokens: int | None = None
+    #: how many of the call's image tokens belong to the target image; the rest are reference
+    #: images read in context (FLUX.1 Kontext, FLUX.2), appended after them
+    image_tokens: int | None = None
+
+
+def target_tokens(img_ids: torch.Tensor | None) -> int | None:
+    """How many image tokens of a FLUX call belong to the target image: those whose position id
+    has image index 0 (FLUX.1 Kontext gives its reference index 1, FLUX.2 a time offset of 10
+    per reference; the ids are how the model itself tells them apart). None without ids."""
+    if img_ids is None:
+        return None
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    return int((ids[:, 0] == 0).sum())
 
 
 class JointAttentionCapture:
@@ -313,6 +344,7 @@ def installed_joint_processors(transformer, layers: Sequence[str], make) -> Iter
     def text_length(module, args, kwargs):
         text = kwargs.get("encoder_hidden_states")
         context.text_tokens = None if text is None else int(text.shape[1])
+        context.image_tokens = target_tokens(kwargs.get("img_ids"))
 
     with installed_processors(transformer, layers, lambda name, inner: make(name, inner, context)):
         handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)

@@ -191,6 +191,24 @@ class FasaState:
         dicts end it."""
         self.record, self.attend = dict(record), dict(attend)
 
+    @contextlib.contextmanager
+    def mapped_call(self, origin: Sequence[int]) -> Iterator[None]:
+        """During one call of a backend that splits the engine's rows over calls of its own
+        (Face-diffuser's models; a reference-image model's FD and PD calls): map the engine's
+        ``(PD row, FD row, image)`` pairs onto it with :meth:`set_call`. ``origin``: the engine
+        row of each row of the call; rows from an FD row record their keys and values, rows from
+        a PD row attend to the ones recorded (in this call, or an earlier one of the step)."""
+        pairs, batch = self.pairs, self.batch
+        record = {i: row for i, row in enumerate(origin) if any(row == fd for _, fd, _ in pairs)}
+        attend = {i: (fd, image) for i, row in enumerate(origin) for pd, fd, image in pairs if row == pd}
+        self.set_pairs(())  # the engine's row indices do not hold inside this call
+        self.set_call(record, attend)
+        try:
+            yield
+        finally:
+            self.set_call({}, {})
+            self.set_pairs(pairs, batch)
+
     def cached_bytes(self) -> int:
         """Memory held by the recorded keys and values (one step's, per layer and image)."""
         tensors = [t for by_row in self.cache.values() for kv in by_row.values() for t in kv]
@@ -352,9 +370,12 @@ class FoundationAwareJointAttention:
         **kwargs,
     ):
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
-        if not self.state.pairs:
+        state = self.state
+        across = bool(state.record or state.attend)
+        if not state.pairs and not across:
             return out
-        self.state.check_batch(hidden_states.shape[0])
+        if not across:
+            state.check_batch(hidden_states.shape[0])
         if attention_mask is not None:
             raise RuntimeError("FASA on FLUX does not take an attention mask (FluxPipeline passes none)")
         double = encoder_hidden_states is not None
@@ -364,24 +385,42 @@ class FoundationAwareJointAttention:
                 "the text length of the FLUX call is unknown: install FASA with foundation_aware_joint_attention"
             )
         image = out[0] if double else out[:, text_tokens:]
-        bias, factor = self.state.bias(image.shape[1]), self.state.factor(image.shape[1])
-        # a pair whose FD keys are all blocked keeps plain attention: nothing to compute
-        pairs = [pair for pair in self.state.pairs if not torch.isinf(bias[pair[2]]).all()]
-        if not pairs:
-            return out
-        rows = sorted({row for q_row, k_row, _ in pairs for row in (q_row, k_row)})
+        # the target image's tokens; reference tokens read in context (after them) are never
+        # masked, never lend keys and keep their own attention
+        target = self.context.image_tokens or image.shape[1]
+        bias, factor = state.bias(target), state.factor(target)
+        if across:
+            rows = sorted({*state.record, *state.attend})
+        else:
+            # a pair whose FD keys are all blocked keeps plain attention: nothing to compute
+            pairs = [pair for pair in state.pairs if not torch.isinf(bias[pair[2]]).all()]
+            if not pairs:
+                return out
+            rows = sorted({row for q_row, k_row, _ in pairs for row in (q_row, k_row)})
         at = {row: i for i, row in enumerate(rows)}
         text = encoder_hidden_states[rows] if double else None
         query, key, value = self._projections(attn, hidden_states[rows], text, image_rotary_emb, text_tokens)
+        fd_image = slice(text_tokens, text_tokens + target)
+        if across:
+            recorded = state.cache.setdefault(self.name, {})
+            for row, fd_row in state.record.items():
+                recorded[fd_row] = (key[at[row], :, fd_image].clone(), value[at[row], :, fd_image].clone())
+            attending = [(row, *recorded[fd_row], image_index) for row, (fd_row, image_index) in state.attend.items()]
+        else:
+            attending = [
+                (q_row, key[at[k_row], :, fd_image], value[at[k_row], :, fd_image], index)
+                for q_row, k_row, index in pairs
+            ]
         image = image.clone()
-        for q_row, k_row, index in pairs:
-            q = query[at[q_row]]  # (heads, image queries, d)
-            k_own, v_own = key[at[q_row]], value[at[q_row]]  # (heads, text + image keys, d)
-            k_ref, v_ref = key[at[k_row], :, text_tokens:], value[at[k_row], :, text_tokens:]
+        for q_row, k_ref, v_ref, index in attending:
+            if torch.isinf(bias[index]).all():
+                continue
+            q = query[at[q_row], :, :target]  # (heads, target queries, d)
+            k_own, v_own = key[at[q_row]], value[at[q_row]]  # (heads, text + image (+ reference) keys, d)
             if double:
                 own = F.scaled_dot_product_attention(q[None], k_own[None], v_own[None])[0]
             else:
-                own = image[q_row].unflatten(-1, (-1, attn.head_dim)).transpose(0, 1)
+                own = image[q_row, :target].unflatten(-1, (-1, attn.head_dim)).transpose(0, 1)
             scale = attn.head_dim**-0.5
             mixed = torch.cat(
                 [
@@ -392,9 +431,9 @@ class FoundationAwareJointAttention:
             )
             if double:  # to_out[0] is affine: add W·(joint − own); exactly 0 where nothing changed
                 change = (mixed - own).transpose(0, 1).flatten(1)
-                image[q_row] = image[q_row] + F.linear(change.to(image.dtype), attn.to_out[0].weight)
+                image[q_row, :target] = image[q_row, :target] + F.linear(change.to(image.dtype), attn.to_out[0].weight)
             else:
-                image[q_row] = mixed.transpose(0, 1).flatten(1).to(image.dtype)
+                image[q_row, :target] = mixed.transpose(0, 1).flatten(1).to(image.dtype)
         if double:
             return (image, *out[1:])
         return torch.cat([out[:, :text_tokens], image], dim=1)

@@ -8,6 +8,7 @@ from .infiniteyou import InfiniteYouBackend
 from .ip_adapter import InstantIDBackend, IPAdapterFaceIDBackend
 from .photomaker import PhotoMakerBackend
 from .pulid import PuLIDFluxBackend, PuLIDSDXLBackend
+from .reference import FluxKontextBackend, ReferenceImageBackend
 from .registry import BACKENDS, DEFAULT_BACKEND, get_backend, register, unregister
 from .token_fusion import TokenFusionBackend
 
@@ -20,6 +21,7 @@ register(IPAdapterFaceIDBackend)
 register(InstantIDBackend)
 register(PuLIDSDXLBackend)
 register(PuLIDFluxBackend)
+register(FluxKontextBackend)
 
 __all__ = [
     "BACKENDS",
@@ -27,12 +29,14 @@ __all__ = [
     "Backend",
     "FaceDiffuserBackend",
     "FastComposerBackend",
+    "FluxKontextBackend",
     "InfiniteYouBackend",
     "IPAdapterFaceIDBackend",
     "InstantIDBackend",
     "PhotoMakerBackend",
     "PuLIDFluxBackend",
     "PuLIDSDXLBackend",
+    "ReferenceImageBackend",
     "RandomProjectionIdentityEncoder",
     "TokenFusionBackend",
     "get_backend",

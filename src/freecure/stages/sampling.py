@@ -237,6 +237,20 @@ def check_scheduler(scheduler) -> None:
         )
 
 
+@contextlib.contextmanager
+def _handed(backend, store):
+    """Let a backend that splits the engine's rows over calls tell ``store`` which engine row
+    each row of its calls comes from (``capture_store``: the reference-image backends)."""
+    if store is None or not hasattr(backend, "capture_store"):
+        yield
+        return
+    backend.capture_store = store
+    try:
+        yield
+    finally:
+        backend.capture_store = None
+
+
 class SamePass:
     """Stage 1: FD and PD from one z_T per image, FD's attention on the attribute tokens
     captured; decodes both and fills each output's ``fd``/``pd`` images, latents and maps."""
@@ -253,7 +267,7 @@ class SamePass:
                 if store is not None
                 else contextlib.nullcontext()
             )
-            with capture:
+            with capture, _handed(ctx.backend, store):
                 same = same_pass(
                     ctx.backend,
                     ctx.scheduler,

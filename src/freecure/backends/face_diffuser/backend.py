@@ -497,16 +497,8 @@ class FaceDiffuserBackend(ImageAugmentedBackend):
         if state is None or origin is None:
             yield
             return
-        pairs, batch = state.pairs, state.batch
-        record = {i: row for i, row in enumerate(origin) if any(row == fd for _, fd, _ in pairs)}
-        attend = {i: (fd, image) for i, row in enumerate(origin) for pd, fd, image in pairs if row == pd}
-        state.set_pairs(())  # the engine's row indices do not hold inside this call
-        state.set_call(record, attend)
-        try:
+        with state.mapped_call(origin):
             yield
-        finally:
-            state.set_call({}, {})
-            state.set_pairs(pairs, batch)
 
 
 def _pretrained_sd15_unet(base_model: str | None):
