@@ -12,6 +12,7 @@ and denoises with the expression prompt (full guidance, as a normal generation).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass, replace
 
@@ -100,7 +101,8 @@ def _setup(
         prompt = prompt.replace(f" {class_word} ", f" {class_word} {trigger} ", 1)
     parsed = parse_prompt(prompt, class_word, trigger=trigger, tokenizer=backend.tokenizer)
     references = [_gray_reference()]
-    conditions = backend.conditions(parsed, references, num_inference_steps)
+    with _no_face_check(backend):
+        conditions = backend.conditions(parsed, references, num_inference_steps)
     conditions = replace(conditions.to(backend.device, backend.dtype), inject_step=inject_step)
     height, width = freecure_pipeline.default_size()
     latent_size = family.latent_size(backend.pipeline, height, width)
@@ -130,17 +132,18 @@ def _setup(
 
 def _engine_cost(engine, setup: _Setup, prompt, class_word, num_inference_steps, inject_step, seed, true_cfg_scale):
     """Run ``engine`` (a FreeCurePipeline) once and count its work, per stage too."""
-    output = engine(
-        setup.prompt,
-        setup.references,
-        class_word=class_word,
-        trigger_word=setup.trigger,
-        num_inference_steps=num_inference_steps,
-        inject_step=inject_step,
-        guidance_scale=setup.guidance_scale,
-        true_cfg_scale=true_cfg_scale,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    with _no_face_check(setup.backend):
+        output = engine(
+            setup.prompt,
+            setup.references,
+            class_word=class_word,
+            trigger_word=setup.trigger,
+            num_inference_steps=num_inference_steps,
+            inject_step=inject_step,
+            guidance_scale=setup.guidance_scale,
+            true_cfg_scale=true_cfg_scale,
+            generator=torch.Generator().manual_seed(seed),
+        )
     cost = asdict(Cost(output.unet_calls, output.batch_items))
     cost["stages"] = {
         stage.name: {"ran": stage.ran, "unet_calls": stage.unet_calls, "batch_items": stage.batch_items}
@@ -243,6 +246,11 @@ def literal_expression(setup: _Setup, z: torch.Tensor, gamma: float, num_inferen
         guidance.scale,
         setup.image_size,
     )
+
+
+def _no_face_check(backend):
+    """A grey photo has no face: the reference-image backends' face check is off for the count."""
+    return getattr(backend, "unchecked_faces", contextlib.nullcontext)()
 
 
 def _gray_reference():

@@ -228,20 +228,30 @@ class JointTokenMapRecorder:
         for lane, row in self.store.rows.items():
             text = None if encoder_hidden_states is None else encoder_hidden_states[row : row + 1]
             joint = joint_projection(attn, hidden_states[row : row + 1], text, rotary, self.text.text_tokens)
-            self.store.add(lane, self.name, joint_text_maps(joint, self.store.heads, self.chunk_size))
+            maps = joint_text_maps(joint, self.store.heads, self.chunk_size, self.text.image_tokens)
+            self.store.add(lane, self.name, maps)
 
 
-def joint_text_maps(joint, heads: Sequence[int] | None = None, chunk_size: int = 256) -> torch.Tensor:
-    """(image queries, text keys + 1): each text key's joint-softmax probability and, last, the
-    summed probability of every image key, averaged over ``heads`` (None: all)."""
+def joint_text_maps(
+    joint, heads: Sequence[int] | None = None, chunk_size: int = 256, image_tokens: int | None = None
+) -> torch.Tensor:
+    """(target image queries, text keys + 1, + 1 with references): each text key's joint-softmax
+    probability, then the summed probability of the target image's keys and, where the row reads
+    reference images in context (keys after the first ``image_tokens`` image keys), of the
+    reference keys; averaged over ``heads`` (None: all). Only the target image's queries count."""
     t = joint.text_tokens
+    n = joint.query.shape[1] if image_tokens is None else image_tokens
+    references = joint.key.shape[1] > t + n
     maps = []
-    for start in range(0, joint.query.shape[1], chunk_size):
-        probs = joint.logits(start, start + chunk_size).softmax(dim=-1)  # (heads, chunk, joint keys)
+    for start in range(0, n, chunk_size):
+        probs = joint.logits(start, min(start + chunk_size, n)).softmax(dim=-1)  # (heads, chunk, joint keys)
         if heads is not None:
             probs = probs[list(heads)]
         probs = probs.mean(dim=0)
-        maps.append(torch.cat([probs[:, :t], probs[:, t:].sum(dim=-1, keepdim=True)], dim=-1))
+        parts = [probs[:, :t], probs[:, t : t + n].sum(dim=-1, keepdim=True)]
+        if references:
+            parts.append(probs[:, t + n :].sum(dim=-1, keepdim=True))
+        maps.append(torch.cat(parts, dim=-1))
     return torch.cat(maps)
 
 

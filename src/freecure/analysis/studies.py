@@ -319,8 +319,12 @@ def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict, jo
 
         entry: dict = {"identity": None, "attributes": {}}
         if joint:
-            fd_image, pd_image = float(fd_map[-1].mean()), float(pd_map[-1].mean())
+            # PD's maps of a reference-image model end with one more column: its reference keys
+            references = pd_map.shape[0] == fd_map.shape[0] + 1
+            fd_image, pd_image = float(fd_map[-1].mean()), float(pd_map[-2 if references else -1].mean())
             entry["image_keys"] = {"fd": fd_image, "pd": pd_image, "change": pd_image - fd_image}
+            if references:  # the identity enters as the reference photo's tokens: their share is its mass
+                entry["identity_mass"] = {"reference_keys": float(pd_map[-1].mean())}
         if alignment.identity_in_prompt:
             fd_mass, pd_mass = mass(fd_map, alignment.identity_fd), mass(pd_map, alignment.identity_pd)
             entry["identity"] = {
@@ -352,7 +356,8 @@ def mass_summary(parsed: ParsedPrompt, alignment: TokenAlignment, full: dict, jo
         "its columns); change = PD − FD; identity gain = PD's identity columns − FD's class-word columns"
         + (
             "; FLUX: probabilities of the image queries' joint softmax over [text; image] keys, not renormalised "
-            "over the text keys; image_keys = the mass on all image keys together"
+            "over the text keys; image_keys = the mass on all image keys together; identity_mass (reference-image "
+            "models) = PD's mass on the reference photos' keys"
             if joint
             else ""
         ),

@@ -92,6 +92,9 @@ class Backend:
     #: The trigger word its prompts carry after the class word when ``--trigger`` is not given
     #: (PhotoMaker: "img"), or None.
     default_trigger: str | None = None
+    #: The injection step when the method fixes it (a reference-image model sees the photo from
+    #: step 0); None when it follows the method's own schedule (``freecure cost`` then counts at 10).
+    fixed_injection_step: int | None = None
     #: ``freecure embed``: how many reference photos its face-embedding file is computed from
     #: (None: all of them), or False for a backend whose identity file ``embed`` does not write.
     embed_references: int | None | bool = False

@@ -255,6 +255,8 @@ def run_attention(args: argparse.Namespace) -> int:
         line = f"  {group:<6}"
         if "image_keys" in entry:
             line += f" image keys {entry['image_keys']['fd']:.3f} → {entry['image_keys']['pd']:.3f}"
+        if "identity_mass" in entry:
+            line += f" · reference keys (identity) {entry['identity_mass']['reference_keys']:.3f}"
         if identity is not None:
             line += f" identity mass FD {identity['fd']:.3f} → PD {identity['pd']:.3f}"
         for text, values in entry["attributes"].items():

@@ -18,7 +18,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--steps", type=options.steps, default=None, help="denoising steps (default: 50; FLUX 28)")
     parser.add_argument("--gamma", type=options.finite_float(0.0, 1.0, open_minimum=True), default=0.5)
-    parser.add_argument("--inject-step", type=options.non_negative_int, default=10)
+    parser.add_argument(
+        "--inject-step",
+        type=options.non_negative_int,
+        default=None,
+        help="identity injection step (default 10; 0 for a backend whose identity enters at step 0 by design)",
+    )
     parser.add_argument(
         "--expression-guidance-scale",
         type=options.finite_float(1.0, 100.0),
@@ -109,6 +114,9 @@ def check(args) -> None:
                 )
     if args.steps is None:
         args.steps = 28 if args.family == "flux" else 50
+    if args.inject_step is None:
+        fixed = BACKENDS[args.backend].fixed_injection_step
+        args.inject_step = 10 if fixed is None else fixed
     if not 0 <= args.inject_step < args.steps:
         raise InputError(f"--inject-step must lie in 0..{args.steps - 1}, got {args.inject_step}")
     if args.family == "flux" and args.true_cfg_scale <= 1.0 and args.approximate_shared_uncond:
