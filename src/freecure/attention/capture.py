@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .projections import joint_projection
+from .projections import is_parallel, joint_projection
 
 AGGREGATIONS = ("per_resolution", "per_layer")
 
@@ -341,14 +341,49 @@ def installed_joint_processors(transformer, layers: Sequence[str], make) -> Iter
     and hook removed in ``finally``."""
     context = JointContext()
 
+    def build(name, inner):
+        if is_parallel(_attention_module(transformer, name)):  # FLUX.2's single-stream blocks
+            return _ParallelCall(make(name, _Flux1Call(inner), context))
+        return make(name, inner, context)
+
     def text_length(module, args, kwargs):
         text = kwargs.get("encoder_hidden_states")
         context.text_tokens = None if text is None else int(text.shape[1])
         context.image_tokens = target_tokens(kwargs.get("img_ids"))
 
-    with installed_processors(transformer, layers, lambda name, inner: make(name, inner, context)):
+    with installed_processors(transformer, layers, build):
         handle = transformer.register_forward_pre_hook(text_length, with_kwargs=True)
         try:
             yield context
         finally:
             handle.remove()
+
+
+def _attention_module(model, processor_name: str):
+    """The attention module a processor name (``"….attn.processor"``) belongs to."""
+    module = model
+    for part in processor_name.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
+
+
+class _ParallelCall:
+    """FLUX.2's single-stream attention calls its processor as ``(attn, hidden_states,
+    attention_mask, image_rotary_emb)``; FreeCure's joint processors take FLUX.1's ``(attn,
+    hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)``: this sits between."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
+        return self.processor(attn, hidden_states, None, attention_mask, image_rotary_emb, **kwargs)
+
+
+class _Flux1Call:
+    """The other way round: FLUX.2's own single-stream processor called FLUX.1-style by FreeCure's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        return self.inner(attn, hidden_states, attention_mask, image_rotary_emb, **kwargs)

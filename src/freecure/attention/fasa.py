@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention
 
 from ..core.errors import InputError
 from .capture import _grid_for, installed_joint_processors, installed_processors
-from .projections import joint_projection
+from .projections import is_parallel, joint_projection
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,14 @@ class FasaState:
         return self._factor[tokens]
 
 
+def _out_weight(attn) -> torch.Tensor:
+    """The weight that maps the attention output to the block's: ``to_out[0]`` (FLUX.1, FLUX.2
+    double-stream); FLUX.2's single-stream ``to_out`` over [attention; MLP], its attention columns."""
+    if is_parallel(attn):
+        return attn.to_out.weight[:, : attn.inner_dim]
+    return attn.to_out[0].weight
+
+
 def _at(factor: torch.Tensor | None, image: int) -> torch.Tensor | None:
     return None if factor is None else factor[image]
 
@@ -379,6 +387,7 @@ class FoundationAwareJointAttention:
         if attention_mask is not None:
             raise RuntimeError("FASA on FLUX does not take an attention mask (FluxPipeline passes none)")
         double = encoder_hidden_states is not None
+        projected = double or is_parallel(attn)  # the processor applies to_out itself
         text_tokens = encoder_hidden_states.shape[1] if double else self.context.text_tokens
         if text_tokens is None:
             raise RuntimeError(
@@ -417,7 +426,7 @@ class FoundationAwareJointAttention:
                 continue
             q = query[at[q_row], :, :target]  # (heads, target queries, d)
             k_own, v_own = key[at[q_row]], value[at[q_row]]  # (heads, text + image (+ reference) keys, d)
-            if double:
+            if projected:
                 own = F.scaled_dot_product_attention(q[None], k_own[None], v_own[None])[0]
             else:
                 own = image[q_row, :target].unflatten(-1, (-1, attn.head_dim)).transpose(0, 1)
@@ -429,9 +438,9 @@ class FoundationAwareJointAttention:
                 ],
                 dim=1,
             )
-            if double:  # to_out[0] is affine: add W·(joint − own); exactly 0 where nothing changed
+            if projected:  # to_out is affine: add W·(joint − own); exactly 0 where nothing changed
                 change = (mixed - own).transpose(0, 1).flatten(1)
-                image[q_row, :target] = image[q_row, :target] + F.linear(change.to(image.dtype), attn.to_out[0].weight)
+                image[q_row, :target] = image[q_row, :target] + F.linear(change.to(image.dtype), _out_weight(attn))
             else:
                 image[q_row, :target] = mixed.transpose(0, 1).flatten(1).to(image.dtype)
         if double:

@@ -67,6 +67,21 @@ class JointProjection:
         return self.query[:, start:stop] @ self.key.transpose(1, 2) * self.scale
 
 
+def is_parallel(attn) -> bool:
+    """Whether ``attn`` is FLUX.2's single-stream attention, whose one projection
+    ``to_qkv_mlp_proj`` gives queries, keys, values and the MLP's input together and whose
+    processor projects [attention; MLP] out with one ``to_out``."""
+    return hasattr(attn, "to_qkv_mlp_proj")
+
+
+def single_stream_qkv(attn, hidden_states: torch.Tensor):
+    """Queries, keys and values of FLUX.2's single-stream attention over its whole [text; image]
+    sequence: the first three ``inner_dim`` slices of ``to_qkv_mlp_proj``, as
+    ``Flux2ParallelSelfAttnProcessor`` splits them."""
+    qkv = attn.to_qkv_mlp_proj(hidden_states)[..., : 3 * attn.inner_dim]
+    return qkv.chunk(3, dim=-1)
+
+
 def joint_projection(
     attn,
     hidden_states: torch.Tensor,
@@ -101,16 +116,21 @@ def joint_projection(
             if values
             else None
         )
+        query = attn.norm_q(heads(attn.to_q(image)))
     else:
         if text_tokens is None:
             raise RuntimeError(
                 "the text length of the FLUX call is unknown: install the processors with "
                 "freecure.attention.installed_joint_processors"
             )
-        image = hidden_states[:, text_tokens:]
-        key = attn.norm_k(heads(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states)) if values else None
-    query = attn.norm_q(heads(attn.to_q(image)))
+        if is_parallel(attn):
+            q, k, v = single_stream_qkv(attn, hidden_states)
+            q = q[:, text_tokens:]
+        else:  # FLUX.1: the image's queries projected alone, as before
+            q, k, v = attn.to_q(hidden_states[:, text_tokens:]), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        key = attn.norm_k(heads(k))
+        value = heads(v) if values else None
+        query = attn.norm_q(heads(q))
     if rotary is not None:
         cos, sin = rotary
         key = apply_rotary_emb(key, (cos, sin), sequence_dim=1)
