@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import torch
 
-from .tiny import _save_and_reload
+from .scratch import _save_and_reload
 
 #: Default tiny FLUX.2 image side: 64 px → a 32×32 latent → a 16×16 grid of 256 image tokens.
 TINY_FLUX2_SAMPLE_SIZE = 32
@@ -84,7 +84,8 @@ def _byte_level_bpe(special_tokens: tuple[str, ...]) -> tuple[dict, list]:
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     data = files("freecure") / "data"
-    text = " ".join((data / name).read_text(encoding="utf-8") for name in ("attribute_vocabulary.csv", "prompts_table3.csv"))
+    sources = ("attribute_vocabulary.csv", "prompts_table3.csv")
+    text = " ".join((data / name).read_text(encoding="utf-8") for name in sources)
     words = sorted(set(re.findall(r"[a-z]+", text.lower())) | {"a", "an", "the", "man", "woman", "img", "photo"})
     tokenizer = Tokenizer(BPE())
     tokenizer.normalizer = normalizers.NFC()
