@@ -244,7 +244,7 @@ def test_attribute_columns_are_the_encoders_token_positions(which, request):
     assert tokenizer(PROMPT)["input_ids"] == ids
     start = PROMPT.index("curly")
     (columns,) = token_indices_for_spans(tokenizer, PROMPT, [(start, start + len("curly"))])
-    assert columns and len(ids) > columns[-1] > columns[0] - 1 > 2  # behind the template's tokens
+    assert columns and min(columns) > 2  # after the template's leading tokens
     assert "".join(tokenizer.decode([ids[c]]) for c in columns).strip() == "curly"
     # template tokens carry no text; the prompt's tokens cover it in order
     offsets = tokenizer(PROMPT, return_offsets_mapping=True)["offset_mapping"]
