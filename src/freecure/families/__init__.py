@@ -28,6 +28,10 @@ FASA (``--method fasa``)      self-attention ``attn1``,       joint attention, i
                               mask on the latent grid         mask on the 2×2 token grid
 ============================  ==============================  ====================================
 
+FLUX.2 (:class:`Flux2Family`, :mod:`freecure.families.flux2`) follows FLUX's column with a
+Qwen3 or Mistral-3 text encoder behind a chat template, channel-major 2×2 patches, 4-D position
+ids, and real CFG for FLUX.2 [klein] base.
+
 A backend reaches its family as ``backend.family`` (found from the pipeline by
 :func:`family_of`); a new model family is a new subclass of :class:`ModelFamily`, never a
 branch inside the stages.
@@ -39,12 +43,17 @@ from ..core.deprecation import moved_names
 from ..core.errors import InputError
 from .base import ModelFamily
 from .flux import FLUX, FlowEulerInverseScheduler, FluxFamily, pack_latents, unpack_latents
+from .flux2 import FLUX2, Flux2Family
 from .unet import UNET, UNetFamily
 
 
 def family_of(pipeline) -> ModelFamily:
-    """The family of a diffusers pipeline: FLUX when it has a FLUX transformer, else a UNet."""
+    """The family of a diffusers pipeline: FLUX.2 (configured for the pipeline,
+    :meth:`Flux2Family.for_pipeline`) when it has a ``Flux2Transformer2DModel``, FLUX.1 when it has
+    another FLUX transformer, else a UNet."""
     transformer = getattr(pipeline, "transformer", None)
+    if transformer is not None and type(transformer).__name__ == "Flux2Transformer2DModel":
+        return FLUX2.for_pipeline(pipeline)
     if transformer is not None and type(transformer).__name__.startswith("Flux"):
         return FLUX
     if getattr(pipeline, "unet", None) is not None:
@@ -54,8 +63,10 @@ def family_of(pipeline) -> ModelFamily:
 
 __all__ = [
     "FLUX",
+    "FLUX2",
     "UNET",
     "FlowEulerInverseScheduler",
+    "Flux2Family",
     "FluxFamily",
     "ModelFamily",
     "UNetFamily",
