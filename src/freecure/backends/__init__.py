@@ -8,7 +8,7 @@ from .infiniteyou import InfiniteYouBackend
 from .ip_adapter import InstantIDBackend, IPAdapterFaceIDBackend
 from .photomaker import PhotoMakerBackend
 from .pulid import PuLIDFluxBackend, PuLIDSDXLBackend
-from .reference import FluxKontextBackend, ReferenceImageBackend
+from .reference import Flux2Backend, Flux2KleinBackend, FluxKontextBackend, ReferenceImageBackend
 from .registry import BACKENDS, DEFAULT_BACKEND, get_backend, register, unregister
 from .token_fusion import TokenFusionBackend
 
@@ -22,6 +22,8 @@ register(InstantIDBackend)
 register(PuLIDSDXLBackend)
 register(PuLIDFluxBackend)
 register(FluxKontextBackend)
+register(Flux2KleinBackend)
+register(Flux2Backend)
 
 __all__ = [
     "BACKENDS",
@@ -29,6 +31,8 @@ __all__ = [
     "Backend",
     "FaceDiffuserBackend",
     "FastComposerBackend",
+    "Flux2Backend",
+    "Flux2KleinBackend",
     "FluxKontextBackend",
     "InfiniteYouBackend",
     "IPAdapterFaceIDBackend",

@@ -412,18 +412,26 @@ class Flux2Family(ModelFamily):
         blocks = tuple(int(latent.shape[-2] * latent.shape[-1]) for latent in latents)
         return ReferenceTokens(tokens, ids, blocks)
 
+    # the same block names and joint attention as FLUX.1 (double-stream, then single-stream
+    # blocks); freecure.attention adapts to FLUX.2's fused single-stream projection
     def attention_capture(self, denoiser, store, layers):
-        raise NotImplementedError(
-            "attention capture on FLUX.2: attention/ support for FLUX.2 is added in freecure.attention"
-        )
+        from ..attention.capture import capture_joint_attention
+
+        return capture_joint_attention(denoiser, store, layers)
+
+    def attention_grid(self, latent_size):
+        return latent_size[0] // 2, latent_size[1] // 2
 
     def fasa_layers(self, denoiser, layers):
-        raise NotImplementedError("FASA on FLUX.2: attention/ support for FLUX.2 is added in freecure.attention")
+        from ..attention.fasa import joint_fasa_layers
+
+        return joint_fasa_layers(denoiser, layers)
 
     def foundation_aware_attention(self, denoiser, state, layers):
-        raise NotImplementedError("FASA on FLUX.2: attention/ support for FLUX.2 is added in freecure.attention")
+        from ..attention.fasa import foundation_aware_joint_attention
 
-    # -- decoding and inversion ------------------------------------------------------------
+        return foundation_aware_joint_attention(denoiser, state, layers)
+
     def decode(self, pipeline, latents, image_size):
         """Packed tokens → PIL images as the pipelines decode: unpacked by position ids
         (``_unpack_latents_with_ids``), batch-norm de-normalised, unpatchified, VAE-decoded,
