@@ -538,7 +538,7 @@ def test_every_backend_declares_its_families():
 
     for name, backend in BACKENDS.items():
         assert "families" in vars(backend), name  # declared by the backend itself, not inherited
-        assert backend.families and set(backend.families) <= {"sd15", "sdxl", "flux"}, name
+        assert backend.families and set(backend.families) <= {"sd15", "sdxl", "flux", "flux2-klein", "flux2"}, name
 
 
 def test_compile_modes_come_from_torch():

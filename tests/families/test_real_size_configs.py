@@ -74,3 +74,39 @@ def test_kontext_is_flux1_dev_shaped():
     assert {key: config[key] for key in FLUX_DEV_TRANSFORMER} == {
         key: list(value) if isinstance(value, tuple) else value for key, value in FLUX_DEV_TRANSFORMER.items()
     }
+
+
+def test_freecure_processors_install_on_exactly_the_named_blocks(built):
+    """FASA's and SAME's processors on the real-size transformer (meta device): on exactly the
+    blocks their layer choice names, every other processor left as it was, and each chosen
+    block's attention of the width FASA's output projection expects."""
+    from freecure.attention.capture import AttentionStore, capture_joint_attention
+    from freecure.attention.fasa import FasaState, _out_weight, foundation_aware_joint_attention, joint_fasa_layers
+    from freecure.attention.projections import is_parallel
+
+    name, model, _ = built
+    double, single, width, *_ = EXPECTED[name]
+    before = dict(model.attn_processors)
+    layers = joint_fasa_layers(model, "up")  # the later half of the blocks in execution order
+    assert len(layers) == round((double + single) / 2)
+    assert layers[-1] == f"single_transformer_blocks.{single - 1}.attn.processor"
+    state = FasaState(torch.ones(16, 16), 1.5, (16, 16))
+    with foundation_aware_joint_attention(model, state, layers):
+        now = model.attn_processors
+        changed = sorted(key for key in now if now[key] is not before[key])
+        assert changed == sorted(layers)
+        for layer in layers:
+            attn = model.get_submodule(layer.removesuffix(".processor"))
+            assert attn.heads * attn.head_dim == width
+            # FLUX.2's single-stream blocks project [attention; MLP] with one to_out: FASA adds its
+            # change through the attention columns only
+            assert is_parallel(attn) == (name.startswith("flux2") and layer.startswith("single_"))
+            if is_parallel(attn) or layer.startswith("transformer_blocks."):
+                assert tuple(_out_weight(attn).shape) == (width, width)
+    assert all(model.attn_processors[key] is before[key] for key in before)  # restored
+    store = AttentionStore((1,), (32, 32))
+    with capture_joint_attention(model, store):
+        now = model.attn_processors
+        assert sorted(key for key in now if now[key] is not before[key]) == sorted(
+            f"transformer_blocks.{i}.attn.processor" for i in range(double)
+        )

@@ -385,5 +385,7 @@ class _Flux1Call:
     def __init__(self, inner):
         self.inner = inner
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+    ):
         return self.inner(attn, hidden_states, attention_mask, image_rotary_emb, **kwargs)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from ..core.errors import InputError
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from ..core.errors import InputError
 from .base import ModelFamily, _vae_decode
 
 

@@ -419,9 +419,6 @@ class Flux2Family(ModelFamily):
 
         return capture_joint_attention(denoiser, store, layers)
 
-    def attention_grid(self, latent_size):
-        return latent_size[0] // 2, latent_size[1] // 2
-
     def fasa_layers(self, denoiser, layers):
         from ..attention.fasa import joint_fasa_layers
 

@@ -78,7 +78,8 @@ def pipeline_call(backend, conditions, z, image=None):
 
 def test_pd_rows_carry_the_reference_and_fd_rows_do_not(conditions):
     assert isinstance(conditions.pd, ReferenceConditioning) and isinstance(conditions.pd_uncond, ReferenceConditioning)
-    assert not isinstance(conditions.fd, ReferenceConditioning) and not isinstance(conditions.uncond, ReferenceConditioning)
+    assert not isinstance(conditions.fd, ReferenceConditioning)
+    assert not isinstance(conditions.uncond, ReferenceConditioning)
     assert conditions.inject_step == 0 and torch.equal(conditions.pd.prompt_embeds, conditions.fd.prompt_embeds)
     references = conditions.pd.references
     assert references.blocks == (256,) and references.latents.shape == (1, 256, 16)  # 64² px → 16×16 tokens

@@ -4,4 +4,11 @@ from .base import QUANTIZATIONS, ReferenceImageBackend, quantization_config
 from .flux2 import Flux2Backend, Flux2KleinBackend
 from .kontext import FluxKontextBackend
 
-__all__ = ["QUANTIZATIONS", "Flux2Backend", "Flux2KleinBackend", "FluxKontextBackend", "ReferenceImageBackend", "quantization_config"]
+__all__ = [
+    "QUANTIZATIONS",
+    "Flux2Backend",
+    "Flux2KleinBackend",
+    "FluxKontextBackend",
+    "ReferenceImageBackend",
+    "quantization_config",
+]
