@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..core.atomic import json_text
+from ..families.tiny import TINY_FAMILIES
 from ..stages.config import PRESETS
 from . import options
 from .generate import add_backend_options, backend_options
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--family",
-        choices=["sd15", "sdxl", "flux"],
+        choices=TINY_FAMILIES,
         default=None,
         help="tiny model family, one --backend runs on (default: the backend's first, sd15 for token-fusion)",
     )

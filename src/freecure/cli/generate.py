@@ -27,6 +27,7 @@ from ..core.runtime import (
     SCHEDULERS,
 )
 from ..core.terminal import printable
+from ..families.tiny import TINY_FAMILIES
 from . import options
 
 
@@ -204,7 +205,7 @@ def add_model_arguments(parser) -> None:
     families = "; ".join(f"{name} {'/'.join(b.families)}" for name, b in sorted(BACKENDS.items()))
     parser.add_argument(
         "--tiny-family",
-        choices=["sd15", "sdxl", "flux"],
+        choices=TINY_FAMILIES,
         default=None,
         help=f"with --tiny: the tiny model's family, one the backend runs on (default: its first): {families}",
     )

@@ -269,6 +269,10 @@ def tiny_flux_pipeline(directory: str | os.PathLike | None = None, seed: int = 0
     return pipeline
 
 
+#: The tiny model families (``--tiny-family``; ``Backend.families`` names them).
+TINY_FAMILIES = ("sd15", "sdxl", "flux", "flux2-klein", "flux2")
+
+
 def tiny_pipeline(family: str, directory: str | os.PathLike | None = None, seed: int = 0):
     """The tiny pipeline of ``family``: ``"sd15"``, ``"sdxl"``, ``"flux"``, ``"flux2-klein"`` or
     ``"flux2"`` (FLUX.2 [dev]; both FLUX.2 ones from :mod:`freecure.families.tiny_flux2`)."""

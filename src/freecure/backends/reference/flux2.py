@@ -77,7 +77,9 @@ class Flux2Backend(ReferenceImageBackend):
         logger.warning("%s", DEV_LICENSE)
         source = args.base_model or DEV_REPO_ID
         dtype = args.dtype or torch.bfloat16
-        pipeline = load_reference_pipeline(Flux2Pipeline, Flux2Transformer2DModel, source, args.device, dtype, args.quantize)
+        pipeline = load_reference_pipeline(
+            Flux2Pipeline, Flux2Transformer2DModel, source, args.device, dtype, args.quantize
+        )
         return cls(pipeline)
 
 
