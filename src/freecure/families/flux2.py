@@ -244,7 +244,7 @@ class Flux2Family(ModelFamily):
             return ChatTemplateTokenizer(
                 text_tokenizer,
                 render,
-                self.max_sequence_length,
+                self.sequence_length(pipeline),
                 # ProcessorMixin.apply_chat_template: no special tokens when the template starts with BOS
                 add_special_tokens=lambda rendered: not (bos is not None and rendered.startswith(bos)),
                 remove="[IMG]",  # format_input deletes it
@@ -257,7 +257,14 @@ class Flux2Family(ModelFamily):
                 messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
             )
 
-        return ChatTemplateTokenizer(tokenizer, render, self.max_sequence_length)
+        return ChatTemplateTokenizer(tokenizer, render, self.sequence_length(pipeline))
+
+    def sequence_length(self, pipeline) -> int:
+        """Text tokens per prompt: ``max_sequence_length``, capped by the tokenizer's own limit
+        (the real ones allow far more than 512; the tiny ones 128, to keep tiny runs small)."""
+        tokenizer = pipeline.tokenizer
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # [dev]: the processor's text tokenizer
+        return min(self.max_sequence_length, int(getattr(tokenizer, "model_max_length", self.max_sequence_length)))
 
     def out_layers(self, pipeline) -> tuple[int, ...]:
         """The text encoder's hidden-state indices stacked into the prompt embedding (see the
@@ -280,7 +287,7 @@ class Flux2Family(ModelFamily):
             prompt,
             device=backend.device,
             num_images_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
+            max_sequence_length=self.sequence_length(pipeline),
             text_encoder_out_layers=self.out_layers(pipeline),
         )
         return TextConditioning(embeds)

@@ -107,7 +107,12 @@ def _byte_level_bpe(special_tokens: tuple[str, ...]) -> tuple[dict, list]:
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
-def tiny_qwen_tokenizer(model_max_length: int = MAX_SEQUENCE_LENGTH):
+#: text tokens of the tiny pipelines' prompts (the family caps the pipelines' 512 by it): room for
+#: [dev]'s system message and a long prompt, a quarter of the real length
+TINY_SEQUENCE_LENGTH = 128
+
+
+def tiny_qwen_tokenizer(model_max_length: int = TINY_SEQUENCE_LENGTH):
     """A Qwen2-style byte-level BPE tokenizer built in code (see the module docstring), with
     Qwen3's special tokens and :data:`QWEN3_CHAT_TEMPLATE`."""
     from transformers import Qwen2TokenizerFast
@@ -120,7 +125,7 @@ def tiny_qwen_tokenizer(model_max_length: int = MAX_SEQUENCE_LENGTH):
     return tokenizer
 
 
-def tiny_mistral_processor(model_max_length: int = MAX_SEQUENCE_LENGTH):
+def tiny_mistral_processor(model_max_length: int = TINY_SEQUENCE_LENGTH):
     """A ``PixtralProcessor`` (Mistral-3's processor class) around a byte-level BPE tokenizer
     built in code, with Mistral's special tokens and :data:`MISTRAL3_CHAT_TEMPLATE`; the image
     processor is Pixtral's default (no images are ever passed: ``Flux2Pipeline`` encodes text)."""

@@ -71,6 +71,7 @@ def pipeline_call(backend, images=None):
         guidance_scale=SCALE,
         generator=torch.Generator().manual_seed(0),
         text_encoder_out_layers=pipe.text_encoder_out_layers,
+        max_sequence_length=128,  # the tiny tokenizers' limit, which the family follows
         output_type="latent",
     ).images
 
