@@ -110,9 +110,6 @@ class ReferenceImageBackend(Backend):
         self.reference_max_area = reference_max_area
         self.references: ReferenceTokens | None = None
 
-    def unets(self) -> list[torch.nn.Module]:
-        return [self.denoiser]
-
     def encode_references_kwargs(self) -> dict:
         """Extra arguments of the family's ``encode_references`` (Kontext: ``auto_resize``)."""
         return {}
